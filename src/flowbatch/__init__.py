@@ -1,0 +1,58 @@
+"""flowbatch: overlap I/O, CPU work and batched model inference in one asyncio pipeline.
+
+Usage::
+
+    import flowbatch as fb
+
+    @fb.stage(concurrency=32)
+    async def fetch(url): ...
+
+    @fb.stage(batch=fb.Batch(max_size=64))
+    def embed(texts): ...
+
+    pipe = fb.Pipeline([fetch, embed], name="embed")
+    async with pipe.open() as runner:
+        vector = await runner.submit(url, timeout=5)
+"""
+
+from __future__ import annotations
+
+from .batching import Batch
+from .errors import (
+    BatchContractError,
+    DeadlineExceeded,
+    FlowbatchError,
+    ItemFailed,
+    Overloaded,
+    PipelineClosed,
+    PipelineError,
+    WorkerCrashed,
+)
+from .metrics import PipelineStats, StageStats, Summary
+from .pipeline import Pipeline
+from .retry import Retry
+from .runner import Runner
+from .stage import Stage, stage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "BatchContractError",
+    "DeadlineExceeded",
+    "FlowbatchError",
+    "ItemFailed",
+    "Overloaded",
+    "Pipeline",
+    "PipelineClosed",
+    "PipelineError",
+    "PipelineStats",
+    "Retry",
+    "Runner",
+    "Stage",
+    "StageStats",
+    "Summary",
+    "WorkerCrashed",
+    "__version__",
+    "stage",
+]

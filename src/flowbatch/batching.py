@@ -1,0 +1,92 @@
+"""Batch formation: the ``Batch`` options and how a batch is picked from a queue.
+
+A batched stage takes whatever is waiting when one of its workers becomes
+free (up to ``max_size``), so an idle model adds no delay and a busy one sees
+its batches grow by themselves. ``max_wait`` holds a non-full batch open a
+little longer; ``cost``/``max_cost`` bound a batch by a budget such as tokens
+and group items of similar cost so that padding is small.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["DEFAULT_MAX_SIZE", "Batch", "pick_batch"]
+
+DEFAULT_MAX_SIZE = 32
+
+# How far past the oldest item the cost-aware picker looks for similar items.
+_LOOKAHEAD_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Options of a batched stage: its function takes and returns a list.
+
+    - ``max_size``: the most items in one call.
+    - ``max_wait``: seconds to keep a non-full batch open once a worker is
+      free (0: dispatch at once; batches still grow under load).
+    - ``cost``: ``item -> number`` (for example its token count);
+      ``max_cost``: the most total cost in one call. An item whose own cost
+      exceeds ``max_cost`` runs alone.
+
+    Usage: ``fb.stage(embed, batch=fb.Batch(max_size=64, cost=len, max_cost=8192))``
+    """
+
+    max_size: int = DEFAULT_MAX_SIZE
+    max_wait: float = 0.0
+    cost: Callable[[Any], float] | None = None
+    max_cost: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_size, int) or self.max_size < 1:
+            raise ValueError(f"Batch.max_size must be an int >= 1, got {self.max_size!r}")
+        if self.max_wait < 0:
+            raise ValueError(f"Batch.max_wait must be >= 0, got {self.max_wait!r}")
+        if self.max_cost is not None and self.cost is None:
+            raise ValueError("Batch.max_cost needs a cost function (Batch.cost)")
+        if self.cost is not None and not callable(self.cost):
+            raise ValueError(f"Batch.cost must be callable, got {self.cost!r}")
+        if self.max_cost is not None and self.max_cost <= 0:
+            raise ValueError(f"Batch.max_cost must be > 0, got {self.max_cost!r}")
+
+
+class _Costed(Protocol):
+    cost: float
+
+
+def pick_batch(queue: deque[Any], options: Batch) -> list[Any]:
+    """Remove and return the next batch from ``queue`` (oldest first).
+
+    Without a cost function this is the first ``max_size`` items. With one,
+    the oldest item is always taken (so nothing starves); the rest are the
+    queued items within a look-ahead window whose cost is closest to it, as
+    long as the total stays within ``max_cost``. Items must carry ``.cost``.
+    """
+    n = min(len(queue), options.max_size)
+    if options.cost is None:
+        return [queue.popleft() for _ in range(n)]
+    first: _Costed = queue.popleft()
+    chosen = [first]
+    budget = options.max_cost
+    total = first.cost
+    if options.max_size == 1 or not queue or (budget is not None and total >= budget):
+        return chosen
+    window = [queue.popleft() for _ in range(min(len(queue), options.max_size * _LOOKAHEAD_FACTOR))]
+    by_closeness = sorted(range(len(window)), key=lambda i: abs(window[i].cost - first.cost))
+    taken: set[int] = set()
+    for i in by_closeness:
+        c = window[i].cost
+        if budget is not None and total + c > budget:
+            continue
+        taken.add(i)
+        total += c
+        if len(taken) + 1 >= options.max_size:
+            break
+    chosen.extend(window[i] for i in sorted(taken))
+    # What was looked at but not taken goes back to the front, in order.
+    queue.extendleft(reversed([x for i, x in enumerate(window) if i not in taken]))
+    return chosen

@@ -1,0 +1,500 @@
+"""Where a stage's function runs: on the event loop, in threads, in processes.
+
+Every executor has the same small surface, used by the runner:
+``await start()`` (runs ``setup()`` in each worker; a failure is a
+``PipelineError`` naming the stage), ``await call(arg, timeout)`` and
+``await stop()``. The runner never has more calls in flight than the
+executor has workers, so nothing queues inside an executor.
+
+Thread workers are dedicated threads, each holding its own copy of a
+stateful stage object (a model replica). Process workers are spawned
+interpreters, one pipe each; a worker that dies fails only the call it
+held (``WorkerCrashed``) and is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from .errors import PipelineError, WorkerCrashed
+
+__all__ = [
+    "AsyncExecutor",
+    "CallTimedOut",
+    "Executor",
+    "ProcessExecutor",
+    "RemoteError",
+    "ThreadExecutor",
+    "Unpicklable",
+    "make_executor",
+]
+
+
+class RemoteError(Exception):
+    """An exception from a worker process that could not be sent back as is."""
+
+
+class Unpicklable(Exception):
+    """An item could not be pickled to send it to a process worker."""
+
+
+class CallTimedOut(TimeoutError):
+    """A stage call ran past the stage's ``timeout``.
+
+    ``pending`` is the still-running call in a thread worker (threads cannot
+    be interrupted); the runner waits for it before giving the worker new work.
+    """
+
+    def __init__(self, message: str, pending: asyncio.Future[Any] | None = None) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
+class Executor(Protocol):
+    workers: int
+
+    async def start(self) -> None: ...
+
+    async def call(self, arg: Any, timeout: float | None) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
+def materialize(result: Any) -> list[Any]:
+    """Turn a fan-out stage's iterable result into a list (in the worker)."""
+    if isinstance(result, str | bytes) or not hasattr(result, "__iter__"):
+        raise TypeError(
+            f"a fan_out stage must return an iterable of items, got {type(result).__name__}"
+        )
+    return list(result)
+
+
+def materialize_each(results: Any) -> Any:
+    """:func:`materialize` for each result of a batched fan-out stage."""
+    if not isinstance(results, list | tuple):
+        return results  # the runner reports the broken contract
+    return [r if isinstance(r, BaseException) else materialize(r) for r in results]
+
+
+def _setup_error(stage: str, exc: BaseException) -> PipelineError:
+    err = PipelineError(f"stage {stage!r}: setup() failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+# --------------------------------------------------------------------- async
+
+
+class AsyncExecutor:
+    """Runs an ``async def`` (or async generator) on the event loop."""
+
+    def __init__(self, fn: Callable[..., Any], workers: int, stage: str) -> None:
+        self.fn = fn
+        self.workers = workers
+        self.stage = stage
+        self._agen = inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
+            getattr(type(fn), "__call__", None)  # noqa: B004
+        )
+
+    async def start(self) -> None:
+        setup = getattr(self.fn, "setup", None)
+        if callable(setup):
+            try:
+                r = setup()
+                if inspect.isawaitable(r):
+                    await r
+            except Exception as exc:
+                raise _setup_error(self.stage, exc) from exc
+
+    async def call(self, arg: Any, timeout: float | None) -> Any:
+        if timeout is None:
+            return await self._run(arg)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._run(arg)
+        except TimeoutError as exc:
+            raise CallTimedOut(f"stage {self.stage!r} call took longer than {timeout}s") from exc
+
+    async def _run(self, arg: Any) -> Any:
+        if self._agen:
+            return [x async for x in self.fn(arg)]
+        return await self.fn(arg)
+
+    async def stop(self) -> None:
+        teardown = getattr(self.fn, "teardown", None)
+        if callable(teardown):
+            r = teardown()
+            if inspect.isawaitable(r):
+                await r
+
+
+# -------------------------------------------------------------------- thread
+
+
+def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+class ThreadExecutor:
+    """``workers`` dedicated threads; each runs ``setup()`` on its own replica."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        workers: int,
+        stage: str,
+        post: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.workers = workers
+        self.stage = stage
+        self.post = post
+        self._jobs: queue.SimpleQueue[tuple[asyncio.Future[Any], Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        has_setup = callable(getattr(self.fn, "setup", None))
+        ready: list[asyncio.Future[None]] = []
+        for i in range(self.workers):
+            fut: asyncio.Future[None] = loop.create_future()
+            ready.append(fut)
+            replica = copy.copy(self.fn) if has_setup and self.workers > 1 else self.fn
+            t = threading.Thread(
+                target=self._main,
+                args=(loop, replica, has_setup, fut),
+                name=f"flowbatch-{self.stage}-{i}",
+                daemon=True,
+            )
+            self._threads.append(t)
+            t.start()
+        results = await asyncio.gather(*ready, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                await self.stop()
+                raise _setup_error(self.stage, r) from r
+
+    def _main(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fn: Any,
+        has_setup: bool,
+        ready: asyncio.Future[None],
+    ) -> None:
+        if has_setup:
+            try:
+                fn.setup()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_resolve, ready, False, exc)
+                return
+        loop.call_soon_threadsafe(_resolve, ready, True, None)
+        post = self.post
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                break
+            fut, arg = job
+            try:
+                out = fn(arg)
+                if post is not None:
+                    out = post(out)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_resolve, fut, False, exc)
+            else:
+                loop.call_soon_threadsafe(_resolve, fut, True, out)
+            del job, fut, arg
+        teardown = getattr(fn, "teardown", None)
+        if callable(teardown):
+            teardown()
+
+    async def call(self, arg: Any, timeout: float | None) -> Any:
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._jobs.put((fut, arg))
+        if timeout is None:
+            return await fut
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(fut)
+        except TimeoutError as exc:
+            raise CallTimedOut(
+                f"stage {self.stage!r} call took longer than {timeout}s", pending=fut
+            ) from exc
+
+    async def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        threads, self._threads = self._threads, []
+        for t in threads:
+            await asyncio.to_thread(t.join)
+
+
+# ------------------------------------------------------------------- process
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives a pickle round trip, else a ``RemoteError`` saying so."""
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        exc.add_note(f"traceback in worker process {os.getpid()}:\n{tb}")
+        pickle.loads(pickle.dumps(exc))
+    except Exception as why:
+        return RemoteError(
+            f"{type(exc).__qualname__}: {exc} (the exception could not be "
+            f"pickled back from the worker process: {type(why).__name__}: {why})\n{tb}"
+        )
+    return exc
+
+
+def _encode_result(out: Any) -> bytes:
+    try:
+        return pickle.dumps((True, out))
+    except Exception as why:
+        if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
+            fixed = [_portable(x) if isinstance(x, BaseException) else x for x in out]
+            try:
+                return pickle.dumps((True, fixed))
+            except Exception as why2:
+                why = why2
+        err = RemoteError(
+            f"the result ({type(out).__name__}) could not be pickled back from "
+            f"the worker process: {type(why).__name__}: {why}"
+        )
+        return pickle.dumps((False, err))
+
+
+def _process_main(conn: Connection, payload: bytes, post: Callable[[Any], Any] | None) -> None:
+    """Body of a worker process: set up once, then answer calls until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    try:
+        fn = pickle.loads(payload)
+        setup = getattr(fn, "setup", None)
+        if callable(setup):
+            setup()
+    except BaseException as exc:
+        conn.send_bytes(pickle.dumps((False, _portable(exc))))
+        return
+    conn.send_bytes(pickle.dumps((True, os.getpid())))
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        try:
+            out = fn(pickle.loads(data))
+            if post is not None:
+                out = post(out)
+        except BaseException as exc:
+            msg = pickle.dumps((False, _portable(exc)))
+        else:
+            msg = _encode_result(out)
+        del data
+        try:
+            conn.send_bytes(msg)
+        except (BrokenPipeError, OSError):
+            break
+    teardown = getattr(fn, "teardown", None)
+    if callable(teardown):
+        teardown()
+
+
+class _Proc:
+    __slots__ = ("conn", "fut", "process")
+
+    def __init__(self, process: Any, conn: Connection, fut: asyncio.Future[Any]) -> None:
+        self.process = process
+        self.conn = conn
+        self.fut = fut
+
+
+class ProcessExecutor:
+    """``workers`` spawned processes; a dead one is replaced, failing only its call."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        workers: int,
+        stage: str,
+        post: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.stage = stage
+        self.workers = workers
+        self.post = post
+        try:
+            self._payload = pickle.dumps(fn)
+        except Exception as exc:
+            raise PipelineError(
+                f"stage {stage!r} runs in worker processes, but its function cannot be "
+                f"pickled ({type(exc).__name__}: {exc}); define it at module level"
+            ) from exc
+        self._ctx = mp.get_context("spawn")
+        self._idle: asyncio.Queue[_Proc] = asyncio.Queue()
+        self._procs: set[_Proc] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._broken: BaseException | None = None
+        self.restarts = 0
+
+    async def start(self) -> None:
+        procs = [self._spawn() for _ in range(self.workers)]
+        results = await asyncio.gather(*(p.fut for p in procs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                await self.stop()
+                raise _setup_error(self.stage, r) from r
+        for p in procs:
+            self._idle.put_nowait(p)
+
+    def _spawn(self) -> _Proc:
+        loop = asyncio.get_running_loop()
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_process_main,
+            args=(child, self._payload, self.post),
+            name=f"flowbatch-{self.stage}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        proc = _Proc(process, parent, loop.create_future())
+        self._procs.add(proc)
+        loop.add_reader(parent.fileno(), self._readable, proc)
+        return proc
+
+    def _readable(self, proc: _Proc) -> None:
+        try:
+            data = proc.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._died(proc)
+            return
+        try:
+            ok, value = pickle.loads(data)
+        except Exception as exc:
+            ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
+        _resolve(proc.fut, ok, value)
+
+    def _died(self, proc: _Proc) -> None:
+        loop = asyncio.get_running_loop()
+        self._discard(proc)
+        proc.process.join(1.0)  # it closed its pipe: it is exiting now
+        code = proc.process.exitcode
+        how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
+        _resolve(
+            proc.fut,
+            False,
+            WorkerCrashed(
+                f"worker process {proc.process.pid} of stage {self.stage!r} died "
+                f"({how}) while it held this item"
+            ),
+        )
+        if not self._closing:
+            self.restarts += 1
+            task = loop.create_task(self._replace())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _discard(self, proc: _Proc) -> None:
+        if proc in self._procs:
+            self._procs.discard(proc)
+            asyncio.get_running_loop().remove_reader(proc.conn.fileno())
+            proc.conn.close()
+
+    async def _replace(self) -> None:
+        proc = self._spawn()
+        try:
+            await proc.fut
+        except BaseException as exc:
+            # A replacement that cannot set up means the stage cannot run any
+            # more: fail callers instead of letting them wait for a worker.
+            self._discard(proc)
+            self._broken = exc
+            self._idle.put_nowait(proc)  # wakes a waiting caller, who sees _broken
+            return
+        self._idle.put_nowait(proc)
+
+    async def call(self, arg: Any, timeout: float | None) -> Any:
+        try:
+            data = pickle.dumps(arg)
+        except Exception as exc:
+            raise Unpicklable(
+                f"the item ({type(arg).__name__}) cannot be pickled to send it to "
+                f"worker processes: {type(exc).__name__}: {exc}"
+            ) from exc
+        proc = await self._idle.get()
+        if self._broken is not None:
+            self._idle.put_nowait(proc)
+            raise WorkerCrashed(
+                f"stage {self.stage!r} has no worker: a replacement process failed "
+                f"its setup: {self._broken!r}"
+            )
+        loop = asyncio.get_running_loop()
+        proc.fut = fut = loop.create_future()
+        try:
+            proc.conn.send_bytes(data)
+        except (BrokenPipeError, OSError):
+            self._died(proc)
+        try:
+            if timeout is None:
+                return await fut
+            try:
+                async with asyncio.timeout(timeout):
+                    return await asyncio.shield(fut)
+            except TimeoutError as exc:
+                # A process can be stopped: kill it; _died() fails fut and replaces it.
+                proc.process.kill()
+                self._died(proc)
+                raise CallTimedOut(
+                    f"stage {self.stage!r} call took longer than {timeout}s; "
+                    "its worker process was killed and replaced"
+                ) from exc
+        finally:
+            if proc in self._procs:
+                self._idle.put_nowait(proc)
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        procs = list(self._procs)
+        for proc in procs:
+            self._discard(proc)  # closing our end makes the worker exit
+        for proc in procs:
+            await asyncio.to_thread(proc.process.join, 5.0)
+            if proc.process.is_alive():
+                proc.process.kill()
+                await asyncio.to_thread(proc.process.join, 5.0)
+
+
+def make_executor(
+    kind: str,
+    fn: Callable[..., Any],
+    workers: int,
+    stage: str,
+    post: Callable[[Any], Any] | None,
+) -> Executor:
+    if kind == "async":
+        return AsyncExecutor(fn, workers, stage)
+    if kind == "thread":
+        return ThreadExecutor(fn, workers, stage, post)
+    return ProcessExecutor(fn, workers, stage, post)

@@ -1,0 +1,136 @@
+"""Pipeline: an ordered chain of stages, validated when it is built.
+
+Usage::
+
+    pipe = fb.Pipeline([fetch, split, embed, store], name="ingest")
+    async with pipe.open() as runner:
+        async for vector in runner.map(urls): ...
+
+    vectors = pipe.run(urls)  # the synchronous shortcut
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import AsyncIterable, Iterable, Sequence
+from typing import Any
+
+from .errors import PipelineError
+from .runner import DEFAULT_QUEUE_SIZE, Runner
+from .stage import Stage, stage
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """An ordered chain of stages. Building it checks the chain; ``open()``
+    starts it. A pipeline holds no running state and can be opened many
+    times (each ``open()`` is a fresh runner)."""
+
+    def __init__(self, stages: Sequence[Stage | Any], *, name: str = "pipeline") -> None:
+        if isinstance(stages, Stage) or callable(stages) or not isinstance(stages, Sequence):
+            raise PipelineError(
+                f"pipeline {name!r}: stages must be a list of stages, got {type(stages).__name__}"
+            )
+        if not stages:
+            raise PipelineError(f"pipeline {name!r}: needs at least one stage")
+        if not isinstance(name, str) or not name:
+            raise PipelineError(f"pipeline name must be a non-empty string, got {name!r}")
+        built: list[Stage] = []
+        for i, s in enumerate(stages):
+            if isinstance(s, Stage):
+                built.append(s)
+            elif callable(s):
+                built.append(stage(s))
+            else:
+                raise PipelineError(
+                    f"pipeline {name!r}: stage #{i} ({s!r}, {type(s).__name__}) is not callable; "
+                    "use a function, a callable object or fb.stage(...)"
+                )
+        seen: set[str] = set()
+        for s in built:
+            if s.name in seen:
+                raise PipelineError(
+                    f"pipeline {name!r}: two stages are named {s.name!r}; "
+                    "give one a name with fb.stage(fn, name=...)"
+                )
+            seen.add(s.name)
+            if s.executor == "process":
+                try:
+                    pickle.dumps(s.fn)
+                except Exception as exc:
+                    raise PipelineError(
+                        f"pipeline {name!r}: stage {s.name!r} runs in worker processes, but its "
+                        f"function cannot be pickled ({type(exc).__name__}: {exc}); "
+                        "define it at module level"
+                    ) from exc
+        self.name = name
+        self.stages: tuple[Stage, ...] = tuple(built)
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r} {[s.name for s in self.stages]}>"
+
+    def open(self, queue_size: int = DEFAULT_QUEUE_SIZE, window: int | None = None) -> Runner:
+        """Start the pipeline: ``async with pipe.open() as runner``.
+
+        ``queue_size`` bounds each stage's input queue (a batched stage gets
+        at least two full batches per worker); ``submit`` waits, and
+        ``submit_nowait`` raises ``Overloaded``, when the first one is full.
+        ``window`` bounds how many items one ``map`` keeps in flight.
+        """
+        return Runner(self, queue_size=queue_size, window=window)
+
+    def run(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        progress: bool = True,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ) -> list[Any]:
+        """Run every item and return the results as a list (synchronous).
+
+        Shows a progress bar on a terminal when ``progress`` is true. Must not
+        be called from inside a running event loop; use ``open()`` there.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                "Pipeline.run() cannot be called from a running event loop; "
+                "use 'async with pipeline.open() as runner' and runner.map() instead"
+            )
+        return asyncio.run(self._run(items, progress, ordered, return_exceptions, queue_size))
+
+    async def _run(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        progress: bool,
+        ordered: bool,
+        return_exceptions: bool,
+        queue_size: int,
+    ) -> list[Any]:
+        total: int | None = None
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        out: list[Any] = []
+        async with self.open(queue_size=queue_size) as runner:
+            results = runner.map(items, ordered=ordered, return_exceptions=return_exceptions)
+            if not progress:
+                async for r in results:
+                    out.append(r)
+                return out
+            from rich.progress import Progress
+
+            with Progress(transient=False) as bar:
+                task = bar.add_task(self.name, total=total)
+                async for r in results:
+                    out.append(r)
+                    bar.advance(task)
+        return out

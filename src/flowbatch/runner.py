@@ -1,0 +1,1019 @@
+"""The runner: a started pipeline with its queues, workers and executors.
+
+Every front end drives this one surface::
+
+    async with pipeline.open() as runner:
+        y = await runner.submit(x, timeout=2.0)
+        async for y in runner.map(xs): ...
+        print(runner.stats().bottleneck)
+
+How an item travels: it is wrapped in an ``_Item`` envelope and put in the
+bounded channel of the first stage. Each stage has ``concurrency`` worker
+tasks ("slots") that take items (or batches) from their channel, run the
+stage function through the stage's executor, and put the results in the next
+stage's channel. The last stage resolves the item's caller. A deadline, a
+cancellation or a failure marks the item's root as done; its pieces still in
+the pipeline are dropped at the next stage boundary, so no work is done for
+a caller who has gone.
+
+Invariant behind "nothing lost": ``_live`` counts envelopes inside the engine
+(in a channel, in a call, or waiting for a retry). Every path that removes
+one decrements it, and draining waits for it to reach zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from .batching import pick_batch
+from .channel import Channel, ChannelClosed
+from .errors import (
+    BatchContractError,
+    DeadlineExceeded,
+    FlowbatchError,
+    ItemFailed,
+    Overloaded,
+    PipelineClosed,
+)
+from .executors import CallTimedOut, Executor, Unpicklable, make_executor, materialize, materialize_each
+from .metrics import SAMPLE_WINDOW, PipelineStats, StageMetrics, find_bottleneck
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .stage import Stage
+
+__all__ = ["DEFAULT_QUEUE_SIZE", "Runner"]
+
+DEFAULT_QUEUE_SIZE = 1024
+
+
+class _Item:
+    """The envelope of one item (or one fan-out child) inside the engine."""
+
+    __slots__ = (
+        "attempt",
+        "cost",
+        "deadline",
+        "done",
+        "index",
+        "parent",
+        "pending",
+        "results",
+        "root",
+        "sink",
+        "t0",
+        "t_enq",
+        "value",
+    )
+
+    def __init__(self, value: Any, now: float) -> None:
+        self.value = value
+        self.root = self
+        self.parent: _Item | None = None
+        self.index = 0
+        self.attempt = 1
+        self.t_enq = now
+        self.t0 = now
+        self.deadline: float | None = None
+        self.done = False
+        self.sink: Callable[[_Item, Any, BaseException | None], None] | None = None
+        self.results: list[Any] | None = None
+        self.pending = 0
+        self.cost = 0.0
+
+    def child(self, value: Any, index: int, now: float) -> _Item:
+        c = _Item(value, now)
+        c.root = self.root
+        c.parent = self
+        c.index = index
+        return c
+
+
+class _FutureSink:
+    """Delivers a root item's outcome to an ``asyncio.Future``."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[Any]) -> None:
+        self.fut = fut
+
+    def __call__(self, item: _Item, value: Any, exc: BaseException | None) -> None:
+        fut = self.fut
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
+
+
+class _Collector:
+    """Where ``map`` results land; the consumer reads them in or out of order."""
+
+    __slots__ = (
+        "admitted",
+        "closed",
+        "error",
+        "feeder_waiter",
+        "input_done",
+        "ordered",
+        "outstanding",
+        "ready",
+        "by_index",
+        "next_index",
+        "waiter",
+    )
+
+    def __init__(self, ordered: bool) -> None:
+        self.ordered = ordered
+        self.ready: deque[tuple[Any, BaseException | None]] = deque()
+        self.by_index: dict[int, tuple[Any, BaseException | None]] = {}
+        self.next_index = 0
+        self.admitted = 0
+        self.outstanding = 0
+        self.input_done = False
+        self.error: BaseException | None = None
+        self.closed = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.feeder_waiter: asyncio.Future[None] | None = None
+
+    def __call__(self, item: _Item, value: Any, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        if self.ordered:
+            self.by_index[item.index] = (value, exc)
+            if item.index != self.next_index:
+                return
+        else:
+            self.ready.append((value, exc))
+        self.wake()
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def wake_feeder(self) -> None:
+        w = self.feeder_waiter
+        if w is not None:
+            self.feeder_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+
+class _StageRun:
+    """A stage at run time: its channel, executor, metrics and successor."""
+
+    __slots__ = (
+        "batch",
+        "call",
+        "cost",
+        "executor",
+        "fan_out",
+        "inq",
+        "metrics",
+        "name",
+        "next",
+        "retry",
+        "spec",
+    )
+
+    def __init__(self, spec: Stage, queue_size: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.batch = spec.batch
+        self.retry = spec.retry
+        self.fan_out = spec.fan_out
+        self.cost = spec.batch.cost if spec.batch is not None else None
+        size = queue_size
+        if spec.batch is not None:
+            # Room for every worker's next full batch, so batches can fill.
+            size = max(size, 2 * spec.batch.max_size * spec.concurrency)
+        self.inq: Channel[_Item] = Channel(size)
+        self.metrics = StageMetrics(spec.name, spec.executor, spec.concurrency)
+        self.next: _StageRun | None = None
+        post: Callable[[Any], Any] | None = None
+        if spec.fan_out and spec.executor != "async":
+            post = materialize_each if spec.batch is not None else materialize
+        self.executor: Executor = make_executor(
+            spec.executor, spec.fn, spec.concurrency, spec.name, post
+        )
+        timeout = spec.timeout
+        if (
+            spec.executor == "async"
+            and timeout is None
+            and not getattr(self.executor, "_agen", False)
+        ):
+            self.call: Callable[[Any], Any] = spec.fn  # the fast path: no wrapper
+        else:
+            ex = self.executor
+
+            def call(arg: Any) -> Any:
+                return ex.call(arg, timeout)
+
+            self.call = call
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _describe(x: Any) -> str:
+    try:
+        return f"{type(x).__name__} of length {len(x)}"
+    except TypeError:
+        return type(x).__name__
+
+
+class Runner:
+    """A started pipeline. Get one from ``Pipeline.open()``; use it as
+    ``async with``. Leaving the block drains: every admitted item finishes."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        window: int | None = None,
+    ) -> None:
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        self.pipeline = pipeline
+        self.name = pipeline.name
+        self.queue_size = queue_size
+        specs = pipeline.stages
+        per_call = sum(s.concurrency * (s.batch.max_size if s.batch else 1) for s in specs)
+        self.window = window if window is not None else max(queue_size, 2 * per_call)
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {window!r}")
+        self._stages: list[_StageRun] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._state = "new"  # new -> open -> closing -> closed
+        self._aborted: BaseException | None = None
+        self._live = 0
+        self._admitting = 0
+        self._drained: asyncio.Future[None] | None = None
+        self._roots: set[_Item] = set()
+        self._feeders: set[asyncio.Task[None]] = set()
+        self._collectors: set[_Collector] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._submitted = 0
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._t_open = 0.0
+        self._t_first = 0.0
+        self._t_last = 0.0
+        self._latency_n = 0
+        self._latency_total = 0.0
+        self._latency_recent: deque[float] = deque(maxlen=SAMPLE_WINDOW)
+
+    # ------------------------------------------------------------ lifetime
+
+    async def __aenter__(self) -> Runner:
+        if self._state != "new":
+            raise RuntimeError("a Runner can be opened once; call pipeline.open() again")
+        self._loop = asyncio.get_running_loop()
+        self._stages = [_StageRun(s, self.queue_size) for s in self.pipeline.stages]
+        for a, b in zip(self._stages, self._stages[1:], strict=False):
+            a.next = b
+        started: list[_StageRun] = []
+        try:
+            for sr in self._stages:
+                await sr.executor.start()
+                started.append(sr)
+        except BaseException:
+            for sr in reversed(started):
+                with contextlib.suppress(Exception):
+                    await sr.executor.stop()
+            self._state = "closed"
+            raise
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        for sr in self._stages:
+            loop_fn = self._run_batched if sr.batch is not None else self._run_single
+            for slot in range(sr.spec.concurrency):
+                self._tg.create_task(self._guard(loop_fn(sr, slot)))
+        self._t_open = perf_counter()
+        self._state = "open"
+        return self
+
+    async def __aexit__(self, et: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or isinstance(exc, Exception):
+            await self.drain()
+        else:
+            # Cancelled or interrupted: stop now; every caller still gets an answer.
+            await self._shutdown(exc)
+
+    async def drain(self) -> None:
+        """Stop intake, finish every admitted item, then stop the workers.
+
+        ``submit`` and ``map`` raise ``PipelineClosed`` from the moment this
+        is called. Items already admitted (including partial batches and items
+        waiting for a retry) all finish before it returns.
+        """
+        if self._state in ("closing", "closed"):
+            if self._drained is not None:
+                await asyncio.shield(self._drained)
+            return
+        self._state = "closing"
+        loop = asyncio.get_running_loop()
+        self._drained = loop.create_future()
+        await self._stop_feeders()
+        self._check_drained()
+        try:
+            await asyncio.shield(self._drained)
+        except asyncio.CancelledError as exc:
+            await self._shutdown(exc)
+            raise
+        await self._shutdown(None)
+
+    async def _stop_feeders(self) -> None:
+        for task in list(self._feeders):
+            task.cancel()
+        if self._feeders:
+            await asyncio.gather(*self._feeders, return_exceptions=True)
+
+    def _check_drained(self) -> None:
+        if (
+            self._state == "closing"
+            and not self._live
+            and not self._admitting
+            and self._drained is not None
+            and not self._drained.done()
+        ):
+            self._drained.set_result(None)
+
+    async def _shutdown(self, exc: BaseException | None) -> None:
+        if self._state == "closed":
+            return
+        self._state = "closing"
+        if exc is not None:
+            self._aborted = exc
+            await self._stop_feeders()
+            self._fail_all(PipelineClosed(f"pipeline {self.name!r} was stopped: {exc!r}"))
+        for sr in self._stages:
+            sr.inq.close()
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None:
+                if exc is not None:
+                    await tg.__aexit__(type(exc), exc, exc.__traceback__)
+                else:
+                    await tg.__aexit__(None, None, None)
+        finally:
+            for handle in self._timers:
+                handle.cancel()
+            self._timers.clear()
+            for sr in self._stages:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(sr.executor.stop())
+            self._state = "closed"
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for root in list(self._roots):
+            self._resolve(root, None, err)
+        for col in self._collectors:
+            col.error = col.error or err
+            col.input_done = True
+            col.wake()
+            col.wake_feeder()
+
+    async def _guard(self, coro: Any) -> None:
+        """Run a worker loop; if it breaks (a bug), fail everything, never hang."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            err = PipelineClosed(f"pipeline {self.name!r} stopped by an internal error: {exc!r}")
+            err.__cause__ = exc
+            self._aborted = exc
+            self._fail_all(err)
+            self._live = 0
+            self._admitting = 0
+            self._check_drained()
+            raise
+
+    # ------------------------------------------------------------- intake
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            if self._state == "new":
+                raise PipelineClosed(
+                    f"pipeline {self.name!r} is not open; use 'async with pipeline.open() as runner'"
+                )
+            raise PipelineClosed(f"pipeline {self.name!r} is closed to new items")
+
+    def _new_root(self, value: Any, timeout: float | None) -> _Item:
+        now = perf_counter()
+        root = _Item(value, now)
+        if timeout is not None:
+            if not isinstance(timeout, int | float) or timeout <= 0:
+                raise ValueError(f"timeout must be a number > 0, got {timeout!r}")
+            assert self._loop is not None
+            root.deadline = self._loop.time() + timeout
+        self._price(root)
+        return root
+
+    def _price(self, root: _Item) -> None:
+        """Compute the first stage's batch cost before admission; a failing
+        cost function fails this call alone."""
+        first = self._stages[0]
+        if first.cost is not None:
+            try:
+                root.cost = float(first.cost(root.value))
+            except Exception as exc:
+                raise ItemFailed(first.name, 1, exc) from exc
+
+    def _admitted(self, root: _Item) -> None:
+        self._live += 1
+        self._submitted += 1
+        self._roots.add(root)
+        if not self._t_first:
+            self._t_first = root.t0
+
+    def _arm(self, root: _Item, fut: asyncio.Future[Any], timeout: float | None) -> None:
+        """Attach the deadline timer and cancellation to a submitted item."""
+        loop = self._loop
+        assert loop is not None
+        if root.deadline is not None:
+            handle = loop.call_at(root.deadline, self._expire, root, timeout)
+            self._timers.add(handle)
+
+            def disarm(_: asyncio.Future[Any]) -> None:
+                handle.cancel()
+                self._timers.discard(handle)
+
+            fut.add_done_callback(disarm)
+        fut.add_done_callback(lambda f: self._cancel_root(root) if f.cancelled() else None)
+
+    def _expire(self, root: _Item, timeout: float | None) -> None:
+        self._resolve(
+            root, None, DeadlineExceeded(f"item did not finish within its timeout of {timeout}s")
+        )
+
+    def _cancel_root(self, root: _Item) -> None:
+        if not root.done:
+            root.done = True
+            self._cancelled += 1
+            self._roots.discard(root)
+
+    async def submit(self, item: Any, timeout: float | None = None) -> Any:
+        """Run ``item`` through the pipeline and return its result.
+
+        Waits for room when the first queue is full. With ``timeout``
+        (seconds, counted from this call) it raises ``DeadlineExceeded`` once
+        that has passed, wherever the item is; the item is dropped before its
+        next stage. Cancelling the call removes the item from the work ahead.
+        Raises ``ItemFailed`` when a stage fails it.
+        """
+        self._check_open()
+        root = self._new_root(item, timeout)
+        loop = self._loop
+        assert loop is not None
+        fut: asyncio.Future[Any] = loop.create_future()
+        root.sink = _FutureSink(fut)
+        ch = self._stages[0].inq
+        if not ch.put_nowait(root):
+            self._admitting += 1
+            try:
+                if root.deadline is None:
+                    await ch.put(root)
+                else:
+                    try:
+                        async with asyncio.timeout_at(root.deadline):
+                            await ch.put(root)
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"no room in pipeline {self.name!r} within the timeout of {timeout}s"
+                        ) from None
+            except ChannelClosed:
+                raise PipelineClosed(f"pipeline {self.name!r} closed before the item was admitted") from None
+            finally:
+                self._admitting -= 1
+        self._admitted(root)
+        self._arm(root, fut, timeout)
+        return await fut
+
+    def submit_nowait(self, item: Any, timeout: float | None = None) -> asyncio.Future[Any]:
+        """Admit ``item`` now or raise ``Overloaded``; returns a future of its result.
+
+        Cancelling the future removes the item from the work ahead.
+        """
+        self._check_open()
+        root = self._new_root(item, timeout)
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        root.sink = _FutureSink(fut)
+        first = self._stages[0]
+        if not first.inq.put_nowait(root):
+            raise Overloaded(
+                f"pipeline {self.name!r} is full: {len(first.inq)} items are waiting at "
+                f"stage {first.name!r} (queue_size={first.inq.maxsize}); retry later"
+            )
+        self._admitted(root)
+        self._arm(root, fut, timeout)
+        return fut
+
+    def map(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        window: int | None = None,
+    ) -> AsyncIterator[Any]:
+        """Run every item of a sync or async iterable; yield the results.
+
+        Items are pulled only as fast as results are consumed (at most
+        ``window`` are inside the pipeline or waiting to be yielded), so an
+        endless generator runs in flat memory. ``ordered=True`` yields in
+        input order; ``ordered=False`` as results complete. A failed item
+        raises its ``ItemFailed`` (stopping the map) unless
+        ``return_exceptions=True``, which yields the error in its place.
+        """
+        self._check_open()
+        if not isinstance(items, Iterable | AsyncIterable):
+            raise TypeError(f"map() needs an iterable or async iterable, got {type(items).__name__}")
+        size = window if window is not None else self.window
+        if size < 1:
+            raise ValueError(f"window must be >= 1, got {window!r}")
+        return self._map(items, ordered, return_exceptions, size)
+
+    async def _map(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        ordered: bool,
+        return_exceptions: bool,
+        window: int,
+    ) -> AsyncIterator[Any]:
+        assert self._loop is not None
+        col = _Collector(ordered)
+        self._collectors.add(col)
+        feeder = self._loop.create_task(self._feed(items, col, window))
+        self._feeders.add(feeder)
+        try:
+            while True:
+                if ordered:
+                    got = col.by_index.pop(col.next_index, None)
+                    if got is not None:
+                        col.next_index += 1
+                else:
+                    got = col.ready.popleft() if col.ready else None
+                if got is not None:
+                    col.outstanding -= 1
+                    if col.feeder_waiter is not None:
+                        col.wake_feeder()
+                    value, exc = got
+                    if exc is not None:
+                        if not return_exceptions:
+                            raise exc
+                        yield exc
+                    else:
+                        yield value
+                    continue
+                if col.input_done and col.outstanding == 0:
+                    if col.error is not None:
+                        raise col.error
+                    return
+                if col.error is not None and self._aborted is not None:
+                    raise col.error
+                col.waiter = self._loop.create_future()
+                await col.waiter
+        finally:
+            col.closed = True
+            feeder.cancel()
+            await asyncio.wait([feeder])
+            self._feeders.discard(feeder)
+            self._collectors.discard(col)
+            self._forget(col)
+
+    def _forget(self, col: _Collector) -> None:
+        """A map stopped early: drop its items that are still queued."""
+        for root in [r for r in self._roots if r.sink is col]:
+            self._cancel_root(root)
+
+    async def _feed(
+        self, items: Iterable[Any] | AsyncIterable[Any], col: _Collector, window: int
+    ) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        ch = self._stages[0].inq
+        priced = self._stages[0].cost is not None
+
+        roots = self._roots
+        closed = PipelineClosed(
+            f"pipeline {self.name!r} closed before all of the map's input was read"
+        )
+        it: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
+        is_async = isinstance(items, AsyncIterable)
+        try:
+            # Written out inline (no per-item coroutine): this is the hot path.
+            while True:
+                if is_async:
+                    try:
+                        value = await anext(it)
+                    except StopAsyncIteration:
+                        break
+                else:
+                    try:
+                        value = next(it)
+                    except StopIteration:
+                        break
+                while col.outstanding >= window:
+                    col.feeder_waiter = loop.create_future()
+                    await col.feeder_waiter
+                if self._state != "open":
+                    raise closed
+                root = _Item(value, perf_counter())
+                root.sink = col
+                root.index = col.admitted
+                if priced:
+                    try:
+                        self._price(root)
+                    except ItemFailed as err:
+                        col.admitted += 1
+                        col.outstanding += 1
+                        self._submitted += 1
+                        self._failed += 1
+                        col(root, None, err)
+                        continue
+                if not ch.put_nowait(root):
+                    await ch.put(root)
+                col.admitted += 1
+                col.outstanding += 1
+                self._live += 1
+                self._submitted += 1
+                roots.add(root)
+                if not self._t_first:
+                    self._t_first = root.t0
+        except asyncio.CancelledError:
+            if not col.closed and col.error is None:
+                col.error = PipelineClosed(
+                    f"pipeline {self.name!r} closed before all of the map's input was read"
+                )
+            raise
+        except ChannelClosed:
+            col.error = PipelineClosed(f"pipeline {self.name!r} closed during map")
+        except BaseException as exc:
+            # The input itself failed: results so far are yielded, then this.
+            col.error = exc
+        finally:
+            col.input_done = True
+            col.wake()
+
+    # ------------------------------------------------------------- outcome
+
+    def _resolve(self, root: _Item, value: Any, exc: BaseException | None) -> None:
+        if root.done:
+            return
+        root.done = True
+        self._roots.discard(root)
+        if exc is None:
+            self._completed += 1
+            now = perf_counter()
+            self._t_last = now
+            d = now - root.t0
+            self._latency_n += 1
+            self._latency_total += d
+            self._latency_recent.append(d)
+        else:
+            self._failed += 1
+        assert root.sink is not None
+        root.sink(root, value, exc)
+
+    def _deliver(self, item: _Item, value: Any) -> None:
+        """``item`` has its final value: hand it to its parent or caller."""
+        while True:
+            parent = item.parent
+            if parent is None:
+                self._resolve(item, value, None)
+                return
+            results = parent.results
+            assert results is not None
+            results[item.index] = value
+            parent.pending -= 1
+            if parent.pending:
+                return
+            item, value = parent, results
+
+    def _left(self, n: int = 1) -> None:
+        self._live -= n
+        if not self._live and self._state == "closing":
+            self._check_drained()
+
+    def _drop(self, sr: _StageRun, item: _Item) -> None:
+        sr.metrics.dropped += 1
+        self._left()
+
+    def _expired(self, sr: _StageRun, item: _Item) -> None:
+        self._resolve(
+            item.root,
+            None,
+            DeadlineExceeded(f"item's deadline passed before stage {sr.name!r}"),
+        )
+        self._drop(sr, item)
+
+    def _fail(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
+        sr.metrics.failed += 1
+        err = exc if isinstance(exc, ItemFailed) else ItemFailed(sr.name, item.attempt, exc)
+        self._resolve(item.root, None, err)
+        self._left()
+
+    def _failed(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
+        """A call failed for ``item``: retry it or fail it for good."""
+        if (
+            not item.root.done
+            and not isinstance(exc, Unpicklable)
+            and sr.retry.should_retry(exc, item.attempt)
+        ):
+            sr.metrics.retried += 1
+            delay = sr.retry.delay(item.attempt)
+            item.attempt += 1
+            if delay <= 0:
+                sr.inq.put_force(item)
+            else:
+                assert self._loop is not None
+                handle: asyncio.TimerHandle | None = None
+
+                def again() -> None:
+                    self._timers.discard(handle)  # type: ignore[arg-type]
+                    item.t_enq = perf_counter()
+                    sr.inq.put_force(item)
+
+                handle = self._loop.call_later(delay, again)
+                self._timers.add(handle)
+            return
+        self._fail(sr, item, exc)
+
+    def _set_cost(self, sr: _StageRun, item: _Item) -> bool:
+        assert sr.cost is not None
+        try:
+            item.cost = float(sr.cost(item.value))
+        except Exception as exc:
+            self._fail(sr, item, exc)
+            return False
+        return True
+
+    async def _advance(self, sr: _StageRun, item: _Item, out: Any, now: float) -> None:
+        """``item`` passed ``sr`` with result ``out``: move it on."""
+        if sr.fan_out:
+            await self._fan_out(sr, item, out, now)
+            return
+        nxt = sr.next
+        if nxt is None:
+            self._left()
+            self._deliver(item, out)
+            return
+        item.value = out
+        item.attempt = 1
+        item.t_enq = now
+        if nxt.cost is not None and not self._set_cost(nxt, item):
+            return
+        if not nxt.inq.put_nowait(item):
+            await nxt.inq.put(item)
+
+    async def _fan_out(self, sr: _StageRun, item: _Item, out: Any, now: float) -> None:
+        try:
+            children = out if isinstance(out, list) else materialize(out)
+        except Exception as exc:
+            sr.metrics.done -= 1
+            self._fail(sr, item, exc)
+            return
+        n = len(children)
+        if n == 0:
+            self._left()
+            self._deliver(item, [])
+            return
+        item.results = [None] * n
+        item.pending = n
+        self._live += n - 1  # the parent is replaced by its children
+        nxt = sr.next
+        root = item.root
+        for i, value in enumerate(children):
+            if root.done:
+                self._left(n - i)  # the caller is gone: make no more children
+                return
+            child = item.child(value, i, now)
+            if nxt is None:
+                self._left()
+                self._deliver(child, value)
+            elif nxt.cost is None or self._set_cost(nxt, child):
+                if not nxt.inq.put_nowait(child):
+                    await nxt.inq.put(child)
+
+    # -------------------------------------------------------------- workers
+
+    async def _run_single(self, sr: _StageRun, slot: int) -> None:
+        """One worker slot of an unbatched stage: one item per call.
+
+        This loop is the engine's hot path, so it is written out inline: a
+        slot that finds a backlog runs through it without suspending except
+        inside the stage function or when the next queue is full.
+        """
+        ch = sr.inq
+        q = ch.items
+        putters = ch.putters
+        m = sr.metrics
+        running = m.running
+        holding = m.holding
+        svc = m.service_recent
+        waits = m.wait_recent
+        call = sr.call
+        nxt = sr.next
+        fan_out = sr.fan_out
+        loop = self._loop
+        assert loop is not None
+        while True:
+            if not q:
+                if not await ch.wait_nonempty():
+                    return
+            item = q.popleft()
+            if putters:
+                ch.taken()
+            root = item.root
+            if root.done:
+                self._drop(sr, item)
+                continue
+            if root.deadline is not None and loop.time() >= root.deadline:
+                self._expired(sr, item)
+                continue
+            t0 = perf_counter()
+            running[slot] = t0
+            holding[slot] = 1
+            try:
+                out = await call(item.value)
+            except BaseException as exc:
+                m.served(slot, t0, perf_counter())
+                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                    self._fail(sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped"))
+                    raise
+                self._failed(sr, item, exc)
+                if isinstance(exc, CallTimedOut) and exc.pending is not None:
+                    await asyncio.wait([exc.pending])
+                continue
+            t1 = perf_counter()
+            running[slot] = 0.0
+            holding[slot] = 0
+            d = t1 - t0
+            m.service_n += 1
+            m.service_total += d
+            svc.append(d)
+            d = t0 - item.t_enq
+            m.wait_n += 1
+            m.wait_total += d
+            waits.append(d)
+            m.done += 1
+            if fan_out:
+                await self._fan_out(sr, item, out, t1)
+            elif nxt is None:
+                self._live -= 1
+                if not self._live and self._state == "closing":
+                    self._check_drained()
+                self._deliver(item, out)
+            else:
+                item.value = out
+                item.attempt = 1
+                item.t_enq = t1
+                if nxt.cost is not None and not self._set_cost(nxt, item):
+                    continue
+                if not nxt.inq.put_nowait(item):
+                    await nxt.inq.put(item)
+
+    async def _run_batched(self, sr: _StageRun, slot: int) -> None:
+        """One worker slot of a batched stage: takes what is waiting, up to the limit."""
+        ch = sr.inq
+        q = ch.items
+        opts = sr.batch
+        assert opts is not None and self._loop is not None
+        loop = self._loop
+        while True:
+            if not q:
+                if not await ch.wait_nonempty():
+                    return
+            if opts.max_wait > 0 and len(q) < opts.max_size:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(opts.max_wait):
+                        await ch.wait_size(opts.max_size)
+                if not q:
+                    continue
+            picked = pick_batch(q, opts)
+            ch.taken()
+            batch: list[_Item] = []
+            now = loop.time()
+            for item in picked:
+                root = item.root
+                if root.done:
+                    self._drop(sr, item)
+                elif root.deadline is not None and now >= root.deadline:
+                    self._expired(sr, item)
+                else:
+                    batch.append(item)
+            if batch:
+                await self._run_batch(sr, slot, batch, first=True)
+
+    async def _run_batch(
+        self, sr: _StageRun, slot: int, batch: list[_Item], first: bool
+    ) -> None:
+        m = sr.metrics
+        n = len(batch)
+        t0 = perf_counter()
+        if first:
+            for item in batch:
+                m.waited(t0 - item.t_enq)
+        m.batch(n)
+        m.running[slot] = t0
+        m.holding[slot] = n
+        try:
+            outs = await sr.call([item.value for item in batch])
+        except BaseException as exc:
+            m.served(slot, t0, perf_counter())
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                err = PipelineClosed(f"pipeline {self.name!r} was stopped")
+                for item in batch:
+                    self._fail(sr, item, err)
+                raise
+            if isinstance(exc, CallTimedOut) and exc.pending is not None:
+                await asyncio.wait([exc.pending])
+            if n > 1 and not isinstance(exc, Unpicklable | FlowbatchError):
+                # Split to find the item that breaks the batch; the rest succeed.
+                half = n // 2
+                await self._run_batch(sr, slot, batch[:half], first=False)
+                await self._run_batch(sr, slot, batch[half:], first=False)
+                return
+            for item in batch:
+                self._failed(sr, item, exc)
+            return
+        t1 = perf_counter()
+        m.served(slot, t0, t1)
+        results = self._check_batch(sr, outs, n)
+        if isinstance(results, BatchContractError):
+            for item in batch:
+                self._fail(sr, item, results)
+            return
+        for item, out in zip(batch, results, strict=True):
+            if isinstance(out, Exception):
+                self._failed(sr, item, out)
+            else:
+                m.done += 1
+                await self._advance(sr, item, out, t1)
+
+    @staticmethod
+    def _check_batch(sr: _StageRun, outs: Any, n: int) -> list[Any] | BatchContractError:
+        if isinstance(outs, list):
+            results = outs
+        elif isinstance(outs, str | bytes | Mapping) or not hasattr(outs, "__len__"):
+            results = None
+        else:
+            try:
+                results = list(outs)
+            except TypeError:
+                results = None
+        if results is None or len(results) != n:
+            got = _describe(outs) if results is None else f"{len(results)} results"
+            return BatchContractError(
+                f"batched stage {sr.name!r} returned {got} for a batch of {n} items; "
+                "it must return a list with one result per input, in order"
+            )
+        return results
+
+    # ---------------------------------------------------------- statistics
+
+    def stats(self) -> PipelineStats:
+        """An immutable snapshot of the pipeline's and each stage's figures."""
+        now = perf_counter()
+        elapsed = now - self._t_open if self._t_open else 0.0
+        stages = tuple(
+            sr.metrics.snapshot(now, elapsed, len(sr.inq)) for sr in self._stages
+        )
+        busy_span = (self._t_last or now) - self._t_first if self._t_first else 0.0
+        from .metrics import Summary
+
+        return PipelineStats(
+            name=self.name,
+            elapsed=elapsed,
+            submitted=self._submitted,
+            completed=self._completed,
+            failed=self._failed,
+            in_flight=len(self._roots),
+            items_per_s=self._completed / busy_span if busy_span > 0 else 0.0,
+            latency=Summary.of(self._latency_n, self._latency_total, self._latency_recent),
+            stages=stages,
+            bottleneck=find_bottleneck(stages),
+        )
+
+    @property
+    def closed(self) -> bool:
+        """True once the runner no longer accepts items."""
+        return self._state != "open"
