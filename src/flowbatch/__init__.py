@@ -15,7 +15,6 @@ Usage::
         vector = await runner.submit(url, timeout=5)
 """
 
-from __future__ import annotations
 
 from .batching import Batch
 from .errors import (

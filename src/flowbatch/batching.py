@@ -30,8 +30,10 @@ class Batch:
     - ``max_wait``: seconds to keep a non-full batch open once a worker is
       free (0: dispatch at once; batches still grow under load).
     - ``cost``: ``item -> number`` (for example its token count);
-      ``max_cost``: the most total cost in one call. An item whose own cost
-      exceeds ``max_cost`` runs alone.
+      ``max_cost``: the most cost in one call, counted as a padded model
+      computes it: the batch's size times its largest item's cost. Items of
+      similar cost are grouped; an item whose own cost exceeds ``max_cost``
+      runs alone.
 
     Usage: ``fb.stage(embed, batch=fb.Batch(max_size=64, cost=len, max_cost=8192))``
     """
@@ -64,7 +66,7 @@ def pick_batch(queue: deque[Any], options: Batch) -> list[Any]:
     Without a cost function this is the first ``max_size`` items. With one,
     the oldest item is always taken (so nothing starves); the rest are the
     queued items within a look-ahead window whose cost is closest to it, as
-    long as the total stays within ``max_cost``. Items must carry ``.cost``.
+    long as ``len(batch) * max(cost)`` stays within ``max_cost``. Items must carry ``.cost``.
     """
     n = min(len(queue), options.max_size)
     if options.cost is None:
@@ -72,18 +74,19 @@ def pick_batch(queue: deque[Any], options: Batch) -> list[Any]:
     first: _Costed = queue.popleft()
     chosen = [first]
     budget = options.max_cost
-    total = first.cost
-    if options.max_size == 1 or not queue or (budget is not None and total >= budget):
+    if options.max_size == 1 or not queue or (budget is not None and first.cost >= budget):
         return chosen
     window = [queue.popleft() for _ in range(min(len(queue), options.max_size * _LOOKAHEAD_FACTOR))]
     by_closeness = sorted(range(len(window)), key=lambda i: abs(window[i].cost - first.cost))
     taken: set[int] = set()
+    widest = first.cost
     for i in by_closeness:
         c = window[i].cost
-        if budget is not None and total + c > budget:
+        # The padded cost: every item in the batch is as costly as its largest.
+        if budget is not None and (len(taken) + 2) * max(widest, c) > budget:
             continue
         taken.add(i)
-        total += c
+        widest = max(widest, c)
         if len(taken) + 1 >= options.max_size:
             break
     chosen.extend(window[i] for i in sorted(taken))

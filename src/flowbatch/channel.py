@@ -12,6 +12,7 @@ producer waits; a few batches' worth is enough to keep a batched stage fed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -27,7 +28,7 @@ class ChannelClosed(Exception):
 class Channel(Generic[T]):
     """Bounded FIFO with bulk-friendly access; runs on one event loop only."""
 
-    __slots__ = ("_closed", "_getters", "putters", "items", "maxsize")
+    __slots__ = ("_closed", "_getters", "items", "maxsize", "putters")
 
     def __init__(self, maxsize: int) -> None:
         if maxsize < 1:
@@ -89,13 +90,19 @@ class Channel(Generic[T]):
             await self._park(self._getters)
         return True
 
-    async def wait_size(self, n: int) -> None:
-        """Wait until at least ``n`` items are queued (or the channel closes)."""
-        while len(self.items) < n and not self._closed:
-            await self._park(self._getters)
-            # Another consumer may be waiting for items too: pass the wake on.
-            if self._getters and self.items:
-                self._wake(self._getters)
+    async def wait_put(self) -> None:
+        """Wait for the next put (or a :meth:`poke`, or close)."""
+        if self._closed:
+            return
+        await self._park(self._getters)
+        # Other consumers may be waiting too: pass the wake-up on.
+        if self._getters and self.items:
+            self._wake(self._getters)
+
+    def poke(self) -> None:
+        """Wake every waiting consumer so it re-checks its condition."""
+        while self._getters:
+            self._wake(self._getters)
 
     def taken(self) -> None:
         """Tell waiting producers that items were removed."""
@@ -135,8 +142,6 @@ class Channel(Generic[T]):
                 # We were woken but will not act on it: hand the wake-up on.
                 self._wake(waiters)
             else:
-                try:
+                with contextlib.suppress(ValueError):
                     waiters.remove(fut)
-                except ValueError:
-                    pass
             raise

@@ -15,6 +15,7 @@ held (``WorkerCrashed``) and is replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import multiprocessing as mp
@@ -268,7 +269,7 @@ def _portable(exc: BaseException) -> BaseException:
 def _encode_result(out: Any) -> bytes:
     try:
         return pickle.dumps((True, out))
-    except Exception as why:
+    except Exception:
         if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
             fixed = [_portable(x) if isinstance(x, BaseException) else x for x in out]
             try:
@@ -291,9 +292,13 @@ def _process_main(conn: Connection, payload: bytes, post: Callable[[Any], Any] |
         if callable(setup):
             setup()
     except BaseException as exc:
-        conn.send_bytes(pickle.dumps((False, _portable(exc))))
+        with contextlib.suppress(OSError):
+            conn.send_bytes(pickle.dumps((False, _portable(exc))))
         return
-    conn.send_bytes(pickle.dumps((True, os.getpid())))
+    try:
+        conn.send_bytes(pickle.dumps((True, os.getpid())))
+    except OSError:
+        return  # the parent stopped before we were ready
     while True:
         try:
             data = conn.recv_bytes()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from time import perf_counter
 
 __all__ = ["PipelineStats", "StageMetrics", "StageStats", "Summary"]
 
@@ -112,8 +111,8 @@ class StageMetrics:
 
     __slots__ = (
         "batch_sizes",
-        "batches",
         "batched_items",
+        "batches",
         "done",
         "dropped",
         "executor",

@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 from collections.abc import AsyncIterable, Iterable, Sequence
 from typing import Any
@@ -115,17 +116,13 @@ class Pipeline:
         queue_size: int,
     ) -> list[Any]:
         total: int | None = None
-        try:
+        with contextlib.suppress(TypeError):
             total = len(items)  # type: ignore[arg-type]
-        except TypeError:
-            pass
         out: list[Any] = []
         async with self.open(queue_size=queue_size) as runner:
             results = runner.map(items, ordered=ordered, return_exceptions=return_exceptions)
             if not progress:
-                async for r in results:
-                    out.append(r)
-                return out
+                return [r async for r in results]
             from rich.progress import Progress
 
             with Progress(transient=False) as bar:

@@ -65,7 +65,7 @@ class Retry:
         """Seconds to wait after the ``attempt``-th failed try."""
         base: float = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
         if self.jitter:
-            return random.uniform(base / 2, base)  # noqa: S311 - jitter, not crypto
+            return random.uniform(base / 2, base)
         return base
 
 

@@ -35,12 +35,18 @@ from .channel import Channel, ChannelClosed
 from .errors import (
     BatchContractError,
     DeadlineExceeded,
-    FlowbatchError,
     ItemFailed,
     Overloaded,
     PipelineClosed,
 )
-from .executors import CallTimedOut, Executor, Unpicklable, make_executor, materialize, materialize_each
+from .executors import (
+    CallTimedOut,
+    Executor,
+    Unpicklable,
+    make_executor,
+    materialize,
+    materialize_each,
+)
 from .metrics import SAMPLE_WINDOW, PipelineStats, StageMetrics, find_bottleneck
 
 if TYPE_CHECKING:
@@ -117,15 +123,15 @@ class _Collector:
 
     __slots__ = (
         "admitted",
+        "by_index",
         "closed",
         "error",
         "feeder_waiter",
         "input_done",
+        "next_index",
         "ordered",
         "outstanding",
         "ready",
-        "by_index",
-        "next_index",
         "waiter",
     )
 
@@ -327,6 +333,8 @@ class Runner:
         self._state = "closing"
         loop = asyncio.get_running_loop()
         self._drained = loop.create_future()
+        for sr in self._stages:
+            sr.inq.poke()  # batches held open by max_wait go now
         await self._stop_feeders()
         self._check_drained()
         try:
@@ -731,7 +739,7 @@ class Runner:
         self._resolve(item.root, None, err)
         self._left()
 
-    def _failed(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
+    def _on_error(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
         """A call failed for ``item``: retry it or fail it for good."""
         if (
             not item.root.done
@@ -748,7 +756,7 @@ class Runner:
                 handle: asyncio.TimerHandle | None = None
 
                 def again() -> None:
-                    self._timers.discard(handle)  # type: ignore[arg-type]
+                    self._timers.discard(handle)
                     item.t_enq = perf_counter()
                     sr.inq.put_force(item)
 
@@ -859,7 +867,7 @@ class Runner:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     self._fail(sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped"))
                     raise
-                self._failed(sr, item, exc)
+                self._on_error(sr, item, exc)
                 if isinstance(exc, CallTimedOut) and exc.pending is not None:
                     await asyncio.wait([exc.pending])
                 continue
@@ -896,16 +904,19 @@ class Runner:
         ch = sr.inq
         q = ch.items
         opts = sr.batch
-        assert opts is not None and self._loop is not None
+        assert opts is not None
+        assert self._loop is not None
         loop = self._loop
         while True:
             if not q:
                 if not await ch.wait_nonempty():
                     return
-            if opts.max_wait > 0 and len(q) < opts.max_size:
+            if opts.max_wait > 0 and len(q) < opts.max_size and self._state == "open":
+                # Hold the batch open for more items; a drain flushes it at once.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(opts.max_wait):
-                        await ch.wait_size(opts.max_size)
+                        while len(q) < opts.max_size and self._state == "open":
+                            await ch.wait_put()
                 if not q:
                     continue
             picked = pick_batch(q, opts)
@@ -946,14 +957,14 @@ class Runner:
                 raise
             if isinstance(exc, CallTimedOut) and exc.pending is not None:
                 await asyncio.wait([exc.pending])
-            if n > 1 and not isinstance(exc, Unpicklable | FlowbatchError):
+            if n > 1 and not isinstance(exc, PipelineClosed | DeadlineExceeded):
                 # Split to find the item that breaks the batch; the rest succeed.
                 half = n // 2
                 await self._run_batch(sr, slot, batch[:half], first=False)
                 await self._run_batch(sr, slot, batch[half:], first=False)
                 return
             for item in batch:
-                self._failed(sr, item, exc)
+                self._on_error(sr, item, exc)
             return
         t1 = perf_counter()
         m.served(slot, t0, t1)
@@ -964,7 +975,7 @@ class Runner:
             return
         for item, out in zip(batch, results, strict=True):
             if isinstance(out, Exception):
-                self._failed(sr, item, out)
+                self._on_error(sr, item, out)
             else:
                 m.done += 1
                 await self._advance(sr, item, out, t1)

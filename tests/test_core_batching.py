@@ -1,0 +1,226 @@
+"""Dynamic batching: dispatch when a worker is free, max_wait, cost budgets, splitting."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import flowbatch as fb
+from corehelpers import Gate, until
+
+
+class Recorder:
+    """A batched stage that records the batches it was called with."""
+
+    def __init__(self, gate: Gate | None = None, poison: Any = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.gate = gate
+        self.poison = poison
+
+    def __call__(self, xs: list[Any]) -> list[Any]:
+        self.batches.append(list(xs))
+        if self.gate is not None and len(self.batches) == 1:
+            self.gate.wait(xs)
+        if self.poison is not None and self.poison in xs:
+            raise ValueError(f"cannot handle {self.poison!r}")
+        return [x * 10 for x in xs]
+
+
+def test_lone_item_is_dispatched_at_once() -> None:
+    rec = Recorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="model", batch=fb.Batch(max_size=64))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            assert await runner.submit(3) == 30
+            assert await runner.submit(4) == 40
+
+    asyncio.run(main())
+    assert rec.batches == [[3], [4]]
+
+
+def test_batches_grow_while_the_worker_is_busy() -> None:
+    gate = Gate()
+    rec = Recorder(gate)
+    pipe = fb.Pipeline([fb.stage(rec, name="model", batch=fb.Batch(max_size=8))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            first = asyncio.create_task(runner.submit(0))
+            await gate.wait_entered()
+            rest = [asyncio.create_task(runner.submit(i)) for i in range(1, 12)]
+            await until(lambda: runner.stats().stage("model").queued == 11)
+            gate.open()
+            assert await first == 0
+            assert await asyncio.gather(*rest) == [i * 10 for i in range(1, 12)]
+            s = runner.stats().stage("model")
+            assert s.batch_sizes == {1: 1, 8: 1, 3: 1}
+            assert s.done == 12 and s.batches == 3
+
+    asyncio.run(main())
+    assert rec.batches == [[0], list(range(1, 9)), [9, 10, 11]]
+
+
+def test_max_wait_holds_a_batch_until_full() -> None:
+    rec = Recorder()
+    # A huge max_wait: the batch can only close because it is full.
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=4, max_wait=1000))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            tasks = [asyncio.create_task(runner.submit(i)) for i in range(4)]
+            assert await asyncio.gather(*tasks) == [0, 10, 20, 30]
+
+    asyncio.run(main())
+    assert rec.batches == [[0, 1, 2, 3]]
+
+
+def test_drain_flushes_a_partial_batch() -> None:
+    rec = Recorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=64, max_wait=1000))])
+
+    async def main() -> list[Any]:
+        async with pipe.open() as runner:
+            tasks = [asyncio.create_task(runner.submit(i)) for i in range(3)]
+            await until(lambda: runner.stats().submitted == 3)
+        # Leaving the block drained: the open batch ran, nothing was lost.
+        return [t.result() for t in tasks]
+
+    assert asyncio.run(main()) == [0, 10, 20]
+    assert rec.batches == [[0, 1, 2]]
+
+
+def test_cost_budget_and_grouping() -> None:
+    gate = Gate()
+    rec = Recorder(gate)
+    opts = fb.Batch(max_size=16, cost=len, max_cost=20)
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=opts)])
+    # Short (1) and long (8) strings interleaved.
+    items = ["x"] + [("a" if i % 2 else "bbbbbbbb") for i in range(12)]
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            first = asyncio.create_task(runner.submit(items[0]))
+            await gate.wait_entered()
+            rest = [asyncio.create_task(runner.submit(x)) for x in items[1:]]
+            await until(lambda: runner.stats().stage("m").queued == 12)
+            gate.open()
+            await first
+            assert await asyncio.gather(*rest) == [x * 10 for x in items[1:]]
+
+    asyncio.run(main())
+    later = rec.batches[1:]
+    for batch in later:
+        assert sum(len(x) for x in batch) <= 20
+        assert len({len(x) for x in batch}) == 1, f"mixed lengths in {batch}"
+    assert sorted(x for b in later for x in b) == sorted(items[1:])
+
+
+def test_item_over_budget_runs_alone() -> None:
+    rec = Recorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, cost=len, max_cost=4))])
+    assert pipe.run(["toolong"], progress=False) == ["toolong" * 10]
+
+
+def test_failing_cost_function_fails_that_item() -> None:
+    def cost(x: Any) -> float:
+        return float(len(x))
+
+    pipe = fb.Pipeline([fb.stage(Recorder(), name="m", batch=fb.Batch(cost=cost, max_cost=100))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            with pytest.raises(fb.ItemFailed, match="'m'") as info:
+                await runner.submit(5)
+            assert isinstance(info.value.__cause__, TypeError)
+            assert await runner.submit("ok") == "ok" * 10
+            out = [r async for r in runner.map(["a", 7, "b"], return_exceptions=True)]
+            assert out[0] == "a" * 10 and out[2] == "b" * 10
+            assert isinstance(out[1], fb.ItemFailed)
+
+    asyncio.run(main())
+
+
+def test_a_raising_batch_is_split_to_find_the_bad_item() -> None:
+    gate = Gate()
+    rec = Recorder(gate, poison=13)
+    pipe = fb.Pipeline([fb.stage(rec, name="model", batch=fb.Batch(max_size=32))])
+
+    async def main() -> list[Any]:
+        async with pipe.open() as runner:
+            first = asyncio.create_task(runner.submit(0))
+            await gate.wait_entered()
+            rest = [asyncio.create_task(runner.submit(i)) for i in range(1, 21)]
+            await until(lambda: runner.stats().stage("model").queued == 20)
+            gate.open()
+            await first
+            return await asyncio.gather(*rest, return_exceptions=True)
+
+    results = asyncio.run(main())
+    for i, r in zip(range(1, 21), results, strict=True):
+        if i == 13:
+            assert isinstance(r, fb.ItemFailed)
+            assert r.stage == "model" and isinstance(r.__cause__, ValueError)
+            assert "cannot handle 13" in str(r)
+        else:
+            assert r == i * 10
+    assert [13] in rec.batches
+
+
+def test_wrong_length_fails_those_items_with_a_clear_message() -> None:
+    def short(xs: list[int]) -> list[int]:
+        return xs[:-1]
+
+    pipe = fb.Pipeline([fb.stage(short, batch=fb.Batch(max_size=8))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            with pytest.raises(fb.ItemFailed) as info:
+                await asyncio.wait_for(runner.submit(1), 10)
+            cause = info.value.__cause__
+            assert isinstance(cause, fb.BatchContractError)
+            assert "'short' returned 0 results for a batch of 1 items" in str(cause)
+
+    asyncio.run(main())
+
+
+def test_non_list_result_is_a_contract_error() -> None:
+    def bad(xs: list[int]) -> int:
+        return 5
+
+    pipe = fb.Pipeline([fb.stage(bad, batch=fb.Batch())])
+    out = pipe.run([1, 2], progress=False, return_exceptions=True)
+    assert all(isinstance(r, fb.ItemFailed) for r in out)
+    assert "returned int" in str(out[0].__cause__)
+
+
+def test_exception_in_result_list_fails_one_item() -> None:
+    def some(xs: list[int]) -> list[Any]:
+        return [ValueError(f"odd {x}") if x % 2 else x for x in xs]
+
+    pipe = fb.Pipeline([fb.stage(some, batch=fb.Batch(max_size=16))])
+    out = pipe.run(range(6), progress=False, return_exceptions=True)
+    assert out[0::2] == [0, 2, 4]
+    assert all(isinstance(e, fb.ItemFailed) and "odd" in str(e) for e in out[1::2])
+
+
+def test_async_batched_stage_and_sequence_results() -> None:
+    class Rows:
+        """A result like a 2-D numpy array: has a length and iterates rows."""
+
+        def __init__(self, xs: list[int]) -> None:
+            self.xs = xs
+
+        def __len__(self) -> int:
+            return len(self.xs)
+
+        def __iter__(self) -> Any:
+            return iter([x * 2 for x in self.xs])
+
+    async def embed(xs: list[int]) -> Rows:
+        return Rows(xs)
+
+    pipe = fb.Pipeline([fb.stage(embed, batch=fb.Batch(max_size=4))])
+    assert pipe.run(range(10), progress=False) == [x * 2 for x in range(10)]

@@ -1,0 +1,124 @@
+"""Process executor: setup per process, crashes replaced, pickling errors named."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+from typing import Any
+
+import pytest
+
+import flowbatch as fb
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def crash_on_13(x: int) -> int:
+    if x == 13:
+        os._exit(7)
+    return x
+
+
+def segfault_on_13(xs: list[int]) -> list[int]:
+    if 13 in xs:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return [x + 1 for x in xs]
+
+
+class PidModel:
+    """Records which process set it up and which answered."""
+
+    def __init__(self) -> None:
+        self.setup_pid = 0
+
+    def setup(self) -> None:
+        self.setup_pid = os.getpid()
+
+    def __call__(self, x: int) -> tuple[int, int]:
+        return (self.setup_pid, os.getpid())
+
+
+class Picky(Exception):
+    def __init__(self, a: int, b: int) -> None:  # unpicklable: args don't match __init__
+        super().__init__(f"picky {a} {b}")
+
+
+def raise_picky(x: int) -> int:
+    raise Picky(x, x)
+
+
+def returns_lambda(x: int) -> Any:
+    return lambda: x
+
+
+def test_process_stage_runs_in_other_processes_with_setup_each() -> None:
+    pipe = fb.Pipeline([fb.stage(PidModel(), executor="process", concurrency=2)])
+    out = pipe.run(range(40), progress=False)
+    pids = {p for p, _ in out}
+    assert os.getpid() not in pids
+    assert all(setup == worker for setup, worker in out)
+    assert 1 <= len(pids) <= 2
+
+
+def test_a_dying_worker_fails_its_item_and_is_replaced() -> None:
+    pipe = fb.Pipeline([fb.stage(crash_on_13, executor="process", concurrency=2)])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            out = [y async for y in runner.map(range(30), return_exceptions=True)]
+            for i, r in enumerate(out):
+                if i == 13:
+                    assert isinstance(r, fb.ItemFailed)
+                    assert isinstance(r.__cause__, fb.WorkerCrashed)
+                    assert "exit code 7" in str(r) and "'crash_on_13'" in str(r)
+                else:
+                    assert r == i
+            # The pipeline goes on with the replacement.
+            assert await runner.submit(5) == 5
+            assert runner._stages[0].executor.restarts == 1  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_a_segfault_in_a_batch_is_split_out_and_retried() -> None:
+    stage = fb.stage(
+        segfault_on_13,
+        executor="process",
+        batch=fb.Batch(max_size=16),
+        retry=fb.Retry(attempts=2, backoff=0),
+    )
+    pipe = fb.Pipeline([stage])
+    out = pipe.run(range(20), progress=False, return_exceptions=True)
+    for i, r in enumerate(out):
+        if i == 13:
+            assert isinstance(r, fb.ItemFailed) and r.attempts == 2
+            assert "signal 11" in str(r.__cause__)
+        else:
+            assert r == i + 1
+
+
+def test_unpicklable_item_and_results_are_named() -> None:
+    async def main() -> None:
+        async with fb.Pipeline([fb.stage(square, executor="process")]).open() as runner:
+            with pytest.raises(fb.ItemFailed, match="'square'.*cannot be pickled"):
+                await runner.submit(lambda: 1)
+            assert await runner.submit(3) == 9
+        async with fb.Pipeline([fb.stage(raise_picky, executor="process")]).open() as runner:
+            with pytest.raises(fb.ItemFailed, match="picky 2 2.*could not be pickled back"):
+                await runner.submit(2)
+        async with fb.Pipeline([fb.stage(returns_lambda, executor="process")]).open() as runner:
+            with pytest.raises(fb.ItemFailed, match="result .* could not be pickled back"):
+                await runner.submit(2)
+
+    asyncio.run(main())
+
+
+def test_process_stage_errors_keep_their_type() -> None:
+    def_pipe = fb.Pipeline([fb.stage(square, executor="process")])
+    with pytest.raises(fb.ItemFailed) as info:
+        def_pipe.run(["x"], progress=False)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert any("traceback in worker process" in n for n in info.value.__cause__.__notes__)
