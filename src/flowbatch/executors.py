@@ -269,18 +269,20 @@ def _portable(exc: BaseException) -> BaseException:
 def _encode_result(out: Any) -> bytes:
     try:
         return pickle.dumps((True, out))
-    except Exception:
-        if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
-            fixed = [_portable(x) if isinstance(x, BaseException) else x for x in out]
-            try:
-                return pickle.dumps((True, fixed))
-            except Exception as why2:
-                why = why2
-        err = RemoteError(
-            f"the result ({type(out).__name__}) could not be pickled back from "
-            f"the worker process: {type(why).__name__}: {why}"
-        )
-        return pickle.dumps((False, err))
+    except Exception as exc:
+        why: BaseException = exc
+    if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
+        # A batch result holding an exception that cannot travel: make it portable.
+        fixed = [_portable(x) if isinstance(x, BaseException) else x for x in out]
+        try:
+            return pickle.dumps((True, fixed))
+        except Exception as exc:
+            why = exc
+    err = RemoteError(
+        f"the result ({type(out).__name__}) could not be pickled back from "
+        f"the worker process: {type(why).__name__}: {why}"
+    )
+    return pickle.dumps((False, err))
 
 
 def _process_main(conn: Connection, payload: bytes, post: Callable[[Any], Any] | None) -> None:
