@@ -28,14 +28,14 @@ class ChannelClosed(Exception):
 class Channel(Generic[T]):
     """Bounded FIFO with bulk-friendly access; runs on one event loop only."""
 
-    __slots__ = ("_closed", "_getters", "items", "maxsize", "putters")
+    __slots__ = ("_closed", "getters", "items", "maxsize", "putters")
 
     def __init__(self, maxsize: int) -> None:
         if maxsize < 1:
             raise ValueError(f"channel size must be >= 1, got {maxsize}")
         self.maxsize = maxsize
         self.items: deque[T] = deque()
-        self._getters: deque[asyncio.Future[None]] = deque()
+        self.getters: deque[asyncio.Future[None]] = deque()
         self.putters: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
@@ -58,15 +58,15 @@ class Channel(Generic[T]):
         if len(self.items) >= self.maxsize:
             return False
         self.items.append(item)
-        if self._getters:
-            self._wake(self._getters)
+        if self.getters:
+            self._wake(self.getters)
         return True
 
     def put_force(self, item: T) -> None:
         """Append even past the bound (retries re-entering their own stage)."""
         self.items.append(item)
-        if self._getters:
-            self._wake(self._getters)
+        if self.getters:
+            self._wake(self.getters)
 
     async def put(self, item: T) -> None:
         """Append, waiting while the channel is full."""
@@ -77,8 +77,8 @@ class Channel(Generic[T]):
         if self._closed:
             raise ChannelClosed
         self.items.append(item)
-        if self._getters:
-            self._wake(self._getters)
+        if self.getters:
+            self._wake(self.getters)
 
     # -- consuming ---------------------------------------------------------
 
@@ -87,22 +87,22 @@ class Channel(Generic[T]):
         while not self.items:
             if self._closed:
                 return False
-            await self._park(self._getters)
+            await self._park(self.getters)
         return True
 
     async def wait_put(self) -> None:
         """Wait for the next put (or a :meth:`poke`, or close)."""
         if self._closed:
             return
-        await self._park(self._getters)
+        await self._park(self.getters)
         # Other consumers may be waiting too: pass the wake-up on.
-        if self._getters and self.items:
-            self._wake(self._getters)
+        if self.getters and self.items:
+            self._wake(self.getters)
 
     def poke(self) -> None:
         """Wake every waiting consumer so it re-checks its condition."""
-        while self._getters:
-            self._wake(self._getters)
+        while self.getters:
+            self._wake(self.getters)
 
     def taken(self) -> None:
         """Tell waiting producers that items were removed."""
@@ -115,13 +115,17 @@ class Channel(Generic[T]):
     def close(self) -> None:
         """No more puts; wake everybody so that consumers can finish."""
         self._closed = True
-        for waiters in (self._getters, self.putters):
+        for waiters in (self.getters, self.putters):
             while waiters:
                 fut = waiters.popleft()
                 if not fut.done():
                     fut.set_result(None)
 
     # -- internals -----------------------------------------------------------
+
+    def wake_getter(self) -> None:
+        """Wake one waiting consumer (after appending to ``items`` directly)."""
+        self._wake(self.getters)
 
     @staticmethod
     def _wake(waiters: deque[asyncio.Future[None]]) -> bool:

@@ -47,7 +47,7 @@ from .executors import (
     materialize,
     materialize_each,
 )
-from .metrics import SAMPLE_WINDOW, PipelineStats, StageMetrics, find_bottleneck
+from .metrics import Histogram, PipelineStats, StageMetrics, find_bottleneck
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_QUEUE_SIZE", "Runner"]
 
 DEFAULT_QUEUE_SIZE = 1024
+# Seconds between folds of timing samples into histograms.
+FOLD_INTERVAL = 0.25
 
 
 class _Item:
@@ -262,6 +264,7 @@ class Runner:
         self._stages: list[_StageRun] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self._folder: asyncio.Task[None] | None = None
         self._state = "new"  # new -> open -> closing -> closed
         self._aborted: BaseException | None = None
         self._live = 0
@@ -278,9 +281,8 @@ class Runner:
         self._t_open = 0.0
         self._t_first = 0.0
         self._t_last = 0.0
-        self._latency_n = 0
-        self._latency_total = 0.0
-        self._latency_recent: deque[float] = deque(maxlen=SAMPLE_WINDOW)
+        self._expired_n = 0
+        self._latency = Histogram()
 
     # ------------------------------------------------------------ lifetime
 
@@ -308,9 +310,22 @@ class Runner:
             loop_fn = self._run_batched if sr.batch is not None else self._run_single
             for slot in range(sr.spec.concurrency):
                 self._tg.create_task(self._guard(loop_fn(sr, slot)))
+        self._folder = self._tg.create_task(self._fold_periodically())
         self._t_open = perf_counter()
         self._state = "open"
         return self
+
+    async def _fold_periodically(self) -> None:
+        """Fold timing samples into histograms now and then, so that their
+        buffers stay small however fast items flow."""
+        while True:
+            await asyncio.sleep(FOLD_INTERVAL)
+            self._fold()
+
+    def _fold(self) -> None:
+        for sr in self._stages:
+            sr.metrics.fold()
+        self._latency.fold()
 
     async def __aexit__(self, et: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, Exception):
@@ -370,6 +385,8 @@ class Runner:
             self._fail_all(PipelineClosed(f"pipeline {self.name!r} was stopped: {exc!r}"))
         for sr in self._stages:
             sr.inq.close()
+        if self._folder is not None:
+            self._folder.cancel()
         tg, self._tg = self._tg, None
         try:
             if tg is not None:
@@ -608,9 +625,12 @@ class Runner:
             self._forget(col)
 
     def _forget(self, col: _Collector) -> None:
-        """A map stopped early: drop its items that are still queued."""
-        for root in [r for r in self._roots if r.sink is col]:
-            self._cancel_root(root)
+        """A map stopped early: its items still queued are dropped unrun."""
+        for sr in self._stages:
+            for item in sr.inq.items:
+                root = item.root
+                if root.sink is col and not root.done:
+                    self._cancel_root(root)
 
     async def _feed(
         self, items: Iterable[Any] | AsyncIterable[Any], col: _Collector, window: int
@@ -620,7 +640,9 @@ class Runner:
         ch = self._stages[0].inq
         priced = self._stages[0].cost is not None
 
-        roots = self._roots
+        q = ch.items
+        qmax = ch.maxsize
+        getters = ch.getters
         closed = PipelineClosed(
             f"pipeline {self.name!r} closed before all of the map's input was read"
         )
@@ -657,13 +679,16 @@ class Runner:
                         self._failed += 1
                         col(root, None, err)
                         continue
-                if not ch.put_nowait(root):
+                if len(q) < qmax:
+                    q.append(root)
+                    if getters:
+                        ch.wake_getter()
+                else:
                     await ch.put(root)
                 col.admitted += 1
                 col.outstanding += 1
                 self._live += 1
                 self._submitted += 1
-                roots.add(root)
                 if not self._t_first:
                     self._t_first = root.t0
         except asyncio.CancelledError:
@@ -692,10 +717,9 @@ class Runner:
             self._completed += 1
             now = perf_counter()
             self._t_last = now
-            d = now - root.t0
-            self._latency_n += 1
-            self._latency_total += d
-            self._latency_recent.append(d)
+            self._latency.buf.append(now - root.t0)
+        elif isinstance(exc, DeadlineExceeded):
+            self._expired_n += 1
         else:
             self._failed += 1
         assert root.sink is not None
@@ -731,7 +755,8 @@ class Runner:
             None,
             DeadlineExceeded(f"item's deadline passed before stage {sr.name!r}"),
         )
-        self._drop(sr, item)
+        sr.metrics.expired += 1
+        self._left()
 
     def _fail(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
         sr.metrics.failed += 1
@@ -836,13 +861,19 @@ class Runner:
         m = sr.metrics
         running = m.running
         holding = m.holding
-        svc = m.service_recent
-        waits = m.wait_recent
+        served = m.service.buf.append
+        waited = m.wait.buf.append
         call = sr.call
         nxt = sr.next
         fan_out = sr.fan_out
         loop = self._loop
         assert loop is not None
+        if nxt is not None:
+            nch = nxt.inq
+            nq = nch.items
+            nmax = nch.maxsize
+            ngetters = nch.getters
+            ncost = nxt.cost
         while True:
             if not q:
                 if not await ch.wait_nonempty():
@@ -864,6 +895,7 @@ class Runner:
                 out = await call(item.value)
             except BaseException as exc:
                 m.served(slot, t0, perf_counter())
+                waited(t0 - item.t_enq)
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     self._fail(sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped"))
                     raise
@@ -874,14 +906,8 @@ class Runner:
             t1 = perf_counter()
             running[slot] = 0.0
             holding[slot] = 0
-            d = t1 - t0
-            m.service_n += 1
-            m.service_total += d
-            svc.append(d)
-            d = t0 - item.t_enq
-            m.wait_n += 1
-            m.wait_total += d
-            waits.append(d)
+            served(t1 - t0)
+            waited(t0 - item.t_enq)
             m.done += 1
             if fan_out:
                 await self._fan_out(sr, item, out, t1)
@@ -894,10 +920,15 @@ class Runner:
                 item.value = out
                 item.attempt = 1
                 item.t_enq = t1
-                if nxt.cost is not None and not self._set_cost(nxt, item):
+                if ncost is not None and not self._set_cost(nxt, item):
                     continue
-                if not nxt.inq.put_nowait(item):
-                    await nxt.inq.put(item)
+                # Channel.put inlined; it only waits when the next stage is full.
+                if len(nq) < nmax:
+                    nq.append(item)
+                    if ngetters:
+                        nch.wake_getter()
+                else:
+                    await nch.put(item)
 
     async def _run_batched(self, sr: _StageRun, slot: int) -> None:
         """One worker slot of a batched stage: takes what is waiting, up to the limit."""
@@ -941,9 +972,10 @@ class Runner:
         n = len(batch)
         t0 = perf_counter()
         if first:
+            waited = m.wait.buf.append
             for item in batch:
-                m.waited(t0 - item.t_enq)
-        m.batch(n)
+                waited(t0 - item.t_enq)
+        m.batch(n, [item.cost for item in batch] if sr.cost is not None else None)
         m.running[slot] = t0
         m.holding[slot] = n
         try:
@@ -1009,17 +1041,21 @@ class Runner:
             sr.metrics.snapshot(now, elapsed, len(sr.inq)) for sr in self._stages
         )
         busy_span = (self._t_last or now) - self._t_first if self._t_first else 0.0
-        from .metrics import Summary
-
         return PipelineStats(
             name=self.name,
             elapsed=elapsed,
             submitted=self._submitted,
             completed=self._completed,
             failed=self._failed,
-            in_flight=len(self._roots),
+            expired=self._expired_n,
+            cancelled=self._cancelled,
+            in_flight=self._submitted
+            - self._completed
+            - self._failed
+            - self._expired_n
+            - self._cancelled,
             items_per_s=self._completed / busy_span if busy_span > 0 else 0.0,
-            latency=Summary.of(self._latency_n, self._latency_total, self._latency_recent),
+            latency=self._latency.summary(),
             stages=stages,
             bottleneck=find_bottleneck(stages),
         )
