@@ -1,0 +1,184 @@
+"""Prometheus export of the engine's statistics, for any front end.
+
+Every figure comes from :meth:`Runner.stats` (the one source the live view
+and the reports read too); nothing is counted twice. Metric names follow
+Prometheus conventions; see ``docs/metrics.md`` for the table.
+
+Usage::
+
+    from flowbatch.prometheus import CONTENT_TYPE, render
+    body = render({"embed": runner})            # bytes in the text format
+
+    registry.register(RunnerCollector(lambda: {"embed": runner}))  # or a collector
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .metrics import PipelineStats, Summary
+    from .runner import Runner
+
+__all__ = ["CONTENT_TYPE", "RunnerCollector", "render"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+Runners = Mapping[str, "Runner"] | Callable[[], Mapping[str, "Runner"]]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+# Durations are exported from about 30 us up: finer bounds only add series.
+_MIN_LE = 2.0**-15
+
+
+def _hist_buckets(s: Summary, min_le: float = _MIN_LE) -> list[tuple[str, float]]:
+    if not s.buckets:
+        return [("+Inf", 0.0)]
+    return [(_le(b), float(c)) for b, c in s.buckets if b >= min_le]
+
+
+def _size_buckets(sizes: Mapping[int, int]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative batch-size buckets at powers of two, and the sum of sizes."""
+    top = max(sizes, default=1)
+    bounds = [1 << k for k in range(max(1, top.bit_length() + 1))]
+    out = [(str(b), float(sum(c for s, c in sizes.items() if s <= b))) for b in bounds]
+    out.append(("+Inf", float(sum(sizes.values()))))
+    return out, float(sum(s * c for s, c in sizes.items()))
+
+
+class RunnerCollector:
+    """A prometheus_client collector over one or more named runners."""
+
+    def __init__(self, runners: Runners) -> None:
+        self._runners = runners
+
+    def _current(self) -> Mapping[str, Runner]:
+        r = self._runners
+        return r() if callable(r) else r
+
+    def describe(self) -> list[Metric]:
+        return []  # the families depend on the pipelines: describe nothing up front
+
+    def collect(self) -> Iterator[Metric]:
+        stats = [(name, runner.stats()) for name, runner in self._current().items()]
+        yield from _families(stats)
+
+
+def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
+    ps = ["pipeline"]
+    pss = ["pipeline", "stage"]
+    submitted = CounterMetricFamily(
+        "flowbatch_submitted", "Items admitted into the pipeline.", labels=ps
+    )
+    outcomes = CounterMetricFamily(
+        "flowbatch_pipeline_items",
+        "Items that left the pipeline, by outcome (completed, failed, expired, cancelled).",
+        labels=[*ps, "outcome"],
+    )
+    in_flight_p = GaugeMetricFamily(
+        "flowbatch_pipeline_in_flight", "Items admitted and not yet answered.", labels=ps
+    )
+    latency = HistogramMetricFamily(
+        "flowbatch_latency_seconds", "End-to-end latency of completed items.", labels=ps
+    )
+    items = CounterMetricFamily(
+        "flowbatch_stage_items",
+        "Items per stage by outcome: ok, failed, retried, expired, dropped (caller gone).",
+        labels=[*pss, "outcome"],
+    )
+    depth = GaugeMetricFamily("flowbatch_queue_depth", "Items waiting for the stage.", labels=pss)
+    in_flight = GaugeMetricFamily(
+        "flowbatch_stage_in_flight", "Items inside the stage's running calls.", labels=pss
+    )
+    workers = GaugeMetricFamily("flowbatch_stage_workers", "Workers of the stage.", labels=pss)
+    busy = CounterMetricFamily(
+        "flowbatch_stage_busy_seconds",
+        "Worker time spent in the stage function (rate / workers = utilization).",
+        labels=pss,
+    )
+    busy_ratio = GaugeMetricFamily(
+        "flowbatch_stage_busy_ratio",
+        "Fraction of the workers' time spent in the stage function since start.",
+        labels=pss,
+    )
+    wait = HistogramMetricFamily(
+        "flowbatch_queue_wait_seconds", "Time items waited for the stage.", labels=pss
+    )
+    service = HistogramMetricFamily(
+        "flowbatch_service_seconds", "Duration of one call of the stage function.", labels=pss
+    )
+    bsize = HistogramMetricFamily(
+        "flowbatch_batch_size", "Items per call of a batched stage.", labels=pss
+    )
+    bcost = HistogramMetricFamily(
+        "flowbatch_batch_cost", "Total cost per batch, where a cost function is set.", labels=pss
+    )
+    waste = GaugeMetricFamily(
+        "flowbatch_padding_waste_ratio",
+        "Fraction of padded batch cost (size x largest cost) that was padding.",
+        labels=pss,
+    )
+    bottleneck = GaugeMetricFamily(
+        "flowbatch_bottleneck", "1 for the stage that limits throughput now.", labels=pss
+    )
+    for name, s in stats:
+        submitted.add_metric([name], s.submitted)
+        for outcome, n in (
+            ("completed", s.completed),
+            ("failed", s.failed),
+            ("expired", s.expired),
+            ("cancelled", s.cancelled),
+        ):
+            outcomes.add_metric([name, outcome], n)
+        in_flight_p.add_metric([name], s.in_flight)
+        latency.add_metric([name], _hist_buckets(s.latency), s.latency.total)
+        for st in s.stages:
+            lab = [name, st.name]
+            for outcome, n in (
+                ("ok", st.done),
+                ("failed", st.failed),
+                ("retried", st.retried),
+                ("expired", st.expired),
+                ("dropped", st.dropped),
+            ):
+                items.add_metric([*lab, outcome], n)
+            depth.add_metric(lab, st.queued)
+            in_flight.add_metric(lab, st.in_flight)
+            workers.add_metric(lab, st.workers)
+            busy.add_metric(lab, st.busy_seconds)
+            busy_ratio.add_metric(lab, st.utilization)
+            wait.add_metric(lab, _hist_buckets(st.queue_wait), st.queue_wait.total)
+            service.add_metric(lab, _hist_buckets(st.service_time), st.service_time.total)
+            if st.batches:
+                buckets, total = _size_buckets(st.batch_sizes)
+                bsize.add_metric(lab, buckets, total)
+            if st.batch_cost.count:
+                bcost.add_metric(lab, _hist_buckets(st.batch_cost, 1.0), st.batch_cost.total)
+                waste.add_metric(lab, st.padding_waste)
+            bottleneck.add_metric(lab, 1.0 if st.name == s.bottleneck else 0.0)
+    yield from (
+        submitted, outcomes, in_flight_p, latency, items, depth, in_flight, workers,
+        busy, busy_ratio, wait, service, bsize, bcost, waste, bottleneck,
+    )
+
+
+def render(runners: Runners) -> bytes:
+    """The Prometheus text exposition of the named runners' statistics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunnerCollector(runners))
+    return generate_latest(registry)

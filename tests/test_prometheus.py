@@ -1,0 +1,74 @@
+"""Prometheus export: the text parses and carries the engine's figures."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import flowbatch as fb
+from flowbatch.prometheus import CONTENT_TYPE, render
+
+
+async def double(x: str) -> str:
+    return x * 2
+
+
+def embed(xs: list[str]) -> list[Any]:
+    return [ValueError("bad") if x == "bad" * 2 else len(x) for x in xs]
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_render_exports_the_engine_statistics() -> None:
+    pipe = fb.Pipeline(
+        [
+            fb.stage(double, name="prep"),
+            fb.stage(embed, name="embed", batch=fb.Batch(max_size=8, cost=len, max_cost=1000)),
+        ],
+        name="p",
+    )
+    items = ["a", "bb", "bad", "ccc"] * 5
+
+    async def main() -> bytes:
+        async with pipe.open() as runner:
+            out = [y async for y in runner.map(items, return_exceptions=True)]
+            assert sum(isinstance(y, fb.ItemFailed) for y in out) == 5
+            return render({"p": runner})
+
+    body = asyncio.run(main())
+    assert CONTENT_TYPE.startswith("text/plain")
+    got = samples(body.decode())
+    p = (("pipeline", "p"),)
+    assert got[("flowbatch_submitted_total", p)] == 20
+    assert got[("flowbatch_pipeline_items_total", (("outcome", "completed"), *p))] == 15
+    assert got[("flowbatch_pipeline_items_total", (("outcome", "failed"), *p))] == 5
+    assert got[("flowbatch_latency_seconds_count", p)] == 15
+    embed_l = (("pipeline", "p"), ("stage", "embed"))
+    assert got[("flowbatch_stage_items_total", (("outcome", "ok"), *embed_l))] == 15
+    assert got[("flowbatch_stage_items_total", (("outcome", "failed"), *embed_l))] == 5
+    assert got[("flowbatch_queue_depth", embed_l)] == 0
+    assert got[("flowbatch_batch_size_count", embed_l)] >= 1
+    assert got[("flowbatch_batch_size_sum", embed_l)] >= 20
+    assert got[("flowbatch_service_seconds_count", embed_l)] >= 1
+    assert got[("flowbatch_batch_cost_count", embed_l)] >= 1
+    assert 0.0 <= got[("flowbatch_padding_waste_ratio", embed_l)] < 1.0
+    assert got[("flowbatch_bottleneck", embed_l)] + got[
+        ("flowbatch_bottleneck", (("pipeline", "p"), ("stage", "prep")))
+    ] == 1
+    # Histogram buckets are cumulative and end with +Inf == count.
+    les = sorted(
+        (float(dict(k[1])["le"]), v)
+        for k, v in got.items()
+        if k[0] == "flowbatch_queue_wait_seconds_bucket" and dict(k[1])["stage"] == "embed"
+    )
+    counts = [v for _, v in les]
+    assert counts == sorted(counts)
+    assert counts[-1] == got[("flowbatch_queue_wait_seconds_count", embed_l)] == 20
