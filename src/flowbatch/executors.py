@@ -26,10 +26,12 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from .errors import PipelineError, WorkerCrashed
+from .hooks import activated
 
 __all__ = [
     "AsyncExecutor",
@@ -63,12 +65,15 @@ class CallTimedOut(TimeoutError):
         self.pending = pending
 
 
+Activate = Callable[[Any], AbstractContextManager[Any]]
+
+
 class Executor(Protocol):
     workers: int
 
     async def start(self) -> None: ...
 
-    async def call(self, arg: Any, timeout: float | None) -> Any: ...
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any: ...
 
     async def stop(self) -> None: ...
 
@@ -101,10 +106,13 @@ def _setup_error(stage: str, exc: BaseException) -> PipelineError:
 class AsyncExecutor:
     """Runs an ``async def`` (or async generator) on the event loop."""
 
-    def __init__(self, fn: Callable[..., Any], workers: int, stage: str) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], workers: int, stage: str, activate: Activate | None = None
+    ) -> None:
         self.fn = fn
         self.workers = workers
         self.stage = stage
+        self.activate = activate
         self._agen = inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
             getattr(type(fn), "__call__", None)  # noqa: B004
         )
@@ -119,14 +127,17 @@ class AsyncExecutor:
             except Exception as exc:
                 raise _setup_error(self.stage, exc) from exc
 
-    async def call(self, arg: Any, timeout: float | None) -> Any:
-        if timeout is None:
-            return await self._run(arg)
-        try:
-            async with asyncio.timeout(timeout):
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
+        with activated(self.activate, carrier):
+            if timeout is None:
                 return await self._run(arg)
-        except TimeoutError as exc:
-            raise CallTimedOut(f"stage {self.stage!r} call took longer than {timeout}s") from exc
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._run(arg)
+            except TimeoutError as exc:
+                raise CallTimedOut(
+                    f"stage {self.stage!r} call took longer than {timeout}s"
+                ) from exc
 
     async def _run(self, arg: Any) -> Any:
         if self._agen:
@@ -162,12 +173,16 @@ class ThreadExecutor:
         workers: int,
         stage: str,
         post: Callable[[Any], Any] | None = None,
+        activate: Activate | None = None,
     ) -> None:
         self.fn = fn
         self.workers = workers
         self.stage = stage
         self.post = post
-        self._jobs: queue.SimpleQueue[tuple[asyncio.Future[Any], Any] | None] = queue.SimpleQueue()
+        self.activate = activate
+        self._jobs: queue.SimpleQueue[tuple[asyncio.Future[Any], Any, Any] | None] = (
+            queue.SimpleQueue()
+        )
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -209,28 +224,33 @@ class ThreadExecutor:
         loop.call_soon_threadsafe(_resolve, ready, True, None)
         post = self.post
         jobs = self._jobs
+        activate = self.activate
         while True:
             job = jobs.get()
             if job is None:
                 break
-            fut, arg = job
+            fut, arg, carrier = job
             try:
-                out = fn(arg)
+                if carrier is None:
+                    out = fn(arg)
+                else:
+                    with activated(activate, carrier):
+                        out = fn(arg)
                 if post is not None:
                     out = post(out)
             except BaseException as exc:
                 loop.call_soon_threadsafe(_resolve, fut, False, exc)
             else:
                 loop.call_soon_threadsafe(_resolve, fut, True, out)
-            del job, fut, arg
+            del job, fut, arg, carrier
         teardown = getattr(fn, "teardown", None)
         if callable(teardown):
             teardown()
 
-    async def call(self, arg: Any, timeout: float | None) -> Any:
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
         assert self._loop is not None
         fut = self._loop.create_future()
-        self._jobs.put((fut, arg))
+        self._jobs.put((fut, arg, carrier))
         if timeout is None:
             return await fut
         try:
@@ -285,7 +305,12 @@ def _encode_result(out: Any) -> bytes:
     return pickle.dumps((False, err))
 
 
-def _process_main(conn: Connection, payload: bytes, post: Callable[[Any], Any] | None) -> None:
+def _process_main(
+    conn: Connection,
+    payload: bytes,
+    post: Callable[[Any], Any] | None,
+    activate: Activate | None,
+) -> None:
     """Body of a worker process: set up once, then answer calls until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     try:
@@ -307,7 +332,9 @@ def _process_main(conn: Connection, payload: bytes, post: Callable[[Any], Any] |
         except (EOFError, OSError):
             break
         try:
-            out = fn(pickle.loads(data))
+            arg, carrier = pickle.loads(data)
+            with activated(activate, carrier):
+                out = fn(arg)
             if post is not None:
                 out = post(out)
         except BaseException as exc:
@@ -342,10 +369,12 @@ class ProcessExecutor:
         workers: int,
         stage: str,
         post: Callable[[Any], Any] | None = None,
+        activate: Activate | None = None,
     ) -> None:
         self.stage = stage
         self.workers = workers
         self.post = post
+        self.activate = activate
         try:
             self._payload = pickle.dumps(fn)
         except Exception as exc:
@@ -376,7 +405,7 @@ class ProcessExecutor:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=_process_main,
-            args=(child, self._payload, self.post),
+            args=(child, self._payload, self.post, self.activate),
             name=f"flowbatch-{self.stage}",
             daemon=True,
         )
@@ -438,9 +467,9 @@ class ProcessExecutor:
             return
         self._idle.put_nowait(proc)
 
-    async def call(self, arg: Any, timeout: float | None) -> Any:
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
         try:
-            data = pickle.dumps(arg)
+            data = pickle.dumps((arg, carrier))
         except Exception as exc:
             raise Unpicklable(
                 f"the item ({type(arg).__name__}) cannot be pickled to send it to "
@@ -498,10 +527,12 @@ def make_executor(
     fn: Callable[..., Any],
     workers: int,
     stage: str,
+    *,
     post: Callable[[Any], Any] | None,
+    activate: Activate | None = None,
 ) -> Executor:
     if kind == "async":
-        return AsyncExecutor(fn, workers, stage)
+        return AsyncExecutor(fn, workers, stage, activate)
     if kind == "thread":
-        return ThreadExecutor(fn, workers, stage, post)
-    return ProcessExecutor(fn, workers, stage, post)
+        return ThreadExecutor(fn, workers, stage, post, activate)
+    return ProcessExecutor(fn, workers, stage, post, activate)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, Iterable, Sequence
 from typing import Any
 
 from .errors import PipelineError
+from .hooks import Hooks
 from .runner import DEFAULT_QUEUE_SIZE, Runner
 from .stage import Stage, stage
 
@@ -72,15 +73,22 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r} {[s.name for s in self.stages]}>"
 
-    def open(self, queue_size: int = DEFAULT_QUEUE_SIZE, window: int | None = None) -> Runner:
+    def open(
+        self,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        window: int | None = None,
+        hooks: Hooks | None = None,
+    ) -> Runner:
         """Start the pipeline: ``async with pipe.open() as runner``.
 
         ``queue_size`` bounds each stage's input queue (a batched stage gets
         at least two full batches per worker); ``submit`` waits, and
         ``submit_nowait`` raises ``Overloaded``, when the first one is full.
         ``window`` bounds how many items one ``map`` keeps in flight.
+        ``hooks`` (a :class:`flowbatch.hooks.Hooks`) sees every item and
+        call, for tracing.
         """
-        return Runner(self, queue_size=queue_size, window=window)
+        return Runner(self, queue_size=queue_size, window=window, hooks=hooks)
 
     def run(
         self,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from time import perf_counter
@@ -47,6 +48,7 @@ from .executors import (
     materialize,
     materialize_each,
 )
+from .hooks import Hooks, call_hook
 from .metrics import Histogram, PipelineStats, StageMetrics, find_bottleneck
 
 if TYPE_CHECKING:
@@ -54,6 +56,9 @@ if TYPE_CHECKING:
     from .stage import Stage
 
 __all__ = ["DEFAULT_QUEUE_SIZE", "Runner"]
+
+log = logging.getLogger("flowbatch")
+log.addHandler(logging.NullHandler())
 
 DEFAULT_QUEUE_SIZE = 1024
 # Seconds between folds of timing samples into histograms.
@@ -68,6 +73,7 @@ class _Item:
         "cost",
         "deadline",
         "done",
+        "id",
         "index",
         "parent",
         "pending",
@@ -76,11 +82,14 @@ class _Item:
         "sink",
         "t0",
         "t_enq",
+        "trace",
         "value",
     )
 
     def __init__(self, value: Any, now: float) -> None:
         self.value = value
+        self.id = 0
+        self.trace: Any = None
         self.root = self
         self.parent: _Item | None = None
         self.index = 0
@@ -96,6 +105,8 @@ class _Item:
 
     def child(self, value: Any, index: int, now: float) -> _Item:
         c = _Item(value, now)
+        c.id = self.id
+        c.trace = self.trace
         c.root = self.root
         c.parent = self
         c.index = index
@@ -193,7 +204,7 @@ class _StageRun:
         "spec",
     )
 
-    def __init__(self, spec: Stage, queue_size: int) -> None:
+    def __init__(self, spec: Stage, queue_size: int, hooks: Hooks | None) -> None:
         self.spec = spec
         self.name = spec.name
         self.batch = spec.batch
@@ -211,12 +222,18 @@ class _StageRun:
         if spec.fan_out and spec.executor != "async":
             post = materialize_each if spec.batch is not None else materialize
         self.executor: Executor = make_executor(
-            spec.executor, spec.fn, spec.concurrency, spec.name, post
+            spec.executor,
+            spec.fn,
+            spec.concurrency,
+            spec.name,
+            post=post,
+            activate=hooks.activate if hooks is not None else None,
         )
         timeout = spec.timeout
         if (
             spec.executor == "async"
             and timeout is None
+            and hooks is None
             and not getattr(self.executor, "_agen", False)
         ):
             self.call: Callable[[Any], Any] = spec.fn  # the fast path: no wrapper
@@ -250,6 +267,7 @@ class Runner:
         pipeline: Pipeline,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         window: int | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
@@ -262,6 +280,8 @@ class Runner:
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
         self._stages: list[_StageRun] = []
+        self._hooks = hooks
+        self._ids = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._folder: asyncio.Task[None] | None = None
@@ -290,7 +310,9 @@ class Runner:
         if self._state != "new":
             raise RuntimeError("a Runner can be opened once; call pipeline.open() again")
         self._loop = asyncio.get_running_loop()
-        self._stages = [_StageRun(s, self.queue_size) for s in self.pipeline.stages]
+        if self._hooks is not None:
+            self._hooks.bind(self.name)
+        self._stages = [_StageRun(s, self.queue_size, self._hooks) for s in self.pipeline.stages]
         for a, b in zip(self._stages, self._stages[1:], strict=False):
             a.next = b
         started: list[_StageRun] = []
@@ -462,6 +484,10 @@ class Runner:
                 raise ItemFailed(first.name, 1, exc) from exc
 
     def _admitted(self, root: _Item) -> None:
+        self._ids += 1
+        root.id = self._ids
+        if self._hooks is not None:
+            root.trace = call_hook(self._hooks.admitted, root)
         self._live += 1
         self._submitted += 1
         self._roots.add(root)
@@ -643,6 +669,7 @@ class Runner:
         q = ch.items
         qmax = ch.maxsize
         getters = ch.getters
+        hooks = self._hooks
         closed = PipelineClosed(
             f"pipeline {self.name!r} closed before all of the map's input was read"
         )
@@ -669,6 +696,10 @@ class Runner:
                 root = _Item(value, perf_counter())
                 root.sink = col
                 root.index = col.admitted
+                self._ids += 1
+                root.id = self._ids
+                if hooks is not None:
+                    root.trace = call_hook(hooks.admitted, root)
                 if priced:
                     try:
                         self._price(root)
@@ -722,6 +753,8 @@ class Runner:
             self._expired_n += 1
         else:
             self._failed += 1
+        if self._hooks is not None:
+            call_hook(self._hooks.resolved, root, exc)
         assert root.sink is not None
         root.sink(root, value, exc)
 
@@ -761,6 +794,21 @@ class Runner:
     def _fail(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
         sr.metrics.failed += 1
         err = exc if isinstance(exc, ItemFailed) else ItemFailed(sr.name, item.attempt, exc)
+        if not item.root.done and not isinstance(exc, PipelineClosed):
+            log.warning(
+                "item %s failed in stage %r (attempt %d): %s: %s",
+                item.id,
+                sr.name,
+                item.attempt,
+                type(exc).__name__,
+                exc,
+                extra={
+                    "pipeline": self.name,
+                    "stage": sr.name,
+                    "item": item.id,
+                    "attempt": item.attempt,
+                },
+            )
         self._resolve(item.root, None, err)
         self._left()
 
@@ -773,6 +821,21 @@ class Runner:
         ):
             sr.metrics.retried += 1
             delay = sr.retry.delay(item.attempt)
+            log.info(
+                "item %s will retry stage %r in %.3fs (attempt %d failed: %s: %s)",
+                item.id,
+                sr.name,
+                delay,
+                item.attempt,
+                type(exc).__name__,
+                exc,
+                extra={
+                    "pipeline": self.name,
+                    "stage": sr.name,
+                    "item": item.id,
+                    "attempt": item.attempt,
+                },
+            )
             item.attempt += 1
             if delay <= 0:
                 sr.inq.put_force(item)
@@ -848,6 +911,25 @@ class Runner:
 
     # -------------------------------------------------------------- workers
 
+    async def _call_hooked(
+        self, sr: _StageRun, items: list[_Item], arg: Any, batch: bool
+    ) -> Any:
+        """A stage call wrapped in the hooks' started / carrier / ended."""
+        hooks = self._hooks
+        assert hooks is not None
+        state = call_hook(hooks.started, sr, items, batch)
+        carrier = call_hook(hooks.carrier, state)
+        try:
+            out = await sr.executor.call(arg, sr.spec.timeout, carrier)
+        except BaseException as exc:
+            call_hook(hooks.ended, state, exc, None)
+            raise
+        errors = None
+        if batch and isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
+            errors = [x if isinstance(x, BaseException) else None for x in out]
+        call_hook(hooks.ended, state, None, errors)
+        return out
+
     async def _run_single(self, sr: _StageRun, slot: int) -> None:
         """One worker slot of an unbatched stage: one item per call.
 
@@ -866,6 +948,7 @@ class Runner:
         call = sr.call
         nxt = sr.next
         fan_out = sr.fan_out
+        hooks = self._hooks
         loop = self._loop
         assert loop is not None
         if nxt is not None:
@@ -892,7 +975,10 @@ class Runner:
             running[slot] = t0
             holding[slot] = 1
             try:
-                out = await call(item.value)
+                if hooks is None:
+                    out = await call(item.value)
+                else:
+                    out = await self._call_hooked(sr, [item], item.value, False)
             except BaseException as exc:
                 m.served(slot, t0, perf_counter())
                 waited(t0 - item.t_enq)
@@ -979,7 +1065,11 @@ class Runner:
         m.running[slot] = t0
         m.holding[slot] = n
         try:
-            outs = await sr.call([item.value for item in batch])
+            values = [item.value for item in batch]
+            if self._hooks is None:
+                outs = await sr.call(values)
+            else:
+                outs = await self._call_hooked(sr, batch, values, True)
         except BaseException as exc:
             m.served(slot, t0, perf_counter())
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
