@@ -537,25 +537,36 @@ class Runner:
         root.sink = _FutureSink(fut)
         ch = self._stages[0].inq
         if not ch.put_nowait(root):
-            self._admitting += 1
-            try:
-                if root.deadline is None:
-                    await ch.put(root)
-                else:
-                    try:
-                        async with asyncio.timeout_at(root.deadline):
-                            await ch.put(root)
-                    except TimeoutError:
-                        raise DeadlineExceeded(
-                            f"no room in pipeline {self.name!r} within the timeout of {timeout}s"
-                        ) from None
-            except ChannelClosed:
-                raise PipelineClosed(f"pipeline {self.name!r} closed before the item was admitted") from None
-            finally:
-                self._admitting -= 1
+            await self._wait_for_room(ch, root, timeout)
         self._admitted(root)
         self._arm(root, fut, timeout)
         return await fut
+
+    async def _wait_for_room(self, ch: Channel[_Item], root: _Item, timeout: float | None) -> None:
+        """Put ``root`` in the first queue once there is room (within its deadline)."""
+        self._admitting += 1
+        try:
+            if root.deadline is None:
+                await ch.put(root)
+            else:
+                try:
+                    async with asyncio.timeout_at(root.deadline):
+                        await ch.put(root)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"no room in pipeline {self.name!r} within the timeout of {timeout}s"
+                    ) from None
+        except ChannelClosed:
+            self._admitting -= 1
+            raise PipelineClosed(
+                f"pipeline {self.name!r} closed before the item was admitted"
+            ) from None
+        except BaseException:
+            self._admitting -= 1
+            self._check_drained()  # a drain may be waiting for this caller alone
+            raise
+        # Admitted: _admitted() counts it as live before anyone checks for drained.
+        self._admitting -= 1
 
     def submit_nowait(self, item: Any, timeout: float | None = None) -> asyncio.Future[Any]:
         """Admit ``item`` now or raise ``Overloaded``; returns a future of its result.
