@@ -224,3 +224,14 @@ def test_async_batched_stage_and_sequence_results() -> None:
 
     pipe = fb.Pipeline([fb.stage(embed, batch=fb.Batch(max_size=4))])
     assert pipe.run(range(10), progress=False) == [x * 2 for x in range(10)]
+
+
+def test_pick_batch_respects_a_fair_share_limit() -> None:
+    from collections import deque
+
+    from flowbatch.batching import pick_batch
+
+    q: deque[int] = deque(range(10))
+    assert pick_batch(q, fb.Batch(max_size=8), limit=3) == [0, 1, 2]
+    assert pick_batch(q, fb.Batch(max_size=4), limit=100) == [3, 4, 5, 6]
+    assert list(q) == [7, 8, 9]

@@ -60,23 +60,25 @@ class _Costed(Protocol):
     cost: float
 
 
-def pick_batch(queue: deque[Any], options: Batch) -> list[Any]:
+def pick_batch(queue: deque[Any], options: Batch, limit: int | None = None) -> list[Any]:
     """Remove and return the next batch from ``queue`` (oldest first).
 
     Without a cost function this is the first ``max_size`` items. With one,
     the oldest item is always taken (so nothing starves); the rest are the
     queued items within a look-ahead window whose cost is closest to it, as
     long as ``len(batch) * max(cost)`` stays within ``max_cost``. Items must carry ``.cost``.
+    ``limit`` caps the batch below ``max_size`` (a fair share among free workers).
     """
-    n = min(len(queue), options.max_size)
+    size = options.max_size if limit is None else max(1, min(limit, options.max_size))
+    n = min(len(queue), size)
     if options.cost is None:
         return [queue.popleft() for _ in range(n)]
     first: _Costed = queue.popleft()
     chosen = [first]
     budget = options.max_cost
-    if options.max_size == 1 or not queue or (budget is not None and first.cost >= budget):
+    if size == 1 or not queue or (budget is not None and first.cost >= budget):
         return chosen
-    window = [queue.popleft() for _ in range(min(len(queue), options.max_size * _LOOKAHEAD_FACTOR))]
+    window = [queue.popleft() for _ in range(min(len(queue), size * _LOOKAHEAD_FACTOR))]
     by_closeness = sorted(range(len(window)), key=lambda i: abs(window[i].cost - first.cost))
     taken: set[int] = set()
     widest = first.cost
@@ -87,7 +89,7 @@ def pick_batch(queue: deque[Any], options: Batch) -> list[Any]:
             continue
         taken.add(i)
         widest = max(widest, c)
-        if len(taken) + 1 >= options.max_size:
+        if len(taken) + 1 >= size:
             break
     chosen.extend(window[i] for i in sorted(taken))
     # What was looked at but not taken goes back to the front, in order.

@@ -1032,6 +1032,7 @@ class Runner:
         ch = sr.inq
         q = ch.items
         opts = sr.batch
+        holding = sr.metrics.holding
         assert opts is not None
         assert self._loop is not None
         loop = self._loop
@@ -1047,8 +1048,13 @@ class Runner:
                             await ch.wait_put()
                 if not q:
                     continue
-            picked = pick_batch(q, opts)
+            # Share the backlog among the free workers (this one included), so
+            # that a burst of one batch's worth keeps every replica busy.
+            free = sum(1 for h in holding if not h)
+            picked = pick_batch(q, opts, -(-len(q) // free) if free > 1 else None)
             ch.taken()
+            if q and ch.getters:
+                ch.wake_getter()
             batch: list[_Item] = []
             now = loop.time()
             for item in picked:
