@@ -90,9 +90,10 @@ class DocServer:
         self.latency = latency
         self.seed = seed
         self.requests = 0
+        self.connections = 0
         self._rng = random.Random(seed)
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._url: str | None = None
 
     @property
@@ -122,24 +123,27 @@ class DocServer:
         if server is None:
             return
         server.close()
-        # Python 3.11's wait_closed() does not wait for open connections:
-        # end their handlers here so that none outlives the server.
-        for task in self._connections:
-            task.cancel()
+        # Python 3.11's wait_closed() does not wait for open connections.
+        # Closing their transports ends each handler at its next read (a
+        # request in progress is still answered); cancelling the handler
+        # tasks instead makes asyncio 3.11 log a spurious CancelledError.
+        for writer in self._connections.values():
+            writer.close()
         await asyncio.gather(*self._connections, return_exceptions=True)
         await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
+        self.connections += 1
         try:
-            while await self._serve_one(reader, writer):
+            while not writer.is_closing() and await self._serve_one(reader, writer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # the client went away mid-request
         finally:
-            self._connections.discard(task)
+            del self._connections[task]
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -197,6 +201,8 @@ class DocServer:
             f"Content-Length: {len(body)}\r\n"
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
         )
+        if writer.is_closing():
+            return  # the server is shutting down
         writer.write(head.encode("latin-1") + (body if include_body else b""))
         await writer.drain()
 

@@ -107,6 +107,10 @@ def split_document(doc: Document) -> list[Chunk]:
     return chunks
 
 
+def _chunk_chars(chunk: Chunk) -> float:
+    return len(chunk.text)
+
+
 class ChunkEmbedder:
     """Batched stage: embeds chunks with a :class:`SentenceEmbedder`.
 
@@ -188,6 +192,7 @@ def build_pipeline(
     embed_workers: int = 2,
     torch_threads: int | None = 1,
     embed_batch: int = 64,
+    group_by_length: bool = True,
     store: SQLiteStore | None = None,
 ) -> fb.Pipeline:
     """The demo pipeline over documents served at ``{client}/docs/{i}``.
@@ -214,7 +219,9 @@ def build_pipeline(
                 name="embed",
                 executor="thread",
                 concurrency=embed_workers,
-                batch=fb.Batch(max_size=embed_batch),
+                # Chunks of similar length go together: a batch is padded
+                # to its longest chunk.
+                batch=fb.Batch(max_size=embed_batch, cost=_chunk_chars if group_by_length else None),
             ),
             fb.stage(
                 store if store is not None else SQLiteStore(db_path),

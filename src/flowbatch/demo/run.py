@@ -228,20 +228,19 @@ def run_sequential(base_url: str, docs: int) -> dict[str, Any]:
 
 
 def _print_report(console: Console, r: dict[str, Any]) -> None:
-    table = Table(title="per stage", title_justify="left")
-    for column in ("stage", "executor", "workers", "done", "utilization", "service ms", "queue ms", "batch"):
+    table = Table(title="per stage (* = bottleneck)", title_justify="left")
+    for column in ("stage", "executor", "workers", "done", "util", "service ms", "wait ms", "batch"):
         table.add_column(column, justify="left" if column in ("stage", "executor") else "right")
     for s in r["stages"]:
-        mark = " <- bottleneck" if s["name"] == r["bottleneck"] else ""
         table.add_row(
-            f"{s['name']}{mark}",
+            f"{s['name']}{' *' if s['name'] == r['bottleneck'] else ''}",
             str(s["executor"]),
             str(s["workers"]),
             str(s["done"]),
             f"{s['utilization']:.0%}",
             f"{s['service_ms']:.1f}",
             f"{s['queue_wait_ms']:.1f}",
-            f"{s['mean_batch_size']:.1f}",
+            f"{s['mean_batch_size']:.1f}" if s["mean_batch_size"] else "-",
         )
     console.print(table)
     seq = r["sequential"]
