@@ -187,7 +187,9 @@ def stage(
     - a plain ``def`` runs in ``concurrency`` worker threads (``executor="thread"``,
       the default) or worker processes (``executor="process"``).
     - an object with ``setup()`` has it run once per worker before the first
-      call (each thread worker gets its own ``copy.copy`` of the object).
+      call (with more than one thread worker, each gets its own ``copy.copy``
+      of the object: a model replica); an optional ``teardown()`` runs in the
+      same worker when the runner stops.
     - ``batch=fb.Batch(...)``: the function takes a list and returns a list of
       the same length and order; an ``Exception`` in the returned list fails
       that one item.

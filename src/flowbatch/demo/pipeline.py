@@ -162,7 +162,8 @@ class SQLiteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(SCHEMA)
 
-    def close(self) -> None:
+    def teardown(self) -> None:
+        """Called by the engine in the worker when the runner stops."""
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -131,26 +131,23 @@ async def _run_pipeline(
     async with DocClient(base_url, max_connections=64) as client:
         pipe = build_pipeline(client, db_path, store=store)
         t_load = time.perf_counter()
-        try:
-            async with pipe.open() as runner:
-                load_s = time.perf_counter() - t_load
-                chunks = failed = 0
-                errors: list[str] = []
-                bar = _progress_bar(console, enabled=progress)
-                task = bar.add_task("embedding", total=docs, chunks=0)
-                t0 = time.perf_counter()
-                with bar:
-                    async for keys in runner.map(range(docs), ordered=False, return_exceptions=True):
-                        if isinstance(keys, BaseException):
-                            failed += 1
-                            errors.append(f"{type(keys).__name__}: {keys}")
-                        else:
-                            chunks += len(keys)
-                        bar.update(task, advance=1, chunks=chunks)
-                elapsed = time.perf_counter() - t0
-                stats = runner.stats()
-        finally:
-            store.close()
+        async with pipe.open() as runner:
+            load_s = time.perf_counter() - t_load
+            chunks = failed = 0
+            errors: list[str] = []
+            bar = _progress_bar(console, enabled=progress)
+            task = bar.add_task("embedding", total=docs, chunks=0)
+            t0 = time.perf_counter()
+            with bar:
+                async for keys in runner.map(range(docs), ordered=False, return_exceptions=True):
+                    if isinstance(keys, BaseException):
+                        failed += 1
+                        errors.append(f"{type(keys).__name__}: {keys}")
+                    else:
+                        chunks += len(keys)
+                    bar.update(task, advance=1, chunks=chunks)
+            elapsed = time.perf_counter() - t0
+            stats = runner.stats()
     return {
         "docs": docs,
         "chunks": chunks,
