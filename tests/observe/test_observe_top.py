@@ -1,0 +1,116 @@
+"""``flowbatch top``: parsing a scrape, the figures between two, the screen, live in tmux."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from observehelpers import PYTHON, env_with_helpers, live_server, wait_for_screen
+from rich.console import Console
+
+import flowbatch as fb
+from flowbatch.observe.analysis import bucket_quantile
+from flowbatch.observe.top import compute, metrics_url, parse, render, top
+from flowbatch.prometheus import render as exposition
+
+
+async def fast(x: int) -> int:
+    return x
+
+
+def model(xs: list[int]) -> list[Any]:
+    return [ValueError("odd one") if x == 13 else x for x in xs]
+
+
+def test_bucket_quantile_interpolates_like_prometheus() -> None:
+    buckets = [(1.0, 0.0), (2.0, 50.0), (4.0, 100.0), (math.inf, 100.0)]
+    assert bucket_quantile(buckets, 0.5) == 2.0
+    assert bucket_quantile(buckets, 0.25) == 1.5
+    assert bucket_quantile(buckets, 0.99) == pytest.approx(3.96)
+    assert bucket_quantile([(1.0, 0.0), (math.inf, 5.0)], 0.5) == 1.0  # open top: its lower bound
+    assert bucket_quantile([(1.0, 0.0), (math.inf, 0.0)], 0.5) == 0.0
+    assert bucket_quantile([], 0.5) == 0.0
+
+
+def test_figures_between_two_scrapes_of_a_real_runner() -> None:
+    pipe = fb.Pipeline(
+        [fb.stage(fast, name="prep"), fb.stage(model, name="embed", batch=fb.Batch(max_size=4))],
+        name="p",
+    )
+
+    async def main() -> tuple[str, str]:
+        async with pipe.open() as runner:
+            [y async for y in runner.map(range(10), return_exceptions=True)]
+            first = exposition({"p": runner}).decode()
+            [y async for y in runner.map(range(10, 30), return_exceptions=True)]
+            return first, exposition({"p": runner}).decode()
+
+    a_text, b_text = asyncio.run(main())
+    a, b = parse(a_text), parse(b_text)
+    assert set(b) == {"p"} and list(b["p"].stages) == ["prep", "embed"]
+    assert b["p"].completed == 29 and b["p"].failed == 1
+    assert b["p"].stages["embed"].batched and not b["p"].stages["prep"].batched
+
+    (view,) = compute(a, b, 2.0)  # 20 items in "2 seconds"
+    assert view.items_per_s == pytest.approx(19 / 2)  # item 13 failed
+    assert view.errors_per_s == pytest.approx(1 / 2)
+    prep, embed = view.stages
+    assert prep.items_per_s == pytest.approx(10.0)
+    assert embed.errors_per_s == pytest.approx(0.5) and embed.failed == 1
+    assert prep.mean_batch is None and embed.mean_batch is not None
+    assert 1.0 <= embed.mean_batch <= 4.0
+    assert embed.p50 is not None and embed.p99 is not None and embed.p50 <= embed.p99
+    assert view.bottleneck in ("prep", "embed")
+    assert sum(st.bottleneck for st in view.stages) == 1
+
+    # A restarted service: counters went down, so the new values are the increase.
+    (again,) = compute(b, a, 1.0)
+    assert again.items_per_s == pytest.approx(10.0)
+
+    console = Console(record=True, width=120)
+    console.print(render([view], "http://x/metrics"))
+    screen = console.export_text()
+    assert f"bottleneck: {view.bottleneck}" in screen
+    for word in ("pipeline p", "items/s", "queue", "busy", "batch", "p50", "p99", "errors"):
+        assert word in screen
+
+
+def test_metrics_url_defaults_the_path() -> None:
+    assert metrics_url("127.0.0.1:8000") == "http://127.0.0.1:8000/metrics"
+    assert metrics_url("http://h:1/") == "http://h:1/metrics"
+    assert metrics_url("http://h:1/custom") == "http://h:1/custom"
+
+
+def test_once_against_nothing_fails_with_a_message() -> None:
+    # Port 9 (discard) on loopback: refused at once.
+    result = CliRunner().invoke(top, ["http://127.0.0.1:9/metrics", "--once", "--interval", "0.1"])
+    assert result.exit_code == 1
+    assert "cannot read http://127.0.0.1:9/metrics" in result.output
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_top_in_tmux_names_the_bottleneck_of_a_live_server() -> None:
+    session = f"fbtop-{os.getpid()}"
+    with live_server() as port:
+        url = f"http://127.0.0.1:{port}"
+        cmd = f"{PYTHON} -m flowbatch.observe.top {url} --interval 0.5"
+        subprocess.run(
+            ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", cmd],
+            check=True, env=env_with_helpers(),
+        )
+        try:
+            screen = wait_for_screen(session, ["bottleneck: embed", "every 0.5s"])
+        finally:
+            subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+    rows = {line.split()[1].lstrip("▶"): line for line in screen.splitlines()
+            if any(f" {n} " in line for n in ("prep", "▶embed", "embed", "store"))
+            and "│" in line}
+    assert set(rows) >= {"prep", "embed", "store"}, screen
+    assert "▶embed" in rows["embed"]  # the marker sits on the bottleneck's row
+    assert "pipeline demo" in screen and "items/s" in screen and "latency p50" in screen
