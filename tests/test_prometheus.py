@@ -47,28 +47,28 @@ def test_render_exports_the_engine_statistics() -> None:
     assert CONTENT_TYPE.startswith("text/plain")
     got = samples(body.decode())
     p = (("pipeline", "p"),)
-    assert got[("flowbatch_submitted_total", p)] == 20
+    assert got[("flowbatch_pipeline_submitted_total", p)] == 20
     assert got[("flowbatch_pipeline_items_total", (("outcome", "completed"), *p))] == 15
     assert got[("flowbatch_pipeline_items_total", (("outcome", "failed"), *p))] == 5
-    assert got[("flowbatch_latency_seconds_count", p)] == 15
+    assert got[("flowbatch_pipeline_latency_seconds_count", p)] == 15
     embed_l = (("pipeline", "p"), ("stage", "embed"))
     assert got[("flowbatch_stage_items_total", (("outcome", "ok"), *embed_l))] == 15
     assert got[("flowbatch_stage_items_total", (("outcome", "failed"), *embed_l))] == 5
-    assert got[("flowbatch_queue_depth", embed_l)] == 0
-    assert got[("flowbatch_batch_size_count", embed_l)] >= 1
-    assert got[("flowbatch_batch_size_sum", embed_l)] >= 20
-    assert got[("flowbatch_service_seconds_count", embed_l)] >= 1
-    assert got[("flowbatch_batch_cost_count", embed_l)] >= 1
-    assert 0.0 <= got[("flowbatch_padding_waste_ratio", embed_l)] < 1.0
-    assert got[("flowbatch_bottleneck", embed_l)] + got[
-        ("flowbatch_bottleneck", (("pipeline", "p"), ("stage", "prep")))
+    assert got[("flowbatch_stage_queue_depth", embed_l)] == 0
+    assert got[("flowbatch_stage_batch_size_count", embed_l)] >= 1
+    assert got[("flowbatch_stage_batch_size_sum", embed_l)] >= 20
+    assert got[("flowbatch_stage_service_seconds_count", embed_l)] >= 1
+    assert got[("flowbatch_stage_batch_cost_count", embed_l)] >= 1
+    assert 0.0 <= got[("flowbatch_stage_padding_waste_ratio", embed_l)] < 1.0
+    assert got[("flowbatch_stage_bottleneck", embed_l)] + got[
+        ("flowbatch_stage_bottleneck", (("pipeline", "p"), ("stage", "prep")))
     ] == 1
     # Histogram buckets are cumulative and end with +Inf == count.
     les = sorted(
         (float(dict(k[1])["le"]), v)
         for k, v in got.items()
-        if k[0] == "flowbatch_queue_wait_seconds_bucket" and dict(k[1])["stage"] == "embed"
+        if k[0] == "flowbatch_stage_queue_wait_seconds_bucket" and dict(k[1])["stage"] == "embed"
     )
     counts = [v for _, v in les]
     assert counts == sorted(counts)
-    assert counts[-1] == got[("flowbatch_queue_wait_seconds_count", embed_l)] == 20
+    assert counts[-1] == got[("flowbatch_stage_queue_wait_seconds_count", embed_l)] == 20

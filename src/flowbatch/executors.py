@@ -128,6 +128,8 @@ class AsyncExecutor:
                 raise _setup_error(self.stage, exc) from exc
 
     async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
+        if carrier is None and timeout is None:
+            return await self._run(arg)
         with activated(self.activate, carrier):
             if timeout is None:
                 return await self._run(arg)

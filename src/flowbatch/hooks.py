@@ -15,7 +15,11 @@ hook is logged and never fails an item.
   module-level function, so that it reaches worker processes);
 - ``ended(state, error, errors)`` after the call: ``error`` for the call as a
   whole, ``errors`` per item for a batch that returned exceptions in place.
-- ``resolved(item, error)`` when an item's caller gets its answer.
+- ``resolved(item, error)`` when an item's caller gets its answer, on every
+  way out (``error`` is a ``CancelledError`` for a caller who went away).
+
+A hooks object with an ``enabled`` attribute that is false when the runner
+opens (a tracer with no provider, say) is dropped, so it costs nothing.
 
 Usage::
 
@@ -49,6 +53,11 @@ class ItemView(Protocol):
 
     @property
     def trace(self) -> Any: ...
+
+    @property
+    def t_enq(self) -> float:
+        """When the item entered its current stage's queue (``perf_counter``)."""
+        ...
 
     @property
     def root(self) -> ItemView: ...

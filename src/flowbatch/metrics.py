@@ -133,14 +133,16 @@ class StageStats:
     here), ``retried`` (attempts that failed and were retried), ``expired``
     (dropped here because the deadline had passed), ``dropped`` (skipped
     because its caller had gone: cancelled, or a sibling failed).
-    ``utilization`` is the fraction of the workers' time spent in the stage
-    function; ``padding_waste`` the fraction of a cost-bounded batch's padded
+    ``batch_max_size`` is 0 for an unbatched stage. ``utilization`` is the
+    fraction of the workers' time spent in the stage function since the runner
+    opened; ``padding_waste`` the fraction of a cost-bounded batch's padded
     cost that was padding.
     """
 
     name: str
     executor: str
     workers: int
+    batch_max_size: int
     done: int
     failed: int
     retried: int
@@ -198,6 +200,7 @@ class StageMetrics:
 
     __slots__ = (
         "batch_cost",
+        "batch_max_size",
         "batch_sizes",
         "batched_items",
         "batches",
@@ -216,10 +219,11 @@ class StageMetrics:
         "workers",
     )
 
-    def __init__(self, name: str, executor: str, workers: int) -> None:
+    def __init__(self, name: str, executor: str, workers: int, batch_max_size: int = 0) -> None:
         self.name = name
         self.executor = executor
         self.workers = workers
+        self.batch_max_size = batch_max_size
         self.done = 0
         self.failed = 0
         self.retried = 0
@@ -263,6 +267,7 @@ class StageMetrics:
             name=self.name,
             executor=self.executor,
             workers=self.workers,
+            batch_max_size=self.batch_max_size,
             done=self.done,
             failed=self.failed,
             retried=self.retried,

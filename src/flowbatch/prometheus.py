@@ -83,7 +83,7 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
     ps = ["pipeline"]
     pss = ["pipeline", "stage"]
     submitted = CounterMetricFamily(
-        "flowbatch_submitted", "Items admitted into the pipeline.", labels=ps
+        "flowbatch_pipeline_submitted", "Items admitted into the pipeline.", labels=ps
     )
     outcomes = CounterMetricFamily(
         "flowbatch_pipeline_items",
@@ -94,14 +94,22 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         "flowbatch_pipeline_in_flight", "Items admitted and not yet answered.", labels=ps
     )
     latency = HistogramMetricFamily(
-        "flowbatch_latency_seconds", "End-to-end latency of completed items.", labels=ps
+        "flowbatch_pipeline_latency_seconds", "End-to-end latency of completed items.", labels=ps
     )
     items = CounterMetricFamily(
         "flowbatch_stage_items",
-        "Items per stage by outcome: ok, failed, retried, expired, dropped (caller gone).",
+        "Items per stage by outcome: ok, failed, expired, dropped (caller gone).",
         labels=[*pss, "outcome"],
     )
-    depth = GaugeMetricFamily("flowbatch_queue_depth", "Items waiting for the stage.", labels=pss)
+    retries = CounterMetricFamily(
+        "flowbatch_stage_retries", "Failed attempts of the stage that were retried.", labels=pss
+    )
+    info = GaugeMetricFamily(
+        "flowbatch_stage_info",
+        "The stage's settings as labels (always 1).",
+        labels=[*pss, "executor", "batch_max_size"],
+    )
+    depth = GaugeMetricFamily("flowbatch_stage_queue_depth", "Items waiting for the stage.", labels=pss)
     in_flight = GaugeMetricFamily(
         "flowbatch_stage_in_flight", "Items inside the stage's running calls.", labels=pss
     )
@@ -117,24 +125,27 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         labels=pss,
     )
     wait = HistogramMetricFamily(
-        "flowbatch_queue_wait_seconds", "Time items waited for the stage.", labels=pss
+        "flowbatch_stage_queue_wait_seconds", "Time items waited for the stage.", labels=pss
     )
     service = HistogramMetricFamily(
-        "flowbatch_service_seconds", "Duration of one call of the stage function.", labels=pss
+        "flowbatch_stage_service_seconds", "Duration of one call of the stage function.", labels=pss
     )
     bsize = HistogramMetricFamily(
-        "flowbatch_batch_size", "Items per call of a batched stage.", labels=pss
+        "flowbatch_stage_batch_size", "Items per call of a batched stage.", labels=pss
     )
     bcost = HistogramMetricFamily(
-        "flowbatch_batch_cost", "Total cost per batch, where a cost function is set.", labels=pss
+        "flowbatch_stage_batch_cost", "Total cost per batch, where a cost function is set.", labels=pss
     )
     waste = GaugeMetricFamily(
-        "flowbatch_padding_waste_ratio",
+        "flowbatch_stage_padding_waste_ratio",
         "Fraction of padded batch cost (size x largest cost) that was padding.",
         labels=pss,
     )
     bottleneck = GaugeMetricFamily(
-        "flowbatch_bottleneck", "1 for the stage that limits throughput now.", labels=pss
+        "flowbatch_stage_bottleneck",
+        "1 for the busiest stage since the runner opened (for now, compare "
+        "rate(flowbatch_stage_busy_seconds_total) / flowbatch_stage_workers).",
+        labels=pss
     )
     for name, s in stats:
         submitted.add_metric([name], s.submitted)
@@ -152,11 +163,12 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
             for outcome, n in (
                 ("ok", st.done),
                 ("failed", st.failed),
-                ("retried", st.retried),
                 ("expired", st.expired),
                 ("dropped", st.dropped),
             ):
                 items.add_metric([*lab, outcome], n)
+            retries.add_metric(lab, st.retried)
+            info.add_metric([*lab, st.executor, str(st.batch_max_size)], 1.0)
             depth.add_metric(lab, st.queued)
             in_flight.add_metric(lab, st.in_flight)
             workers.add_metric(lab, st.workers)
@@ -172,7 +184,7 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
                 waste.add_metric(lab, st.padding_waste)
             bottleneck.add_metric(lab, 1.0 if st.name == s.bottleneck else 0.0)
     yield from (
-        submitted, outcomes, in_flight_p, latency, items, depth, in_flight, workers,
+        submitted, outcomes, in_flight_p, latency, items, retries, info, depth, in_flight, workers,
         busy, busy_ratio, wait, service, bsize, bcost, waste, bottleneck,
     )
 

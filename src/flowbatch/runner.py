@@ -194,6 +194,7 @@ class _StageRun:
         "batch",
         "call",
         "cost",
+        "direct",
         "executor",
         "fan_out",
         "inq",
@@ -216,7 +217,12 @@ class _StageRun:
             # Room for every worker's next full batch, so batches can fill.
             size = max(size, 2 * spec.batch.max_size * spec.concurrency)
         self.inq: Channel[_Item] = Channel(size)
-        self.metrics = StageMetrics(spec.name, spec.executor, spec.concurrency)
+        self.metrics = StageMetrics(
+            spec.name,
+            spec.executor,
+            spec.concurrency,
+            spec.batch.max_size if spec.batch is not None else 0,
+        )
         self.next: _StageRun | None = None
         post: Callable[[Any], Any] | None = None
         if spec.fan_out and spec.executor != "async":
@@ -230,13 +236,14 @@ class _StageRun:
             activate=hooks.activate if hooks is not None else None,
         )
         timeout = spec.timeout
-        if (
+        # An async function without a timeout is awaited as is: no wrapper.
+        self.direct = (
             spec.executor == "async"
             and timeout is None
-            and hooks is None
             and not getattr(self.executor, "_agen", False)
-        ):
-            self.call: Callable[[Any], Any] = spec.fn  # the fast path: no wrapper
+        )
+        if self.direct and hooks is None:
+            self.call: Callable[[Any], Any] = spec.fn
         else:
             ex = self.executor
 
@@ -312,6 +319,8 @@ class Runner:
         self._loop = asyncio.get_running_loop()
         if self._hooks is not None:
             self._hooks.bind(self.name)
+            if not getattr(self._hooks, "enabled", True):
+                self._hooks = None  # installed but switched off: keep the fast path
         self._stages = [_StageRun(s, self.queue_size, self._hooks) for s in self.pipeline.stages]
         for a, b in zip(self._stages, self._stages[1:], strict=False):
             a.next = b
@@ -519,6 +528,8 @@ class Runner:
             root.done = True
             self._cancelled += 1
             self._roots.discard(root)
+            if self._hooks is not None:
+                call_hook(self._hooks.resolved, root, asyncio.CancelledError())
 
     async def submit(self, item: Any, timeout: float | None = None) -> Any:
         """Run ``item`` through the pipeline and return its result.
@@ -719,6 +730,8 @@ class Runner:
                         col.outstanding += 1
                         self._submitted += 1
                         self._failed += 1
+                        if hooks is not None:
+                            call_hook(hooks.resolved, root, err)
                         col(root, None, err)
                         continue
                 if len(q) < qmax:
@@ -925,20 +938,35 @@ class Runner:
     async def _call_hooked(
         self, sr: _StageRun, items: list[_Item], arg: Any, batch: bool
     ) -> Any:
-        """A stage call wrapped in the hooks' started / carrier / ended."""
+        """A stage call wrapped in the hooks' started / carrier / ended.
+
+        The hook calls are written out (not through ``call_hook``) because
+        this runs once per stage call; a hook's own error is logged, never
+        raised into the item.
+        """
         hooks = self._hooks
         assert hooks is not None
-        state = call_hook(hooks.started, sr, items, batch)
-        carrier = call_hook(hooks.carrier, state)
+        state = carrier = None
         try:
-            out = await sr.executor.call(arg, sr.spec.timeout, carrier)
+            state = hooks.started(sr, items, batch)
+            carrier = hooks.carrier(state)
+        except Exception:
+            log.exception("flowbatch hook failed before stage %r", sr.name)
+        try:
+            if carrier is None and sr.direct:
+                out = await sr.spec.fn(arg)
+            else:
+                out = await sr.executor.call(arg, sr.spec.timeout, carrier)
         except BaseException as exc:
             call_hook(hooks.ended, state, exc, None)
             raise
         errors = None
         if batch and isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
             errors = [x if isinstance(x, BaseException) else None for x in out]
-        call_hook(hooks.ended, state, None, errors)
+        try:
+            hooks.ended(state, None, errors)
+        except Exception:
+            log.exception("flowbatch hook failed after stage %r", sr.name)
         return out
 
     async def _run_single(self, sr: _StageRun, slot: int) -> None:

@@ -18,7 +18,7 @@ from flowbatch.observe.bench import bench, load_target, read_inputs
 
 def stage_stats(name: str, **kw: object) -> StageStats:
     base: dict[str, object] = {
-        "name": name, "executor": "thread", "workers": 1, "done": 100, "failed": 0,
+        "name": name, "executor": "thread", "workers": 1, "batch_max_size": 0, "done": 100, "failed": 0,
         "retried": 0, "expired": 0, "dropped": 0, "queued": 0, "in_flight": 0,
         "utilization": 0.1, "busy_seconds": 1.0, "service_time": Summary(),
         "queue_wait": Summary(), "batches": 0, "mean_batch_size": 0.0,

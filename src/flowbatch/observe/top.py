@@ -88,7 +88,7 @@ class PipelineSample:
     stages: dict[str, StageSample] = field(default_factory=dict)
 
 
-_STAGE_OUTCOMES = {"ok", "failed", "retried", "expired", "dropped"}
+_STAGE_OUTCOMES = {"ok", "failed", "expired", "dropped"}
 _PIPELINE_OUTCOMES = {"completed", "failed", "expired", "cancelled"}
 
 
@@ -113,7 +113,7 @@ def parse(text: str) -> dict[str, PipelineSample]:
             name, labels, v = s.name, s.labels, float(s.value)
             if "pipeline" not in labels:
                 continue
-            if name == "flowbatch_submitted_total":
+            if name == "flowbatch_pipeline_submitted_total":
                 pipe(labels).submitted = v
             elif name == "flowbatch_pipeline_items_total":
                 outcome = labels.get("outcome", "")
@@ -121,7 +121,7 @@ def parse(text: str) -> dict[str, PipelineSample]:
                     setattr(pipe(labels), outcome, v)
             elif name == "flowbatch_pipeline_in_flight":
                 pipe(labels).in_flight = v
-            elif name == "flowbatch_latency_seconds_bucket":
+            elif name == "flowbatch_pipeline_latency_seconds_bucket":
                 pipe(labels).latency.append((float(labels["le"]), v))
             elif "stage" not in labels:
                 continue
@@ -129,7 +129,9 @@ def parse(text: str) -> dict[str, PipelineSample]:
                 outcome = labels.get("outcome", "")
                 if outcome in _STAGE_OUTCOMES:
                     setattr(stage(labels), outcome, v)
-            elif name == "flowbatch_queue_depth":
+            elif name == "flowbatch_stage_retries_total":
+                stage(labels).retried = v
+            elif name == "flowbatch_stage_queue_depth":
                 stage(labels).queued = v
             elif name == "flowbatch_stage_in_flight":
                 stage(labels).in_flight = v
@@ -137,14 +139,14 @@ def parse(text: str) -> dict[str, PipelineSample]:
                 stage(labels).workers = v
             elif name == "flowbatch_stage_busy_seconds_total":
                 stage(labels).busy_seconds = v
-            elif name == "flowbatch_service_seconds_bucket":
+            elif name == "flowbatch_stage_service_seconds_bucket":
                 stage(labels).service.append((float(labels["le"]), v))
-            elif name == "flowbatch_queue_wait_seconds_bucket":
+            elif name == "flowbatch_stage_queue_wait_seconds_bucket":
                 stage(labels).wait.append((float(labels["le"]), v))
-            elif name == "flowbatch_batch_size_count":
+            elif name == "flowbatch_stage_batch_size_count":
                 st = stage(labels)
                 st.batch_count, st.batched = v, True
-            elif name == "flowbatch_batch_size_sum":
+            elif name == "flowbatch_stage_batch_size_sum":
                 stage(labels).batch_sum = v
     for p in out.values():
         p.latency.sort()

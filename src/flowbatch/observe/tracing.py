@@ -313,9 +313,7 @@ class OpenTelemetryHooks(Hooks):
         }
         if item.root is not item:
             attrs["flowbatch.item.index"] = item.index  # a fan-out child
-        t_enq = getattr(item, "t_enq", None)  # not in ItemView (yet): read if there
-        if isinstance(t_enq, float):
-            attrs["flowbatch.queue_wait_s"] = max(0.0, now - t_enq)
+        attrs["flowbatch.queue_wait_s"] = max(0.0, now - item.t_enq)
         return self._tracer.start_span(
             f"{self.pipeline} {stage}",
             context=tr.ctx if isinstance(tr, _ItemTrace) else None,
