@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -10,7 +11,40 @@ import click
 __all__ = ["main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Subcommands that live with their front end, loaded only when invoked (or
+# listed), so that `flowbatch demo` needs no HTTP or broker packages.
+_LAZY = {
+    "serve": ("flowbatch.http.cli", "serve", "http"),
+    "worker": ("flowbatch.brokers.cli", "worker", "brokers"),
+    "top": ("flowbatch.observe.top", "top", None),
+    "bench": ("flowbatch.observe.bench", "bench", None),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _LAZY:
+            return super().get_command(ctx, cmd_name)
+        module, attr, extra = _LAZY[cmd_name]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            hint = f"pip install 'flowbatch[{extra}]'" if extra else "reinstall flowbatch"
+            message = f"'flowbatch {cmd_name}' needs {exc.name!r}, which is not installed: {hint}"
+
+            def missing() -> None:
+                raise click.ClickException(message)
+
+            return click.Command(cmd_name, callback=missing, help=f"(unavailable: {hint})")
+        command = getattr(mod, attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flowbatch")
 def main() -> None:
     """flowbatch: overlapped, batched AI pipelines on asyncio."""
