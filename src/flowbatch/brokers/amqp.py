@@ -1,0 +1,243 @@
+"""RabbitMQ broker (``amqp://user:pass@host:port/vhost``), on aio-pika.
+
+Declared for queue ``q`` (all durable): the work queue ``q`` (its
+``x-dead-letter-exchange`` is ``q.dlx``, so a message RabbitMQ rejects lands
+there too), the direct exchange ``q.dlx`` bound to the dead-letter queue
+``q.dead``, and the results queue ``q.results``.
+
+How it keeps the contract:
+
+- manual acks and a prefetch (``basic.qos``) equal to the worker's
+  ``prefetch``: RabbitMQ never pushes more than the pipeline has room for;
+- settle publishes every result (to ``q.results``, ``message_id`` = job
+  id), dead letter (to ``q.dlx``) and retry (to ``q``) as a persistent
+  message with publisher confirms, and acks a delivery only once all of its
+  writes are confirmed;
+- leases: an unacked message stays with its consumer for as long as the
+  channel lives, so there is nothing to renew (mind the server's
+  ``consumer_timeout``, 30 min by default); a worker that dies or loses its
+  connection has its messages requeued at once, flagged ``redelivered``;
+- acks are bound to the channel: after a reconnect the old deliveries have
+  already been requeued, so their results are still published but not acked;
+- a retry is a new message with ``attempt + 1`` and ``not_before``; the
+  worker holds it until then;
+- results go to ``q.results``, a RabbitMQ *stream* (durable, kept 7 days,
+  read by any number of clients without consuming it): ``get_result`` reads
+  it into this process, where the first result of a job wins (duplicates
+  from redeliveries are counted in ``duplicate_results``).
+
+The connection is not aio-pika's "robust" one: reconnection (including of a
+consumer that stopped receiving) is the worker's, from its progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from .base import Broker, BrokerError, Delivery, Outcome
+
+__all__ = ["AMQPBroker"]
+
+_PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+# Results live in a stream queue: durable, and read by any number of clients
+# without taking them away from the others.
+_STREAM: Any = {"x-queue-type": "stream", "x-max-age": "7D"}
+
+
+class AMQPBroker(Broker):
+    """One queue on RabbitMQ; see the module docstring."""
+
+    scheme = "amqp"
+
+    def __init__(self, url: str, queue: str) -> None:
+        super().__init__(url, queue)
+        self.dlx = f"{queue}.dlx"
+        self.dead_queue = f"{queue}.dead"
+        self.results_queue = f"{queue}.results"
+        self._conn: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._dlx: aio_pika.abc.AbstractExchange | None = None
+        self._buffer: asyncio.Queue[tuple[int, AbstractIncomingMessage]] = asyncio.Queue()
+        self._consuming = False
+        self._results: dict[str, bytes] = {}
+        self._reading_results = False
+        self._results_offset = 0
+        #: result messages seen again for a job that already had one
+        self.duplicate_results = 0
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        conn = await aio_pika.connect(self.url, timeout=10)
+        try:
+            channel = await conn.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=self.prefetch)
+            self._dlx = await channel.declare_exchange(
+                self.dlx, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            dead = await channel.declare_queue(self.dead_queue, durable=True)
+            await dead.bind(self._dlx, routing_key=self.queue)
+            self._queue = await channel.declare_queue(
+                self.queue,
+                durable=True,
+                arguments={"x-dead-letter-exchange": self.dlx, "x-dead-letter-routing-key": self.queue},
+            )
+            await channel.declare_queue(self.results_queue, durable=True, arguments=_STREAM)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn, self._channel = conn, channel
+        self._buffer = asyncio.Queue()
+        self._consuming = False
+        self._reading_results = False
+        self.epoch += 1
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._channel = self._queue = self._dlx = None
+        self._consuming = self._reading_results = False
+        if conn is not None:
+            # Unacked and buffered deliveries go back to the queue with the channel.
+            await conn.close()
+
+    @property
+    def _ch(self) -> AbstractChannel:
+        if self._channel is None or self._conn is None or self._conn.is_closed:
+            raise BrokerError(f"{self!r} is not connected")
+        return self._channel
+
+    # ------------------------------------------------------------ producer
+
+    async def publish(self, bodies: Sequence[bytes]) -> None:
+        exchange = self._ch.default_exchange
+        await asyncio.gather(
+            *(
+                exchange.publish(aio_pika.Message(b, delivery_mode=_PERSISTENT), routing_key=self.queue)
+                for b in bodies
+            )
+        )
+
+    async def get_result(self, job_id: str) -> bytes | None:
+        await self._read_results()
+        return self._results.get(job_id)
+
+    async def _read_results(self) -> None:
+        if self._reading_results:
+            return
+        self._ch  # noqa: B018 - raises when not connected
+        assert self._conn is not None
+        channel = await self._conn.channel()
+        await channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
+        queue = await channel.declare_queue(self.results_queue, durable=True, arguments=_STREAM)
+
+        async def on_result(msg: AbstractIncomingMessage) -> None:
+            offset = (msg.headers or {}).get("x-stream-offset")
+            if isinstance(offset, int):
+                if offset < self._results_offset:
+                    await msg.ack()
+                    return  # already read before a reconnect
+                self._results_offset = offset + 1
+            job_id = msg.message_id or ""
+            if job_id in self._results:
+                self.duplicate_results += 1
+            else:
+                self._results[job_id] = msg.body
+            await msg.ack()
+
+        await queue.consume(on_result, arguments={"x-stream-offset": self._results_offset})
+        self._reading_results = True
+
+    # ------------------------------------------------------------ consumer
+
+    async def fetch(self, max_messages: int, wait: float) -> list[Delivery]:
+        channel = self._ch
+        if not self._consuming:
+            assert self._queue is not None
+            epoch = self.epoch
+            buffer = self._buffer
+
+            async def on_message(msg: AbstractIncomingMessage) -> None:
+                buffer.put_nowait((epoch, msg))
+
+            await self._queue.consume(on_message)
+            self._consuming = True
+        out: list[Delivery] = []
+        if self._buffer.empty():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    out.append(self._wrap(*(await self._buffer.get())))
+        while len(out) < max_messages and not self._buffer.empty():
+            out.append(self._wrap(*self._buffer.get_nowait()))
+        if channel.is_closed:
+            raise BrokerError(f"{self!r}: channel closed")
+        return out
+
+    @staticmethod
+    def _wrap(epoch: int, msg: AbstractIncomingMessage) -> Delivery:
+        redelivered = bool(msg.redelivered)
+        return Delivery(msg.body, msg, deliveries=2 if redelivered else 1, redelivered=redelivered, epoch=epoch)
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        channel = self._ch
+        assert self._dlx is not None
+        default = channel.default_exchange
+        writes: list[Any] = []
+        for o in outcomes:
+            if o.result is not None and o.job_id:
+                msg = aio_pika.Message(o.result, delivery_mode=_PERSISTENT, message_id=o.job_id)
+                writes.append(default.publish(msg, routing_key=self.results_queue))
+            if o.dead is not None:
+                msg = aio_pika.Message(o.dead, delivery_mode=_PERSISTENT, message_id=o.job_id)
+                writes.append(self._dlx.publish(msg, routing_key=self.queue))
+            if o.retry is not None:
+                msg = aio_pika.Message(o.retry, delivery_mode=_PERSISTENT)
+                writes.append(default.publish(msg, routing_key=self.queue))
+        await asyncio.gather(*writes)  # every write confirmed before any ack
+        acks = [o.delivery.tag.ack() for o in outcomes if o.delivery.epoch == self.epoch]
+        await asyncio.gather(*acks)
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        return  # an unacked delivery is held for as long as its channel lives
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        await asyncio.gather(
+            *(d.tag.nack(requeue=True) for d in deliveries if d.epoch == self.epoch)
+        )
+
+    async def backlog(self) -> int | None:
+        queue = await self._ch.declare_queue(self.queue, passive=True)
+        count = getattr(queue.declaration_result, "message_count", None)
+        return None if count is None else int(count)
+
+    # ---------------------------------------------------------- inspection
+
+    async def results(self) -> dict[str, bytes]:
+        await self._read_results()
+        return dict(self._results)
+
+    async def dead_letters(self) -> list[bytes]:
+        assert self._conn is not None
+        channel = await self._conn.channel()
+        out: list[bytes] = []
+        try:
+            queue = await channel.declare_queue(self.dead_queue, durable=True)
+            while True:
+                msg = await queue.get(no_ack=False, fail=False)
+                if msg is None:
+                    break
+                out.append(msg.body)
+        finally:
+            await channel.close()  # unacked: they stay in the dead-letter queue
+        return out

@@ -1,0 +1,313 @@
+"""The Broker interface every backend implements, and the wire formats.
+
+A broker is bound to one queue. The worker drives it through a handful of
+batched calls; producers (``Client``) use ``publish`` and ``get_result``::
+
+    async with open_broker("redis://127.0.0.1:6379/0", "embed") as broker:
+        await broker.publish([encode_job("job-1", {"text": "hi"})])
+        deliveries = await broker.fetch(64, wait=1.0)
+        await broker.settle([Outcome(d, job_id="job-1", result=record) for d in deliveries])
+
+The contract (the same on every backend; each module's docstring says how it
+keeps it):
+
+- ``settle`` writes every result record, dead-letter record and retry
+  envelope durably *before* it acknowledges the delivery, so a crash between
+  the two redelivers the message (at-least-once) and never loses it.
+- Results are keyed by job id and the first one written wins, so a
+  redelivered message cannot replace a stored result with a different one.
+- ``extend`` renews the lease of deliveries still being worked on, so they
+  are not handed to another worker.
+- ``release`` hands back deliveries that were fetched but will not be
+  processed (a graceful stop), without counting an attempt where the broker
+  allows it.
+
+Wire formats (JSON): a job envelope ``{"id", "payload", "attempt",
+"first_seen", "not_before"}``; a result record ``{"id", "ok", "value" |
+"error", "attempts", "first_seen", "finished_at"}``; a dead-letter record is
+a failed result record plus ``"body"``, the original message as text.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+
+from flowbatch.errors import FlowbatchError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Broker",
+    "BrokerError",
+    "Delivery",
+    "Envelope",
+    "JobFailed",
+    "Outcome",
+    "ResultRecord",
+    "check_queue_name",
+    "decode_job",
+    "decode_record",
+    "encode_job",
+    "encode_record",
+    "new_job_id",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+
+
+def check_queue_name(queue: str) -> str:
+    """Queue names travel into stream, subject and topic names: keep them plain."""
+    if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+        raise ValueError(
+            f"queue name must be 1-100 characters of letters, digits, '_' or '-', got {queue!r}"
+        )
+    return queue
+
+
+class BrokerError(FlowbatchError):
+    """A broker could not be reached or refused an operation."""
+
+    http_status = 503
+
+
+class JobFailed(FlowbatchError):
+    """The job was dead-lettered: ``.error``, ``.attempts`` and ``.first_seen`` say why."""
+
+    http_status = 500
+
+    def __init__(self, job_id: str, error: str, attempts: int, first_seen: float) -> None:
+        self.job_id = job_id
+        self.error = error
+        self.attempts = attempts
+        self.first_seen = first_seen
+        tries = "attempt" if attempts == 1 else "attempts"
+        super().__init__(f"job {job_id!r} failed after {attempts} {tries}: {error}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.job_id, self.error, self.attempts, self.first_seen))
+
+
+# ------------------------------------------------------------ wire formats
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """A job as it travels through the broker."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    payload: Any
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+    first_seen: float = 0.0
+    not_before: float = 0.0
+
+
+class ResultRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A job's outcome as stored by the broker (and a dead letter, with ``body``)."""
+
+    id: str
+    ok: bool
+    attempts: int
+    first_seen: float
+    finished_at: float
+    value: Any = None
+    error: str | None = None
+    body: str | None = None
+
+
+def _enc_hook(obj: Any) -> Any:
+    # numpy arrays and scalars, torch tensors: anything that can list itself.
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise NotImplementedError(f"objects of type {type(obj).__name__} are not JSON-serializable")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_job_decoder = msgspec.json.Decoder(Envelope)
+_record_decoder = msgspec.json.Decoder(ResultRecord)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode_job(
+    job_id: str,
+    payload: Any,
+    *,
+    attempt: int = 1,
+    first_seen: float | None = None,
+    not_before: float = 0.0,
+) -> bytes:
+    """The bytes of a job envelope (raises ``TypeError`` for a payload JSON cannot hold)."""
+    env = Envelope(
+        id=job_id,
+        payload=payload,
+        attempt=attempt,
+        first_seen=time.time() if first_seen is None else first_seen,
+        not_before=not_before,
+    )
+    try:
+        return _encoder.encode(env)
+    except (NotImplementedError, TypeError, OverflowError) as exc:
+        raise TypeError(f"job payload cannot be encoded as JSON: {exc}") from exc
+
+
+def decode_job(body: bytes) -> Envelope:
+    """Parse an envelope; raises ``msgspec.DecodeError`` / ``ValidationError`` with a clear message."""
+    return _job_decoder.decode(body)
+
+
+def encode_record(record: ResultRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode_record(data: bytes) -> ResultRecord:
+    return _record_decoder.decode(data)
+
+
+# ------------------------------------------------------------ deliveries
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One message handed to a worker. ``tag`` is the backend's handle on it.
+
+    ``deliveries`` counts how often the broker has handed out this copy (1 when
+    the backend does not know); ``redelivered`` is true when an earlier
+    delivery was not settled (a crashed or stalled worker). ``epoch`` is the
+    broker connection it came from: acks bound to a channel cannot outlive it.
+    """
+
+    body: bytes
+    tag: Any
+    deliveries: int = 1
+    redelivered: bool = False
+    epoch: int = 0
+    job_id: str | None = field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to write for one delivery before it is acknowledged.
+
+    Exactly one of: ``result`` (a result record, stored under ``job_id``),
+    ``dead`` (a dead-letter record; ``result`` may hold the failure record for
+    ``job_id`` too), ``retry`` (the next envelope, due after ``delay`` s).
+    """
+
+    delivery: Delivery
+    job_id: str | None = None
+    result: bytes | None = None
+    dead: bytes | None = None
+    retry: bytes | None = None
+    delay: float = 0.0
+
+
+class Broker(abc.ABC):
+    """One queue on one broker. Use as ``async with``; see the module docstring."""
+
+    #: the URL scheme this backend serves
+    scheme: str = ""
+
+    def __init__(self, url: str, queue: str) -> None:
+        self.url = url
+        self.queue = check_queue_name(queue)
+        #: bumped on every (re)connection; see ``Delivery.epoch``
+        self.epoch = 0
+        #: seconds a delivery stays reserved for its consumer (set by the worker)
+        self.lease = 30.0
+        #: deliveries a consumer may hold unsettled (set by the worker)
+        self.prefetch = 256
+        #: reconnections the client library made by itself (NATS does)
+        self.auto_reconnects = 0
+
+    def configure(self, *, lease: float, prefetch: int) -> None:
+        """Consumer settings; the worker calls this before ``open``."""
+        self.lease = float(lease)
+        self.prefetch = int(prefetch)
+
+    async def __aenter__(self) -> Broker:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.queue!r} at {redact(self.url)}>"
+
+    # ------------------------------------------------------------ lifetime
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and declare what the queue needs (idempotent)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect; prefetched, unsettled deliveries go back to the broker."""
+
+    async def reconnect(self) -> None:
+        """Drop the connection and open a fresh one (a stalled or broken consumer)."""
+        with contextlib.suppress(Exception):
+            await self.close()  # the old connection may already be gone
+        await self.open()
+
+    # ------------------------------------------------------------ producer
+
+    @abc.abstractmethod
+    async def publish(self, bodies: Sequence[bytes]) -> None:
+        """Enqueue job envelopes; returns once the broker has them durably."""
+
+    @abc.abstractmethod
+    async def get_result(self, job_id: str) -> bytes | None:
+        """The stored result record of ``job_id``, or None if there is none yet."""
+
+    # ------------------------------------------------------------ consumer
+
+    @abc.abstractmethod
+    async def fetch(self, max_messages: int, wait: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting at most ``wait`` s for the first."""
+
+    @abc.abstractmethod
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        """Write each outcome durably, then acknowledge its delivery."""
+
+    @abc.abstractmethod
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        """Renew the lease of deliveries still being worked on."""
+
+    @abc.abstractmethod
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries that will not be processed here."""
+
+    async def backlog(self) -> int | None:
+        """Messages waiting to be delivered, if the broker can say (stall detection)."""
+        return None
+
+    # ---------------------------------------------------------- inspection
+
+    @abc.abstractmethod
+    async def results(self) -> dict[str, bytes]:
+        """Every stored result record by job id (for tools and tests)."""
+
+    @abc.abstractmethod
+    async def dead_letters(self) -> list[bytes]:
+        """Every dead-letter record (for tools and tests)."""
+
+
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and errors."""
+    return _PASSWORD.sub(r"\1***@", url)

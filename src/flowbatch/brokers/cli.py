@@ -1,0 +1,150 @@
+"""``flowbatch worker``: run a pipeline as a broker worker until SIGTERM.
+
+Usage::
+
+    flowbatch worker mypkg.pipes:embed --broker redis://127.0.0.1:6379/0 --queue embed
+    python -m flowbatch.brokers worker mypkg.pipes:embed   # sqlite:///flowbatch-queue.db
+
+SIGTERM or SIGINT stops fetching, lets in-flight messages finish and be
+settled, releases what was prefetched and exits 0. The last line on stdout
+is the worker's statistics as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+
+from flowbatch.pipeline import Pipeline
+from flowbatch.retry import Retry
+
+from .base import DEFAULT_MAX_MESSAGE_BYTES
+from .config import (
+    DEFAULT_LEASE,
+    DEFAULT_PREFETCH,
+    DEFAULT_RETRY,
+    DEFAULT_WORKER_CONFIG,
+    WorkerConfig,
+)
+from .registry import DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
+
+__all__ = ["load_pipeline", "worker"]
+
+
+def load_pipeline(target: str) -> Pipeline:
+    """Import ``module:attr``; the attribute is a Pipeline or a function returning one."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(f"expected module:attribute, got {target!r}", param_hint="TARGET")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: the current directory's modules
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="TARGET") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise click.BadParameter(
+                f"module {module_name!r} has no attribute {attr!r}", param_hint="TARGET"
+            ) from None
+    if not isinstance(obj, Pipeline) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Pipeline):
+        raise click.BadParameter(
+            f"{target} is a {type(obj).__name__}, not an fb.Pipeline (or a function returning one)",
+            param_hint="TARGET",
+        )
+    return obj
+
+
+@click.command()
+@click.argument("target")
+@click.option("--broker", "url", default=DEFAULT_BROKER_URL, show_default=True,
+              help="Broker URL: sqlite:///file.db, redis://, amqp://, nats://, kafka://.")
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue to consume.")
+@click.option("--concurrency", default=DEFAULT_PREFETCH, show_default=True,
+              type=click.IntRange(min=1),
+              help="Messages in flight at most (fetched, not yet settled).")
+@click.option("--max-attempts", default=DEFAULT_RETRY.attempts, show_default=True,
+              type=click.IntRange(min=1), help="Attempts per message before the dead-letter queue.")
+@click.option("--backoff", default=DEFAULT_RETRY.backoff, show_default=True,
+              type=click.FloatRange(min=0), help="Seconds before the first retry; doubles each time.")
+@click.option("--max-backoff", default=DEFAULT_RETRY.max_backoff, show_default=True,
+              type=click.FloatRange(min=0), help="Upper bound of the retry backoff.")
+@click.option("--lease", default=DEFAULT_LEASE, show_default=True,
+              type=click.FloatRange(min=0.1),
+              help="Seconds a message stays reserved; renewed while it is worked on.")
+@click.option("--timeout", default=None, type=click.FloatRange(min=0.001),
+              help="Per-message deadline inside the pipeline, seconds.")
+@click.option("--max-message-bytes", default=DEFAULT_MAX_MESSAGE_BYTES, show_default=True,
+              type=click.IntRange(min=1), help="Larger messages are dead-lettered unread.")
+@click.option("--stall-after", default=DEFAULT_WORKER_CONFIG.stall_after, show_default=True,
+              type=click.FloatRange(min=0.1),
+              help="Seconds without deliveries while a backlog waits before reconnecting.")
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def worker(  # noqa: PLR0917 - click passes every option positionally
+    target: str,
+    url: str,
+    queue: str,
+    concurrency: int,
+    max_attempts: int,
+    backoff: float,
+    max_backoff: float,
+    lease: float,
+    timeout: float | None,
+    max_message_bytes: int,
+    stall_after: float,
+    log_level: str,
+) -> None:
+    """Consume QUEUE from a broker into the pipeline TARGET (module:attribute)."""
+    # A SIGTERM that arrives while the pipeline is still being imported must
+    # still end in a clean stop (exit 0), not in the default handler's death.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    pipe = load_pipeline(target)
+    try:
+        broker = make_broker(url, queue)
+    except (ValueError, ImportError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from exc
+    config = WorkerConfig(
+        prefetch=concurrency,
+        retry=Retry(attempts=max_attempts, backoff=backoff, max_backoff=max_backoff),
+        lease=lease,
+        timeout=timeout,
+        max_message_bytes=max_message_bytes,
+        stall_after=stall_after,
+    )
+    stats = asyncio.run(_serve(pipe, broker, config, early))
+    click.echo(json.dumps(dataclasses.asdict(stats)))
+
+
+async def _serve(pipe: Pipeline, broker: Any, config: WorkerConfig, early: list[int]) -> Any:
+    from .worker import Worker
+
+    w = Worker(pipe, broker, config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, w.stop)
+    if early:
+        w.stop()
+    try:
+        return await w.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

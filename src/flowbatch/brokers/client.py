@@ -1,0 +1,125 @@
+"""The producer side: enqueue jobs and read their results.
+
+Usage::
+
+    async with fb.Client("redis://127.0.0.1:6379/0", queue="embed") as client:
+        job_id = await client.submit({"text": "hello"})
+        vector = await client.result(job_id, timeout=30)
+
+``key`` makes a submission idempotent: the job id *is* the key, results are
+stored first-write-wins under it, so submitting the same key twice yields
+one result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .base import Broker, JobFailed, ResultRecord, decode_record, encode_job, new_job_id
+from .registry import DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
+
+__all__ = ["Client"]
+
+# How many envelopes go to the broker in one publish call.
+_PUBLISH_CHUNK = 500
+
+
+class Client:
+    """Submit jobs to a queue and wait for their results.
+
+    ``broker`` is a URL (``sqlite:///jobs.db``, ``redis://``, ``amqp://``,
+    ``nats://``, ``kafka://``) or a ``Broker`` object (e.g. a ``MemoryBroker``
+    shared with a worker in tests). Use as ``async with``; a client also opens
+    itself on first use and is closed with ``close()``.
+    """
+
+    def __init__(self, broker: str | Broker = DEFAULT_BROKER_URL, queue: str = DEFAULT_QUEUE) -> None:
+        self.broker = broker if isinstance(broker, Broker) else make_broker(broker, queue)
+        self._opened = False
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Client:
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _open(self) -> Broker:
+        if not self._opened:
+            async with self._lock:
+                if not self._opened:
+                    await self.broker.open()
+                    self._opened = True
+        return self.broker
+
+    async def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self.broker.close()
+
+    async def submit(self, payload: Any, key: str | None = None) -> str:
+        """Enqueue one job; returns its id (``key`` when given)."""
+        return (await self.submit_many([payload], None if key is None else [key]))[0]
+
+    async def submit_many(
+        self, payloads: Iterable[Any], keys: Sequence[str] | None = None
+    ) -> list[str]:
+        """Enqueue many jobs in few round trips; returns their ids in order."""
+        broker = await self._open()
+        items = list(payloads)
+        if keys is not None and len(keys) != len(items):
+            raise ValueError(f"got {len(keys)} keys for {len(items)} payloads")
+        ids: list[str] = []
+        bodies: list[bytes] = []
+        now = time.time()
+        for i, payload in enumerate(items):
+            job_id = new_job_id() if keys is None else keys[i]
+            if not isinstance(job_id, str) or not job_id:
+                raise ValueError(f"a job key must be a non-empty string, got {job_id!r}")
+            ids.append(job_id)
+            bodies.append(encode_job(job_id, payload, first_seen=now))
+        for start in range(0, len(bodies), _PUBLISH_CHUNK):
+            await broker.publish(bodies[start : start + _PUBLISH_CHUNK])
+        return ids
+
+    async def record(self, job_id: str) -> ResultRecord | None:
+        """The stored outcome of ``job_id`` (success or failure), or None if not done."""
+        broker = await self._open()
+        try:
+            data = await broker.get_result(job_id)
+        except Exception:
+            # A lost connection (a broker restart): one fresh connection, then give up.
+            await broker.reconnect()
+            data = await broker.get_result(job_id)
+        return None if data is None else decode_record(data)
+
+    async def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """Wait for ``job_id``'s result and return it.
+
+        Raises ``JobFailed`` when the job was dead-lettered and ``TimeoutError``
+        when ``timeout`` seconds pass first.
+        """
+        delay = 0.002
+        async with asyncio.timeout(timeout):
+            while True:
+                rec = await self.record(job_id)
+                if rec is not None:
+                    if not rec.ok:
+                        raise JobFailed(job_id, rec.error or "", rec.attempts, rec.first_seen)
+                    return rec.value
+                await asyncio.sleep(delay)  # polls the result store with backoff
+                delay = min(0.25, delay * 2)
+
+    async def dead_letters(self) -> list[ResultRecord]:
+        """Every dead-letter record of the queue (error, attempts, first seen, body)."""
+        broker = await self._open()
+        return [decode_record(x) for x in await broker.dead_letters()]
+
+    async def results(self) -> dict[str, ResultRecord]:
+        """Every stored result record of the queue, by job id (tools and tests)."""
+        broker = await self._open()
+        return {k: decode_record(v) for k, v in (await broker.results()).items()}

@@ -1,0 +1,90 @@
+"""Worker settings as one frozen value object.
+
+Usage::
+
+    config = WorkerConfig(prefetch=512, retry=fb.Retry(attempts=5, backoff=1.0, max_backoff=60))
+    await Worker(pipe, broker, config).run()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowbatch.retry import Retry
+
+from .base import DEFAULT_MAX_MESSAGE_BYTES
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "DEFAULT_PREFETCH",
+    "DEFAULT_RETRY",
+    "DEFAULT_WORKER_CONFIG",
+    "WorkerConfig",
+]
+
+DEFAULT_PREFETCH = 256
+DEFAULT_LEASE = 30.0
+#: Broker-level retries: attempts in all (redeliveries included), then the
+#: dead-letter queue. Backoff is per message: 1 s, 2 s, 4 s ... up to 60 s.
+DEFAULT_RETRY = Retry(attempts=3, backoff=1.0, max_backoff=60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How a worker consumes one queue.
+
+    - ``prefetch``: messages in flight at most (fetched and not yet settled);
+      also the runner's first queue size, so the worker fetches only what the
+      pipeline has room for.
+    - ``retry``: attempts in all and the backoff between them, per message
+      (``fb.Retry``; its ``on`` picks which errors are retried, the rest are
+      dead-lettered at once). Transient faults *inside* a stage are better
+      retried by the stage's own ``fb.stage(retry=...)``: that keeps the
+      message and its lease where they are.
+    - ``lease``: seconds a delivery is reserved for this worker before the
+      broker may hand it to another; renewed every ``lease / 3`` while the
+      message is in the pipeline.
+    - ``poll``: seconds one fetch waits for the first message.
+    - ``timeout``: per-message deadline inside the pipeline (None: none).
+    - ``max_message_bytes``: larger messages are dead-lettered unread.
+    - ``payload_type``: when set, each payload is converted to it
+      (``msgspec.convert``); a mismatch is dead-lettered as a schema error.
+    - ``stall_after``: seconds without a delivery, while the broker reports a
+      backlog, after which the connection is considered stalled and re-opened.
+    - ``reconnect_backoff`` / ``max_reconnect_backoff``: waits between
+      reconnection attempts.
+    - ``stop_timeout``: on stop, how long to keep trying to settle in-flight
+      messages with an unreachable broker before giving up (they are then
+      redelivered to another worker).
+    """
+
+    prefetch: int = DEFAULT_PREFETCH
+    retry: Retry = DEFAULT_RETRY
+    lease: float = DEFAULT_LEASE
+    poll: float = 1.0
+    timeout: float | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    payload_type: Any = None
+    stall_after: float = 15.0
+    reconnect_backoff: float = 0.1
+    max_reconnect_backoff: float = 5.0
+    stop_timeout: float = 60.0
+    name: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefetch, int) or self.prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1, got {self.prefetch!r}")
+        if not isinstance(self.retry, Retry):
+            raise TypeError(f"retry must be an fb.Retry, got {self.retry!r}")
+        for name in ("lease", "poll", "stall_after", "reconnect_backoff", "max_reconnect_backoff"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 or None, got {self.timeout!r}")
+        if self.max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be >= 1")
+
+
+DEFAULT_WORKER_CONFIG = WorkerConfig()

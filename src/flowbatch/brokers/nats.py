@@ -1,0 +1,263 @@
+"""NATS JetStream broker (``nats://host:port``), on nats-py.
+
+Created for queue ``q``: the work-queue stream ``FB_q`` (subject
+``fb.q.jobs``, file storage), its durable pull consumer ``fb`` (explicit
+ack, ``ack_wait`` = the worker's lease), the dead-letter stream ``FB_q_DEAD``
+(subject ``fb.q.dead``) and the key-value bucket ``FB_q_results``.
+
+How it keeps the contract:
+
+- fetch pulls at most as many messages as the pipeline has room for;
+  ``num_delivered`` counts every delivery, so a message whose workers keep
+  dying is dead-lettered after the last attempt;
+- settle writes each result with the bucket's ``create`` (which fails if the
+  key exists: the first result of a job wins) and each dead letter with a
+  JetStream publish (the server's ack means it is stored), then acks;
+- a retry is ``nak(delay=backoff)``: the server redelivers the same message
+  after the backoff and ``num_delivered`` carries the attempt count;
+- ``extend`` sends ``+WPI`` (in progress), which restarts ``ack_wait``;
+- ``release`` naks without delay (JetStream counts that as a delivery);
+- the client reconnects by itself after a server restart; a consumer that
+  receives nothing while ``num_pending`` says messages wait is re-created
+  by the worker (stall detection).
+
+Job ids that are not valid key names (``[-/_=.a-zA-Z0-9]``) are stored
+under ``h_`` + their SHA-256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+
+from .base import Broker, BrokerError, Delivery, Outcome
+
+__all__ = ["NATSBroker"]
+
+_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+DURABLE = "fb"
+_CONNECT_TIMEOUT = 15.0
+
+
+def kv_key(job_id: str) -> str:
+    if _KEY.match(job_id) and len(job_id) <= 200:
+        return job_id
+    return "h_" + hashlib.sha256(job_id.encode()).hexdigest()
+
+
+class NATSBroker(Broker):
+    """One queue on NATS JetStream; see the module docstring."""
+
+    scheme = "nats"
+
+    def __init__(self, url: str, queue: str) -> None:
+        super().__init__(url, queue)
+        self.stream = f"FB_{queue}"
+        self.subject = f"fb.{queue}.jobs"
+        self.dead_stream = f"FB_{queue}_DEAD"
+        self.dead_subject = f"fb.{queue}.dead"
+        self.bucket = f"FB_{queue}_results"
+        self._nc: Any = None
+        self._js: Any = None
+        self._kv: Any = None
+        self._sub: Any = None
+
+    async def open(self) -> None:
+        if self._nc is not None:
+            return
+        # nats-py retries a refused first connection for as long as
+        # max_reconnect_attempts allows (forever here): bound it.
+        async with asyncio.timeout(_CONNECT_TIMEOUT):
+            nc = await nats.connect(
+                self.url,
+                connect_timeout=5,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                reconnected_cb=self._on_reconnected,
+            )
+        try:
+            js = nc.jetstream(timeout=10)
+            await _ensure_stream(
+                js,
+                StreamConfig(
+                    name=self.stream, subjects=[self.subject],
+                    retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                ),
+            )
+            await _ensure_stream(
+                js,
+                StreamConfig(name=self.dead_stream, subjects=[self.dead_subject], storage=StorageType.FILE),
+            )
+            try:
+                self._kv = await js.key_value(self.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await js.create_key_value(bucket=self.bucket, storage=StorageType.FILE)
+        except BaseException:
+            await nc.close()
+            raise
+        self._nc, self._js = nc, js
+        self._sub = None
+        self.epoch += 1
+
+    async def _on_reconnected(self) -> None:
+        self.auto_reconnects += 1
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        self._js = self._kv = self._sub = None
+        if nc is not None:
+            # close() flushes pending writes, which waits forever on a
+            # connection that is down (mid-reconnect): bound it.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    await nc.close()
+
+    def _connected(self) -> Any:
+        if self._nc is None or self._js is None:
+            raise BrokerError(f"{self!r} is not open")
+        return self._js
+
+    # ------------------------------------------------------------ producer
+
+    async def publish(self, bodies: Sequence[bytes]) -> None:
+        js = self._connected()
+        await asyncio.gather(*(js.publish(self.subject, bytes(b), stream=self.stream) for b in bodies))
+
+    async def get_result(self, job_id: str) -> bytes | None:
+        self._connected()
+        try:
+            entry = await self._kv.get(kv_key(job_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        value = entry.value
+        return None if value is None else bytes(value)
+
+    # ------------------------------------------------------------ consumer
+
+    async def _consumer(self) -> Any:
+        js = self._connected()
+        if self._sub is None:
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.lease,
+                max_deliver=-1,
+                max_ack_pending=max(1000, 4 * self.prefetch),
+            )
+            self._sub = await js.pull_subscribe(
+                self.subject, durable=DURABLE, stream=self.stream, config=config
+            )
+        return self._sub
+
+    async def fetch(self, max_messages: int, wait: float) -> list[Delivery]:
+        sub = await self._consumer()
+        try:
+            msgs = await sub.fetch(batch=max_messages, timeout=max(wait, 0.01))
+        except nats.errors.TimeoutError:
+            return []
+        epoch = self.epoch
+        out: list[Delivery] = []
+        for m in msgs:
+            n = int(m.metadata.num_delivered or 1)
+            out.append(Delivery(m.data, m, deliveries=n, redelivered=n > 1, epoch=epoch))
+        return out
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        js = self._connected()
+        writes: list[Any] = []
+        for o in outcomes:
+            if o.result is not None and o.job_id:
+                writes.append(self._create(o.job_id, o.result))
+            if o.dead is not None:
+                writes.append(js.publish(self.dead_subject, o.dead, stream=self.dead_stream))
+        await asyncio.gather(*writes)  # stored (acked by the server) before any ack
+        for o in outcomes:
+            if o.retry is not None:
+                delay = int(o.delay * 1e9)
+                await self._reply(o.delivery, b'-NAK {"delay": %d}' % delay)
+            else:
+                await self._reply(o.delivery, b"+ACK")
+
+    async def _reply(self, d: Delivery, ack: bytes) -> None:
+        # An ack is a publish to the message's reply subject. Sent on the
+        # current connection, it also settles messages fetched before a
+        # reconnect (a message's own .ack() would use the closed one).
+        reply = d.tag.reply
+        if reply:
+            await self._nc.publish(reply, ack)
+
+    async def _create(self, job_id: str, record: bytes) -> None:
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+            await self._kv.create(kv_key(job_id), record)
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        self._connected()
+        for d in deliveries:
+            await self._reply(d, b"+WPI")
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        self._connected()
+        for d in deliveries:
+            await self._reply(d, b"-NAK")
+
+    async def backlog(self) -> int | None:
+        sub = await self._consumer()
+        info = await sub.consumer_info()
+        return int(info.num_pending or 0)
+
+    # ---------------------------------------------------------- inspection
+
+    async def results(self) -> dict[str, bytes]:
+        self._connected()
+        from .base import decode_record
+
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        out: dict[str, bytes] = {}
+        try:
+            async with asyncio.timeout(60):
+                async for entry in watcher:
+                    if entry is None:
+                        break  # every current value has been seen
+                    out[decode_record(entry.value).id] = bytes(entry.value)
+        finally:
+            await watcher.stop()
+        return out
+
+    async def dead_letters(self) -> list[bytes]:
+        js = self._connected()
+        info = await js.stream_info(self.dead_stream)
+        out: list[bytes] = []
+        first, last = int(info.state.first_seq), int(info.state.last_seq)
+        if not info.state.messages:
+            return out
+        for seq in range(first, last + 1):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                msg = await js.get_msg(self.dead_stream, seq)
+                out.append(bytes(msg.data))
+        return out
+
+    async def delete(self) -> None:
+        """Remove the queue's streams and results bucket (tests, tools)."""
+        js = self._connected()
+        for name in (self.stream, self.dead_stream):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(name)
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(self.bucket)
+
+
+async def _ensure_stream(js: Any, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await js.add_stream(config)  # another process may have created it first
