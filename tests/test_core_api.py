@@ -13,9 +13,11 @@ import flowbatch as fb
 EXPECTED = {
     "Batch",
     "BatchContractError",
+    "Client",
     "DeadlineExceeded",
     "FlowbatchError",
     "ItemFailed",
+    "JobFailed",
     "Overloaded",
     "Pipeline",
     "PipelineClosed",

@@ -35,12 +35,31 @@ from .stage import Stage, stage
 
 __version__ = "0.1.0"
 
+# Front-end names load on first use, so `import flowbatch` stays the engine alone.
+_LAZY = {
+    "Client": "flowbatch.brokers.client",
+    "JobFailed": "flowbatch.brokers.base",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowbatch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
     "Batch",
     "BatchContractError",
+    "Client",
     "DeadlineExceeded",
     "FlowbatchError",
     "ItemFailed",
+    "JobFailed",
     "Overloaded",
     "Pipeline",
     "PipelineClosed",
