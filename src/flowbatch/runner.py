@@ -815,6 +815,10 @@ class Runner:
         sr.metrics.expired += 1
         self._left()
 
+    def _log_fields(self, sr: _StageRun, item: _Item) -> dict[str, Any]:
+        """The record attributes every engine log line about an item carries."""
+        return {"pipeline": self.name, "stage": sr.name, "item": item.id, "attempt": item.attempt}
+
     def _fail(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
         sr.metrics.failed += 1
         err = exc if isinstance(exc, ItemFailed) else ItemFailed(sr.name, item.attempt, exc)
@@ -826,12 +830,7 @@ class Runner:
                 item.attempt,
                 type(exc).__name__,
                 exc,
-                extra={
-                    "pipeline": self.name,
-                    "stage": sr.name,
-                    "item": item.id,
-                    "attempt": item.attempt,
-                },
+                extra=self._log_fields(sr, item),
             )
         self._resolve(item.root, None, err)
         self._left()
@@ -853,12 +852,7 @@ class Runner:
                 item.attempt,
                 type(exc).__name__,
                 exc,
-                extra={
-                    "pipeline": self.name,
-                    "stage": sr.name,
-                    "item": item.id,
-                    "attempt": item.attempt,
-                },
+                extra=self._log_fields(sr, item),
             )
             item.attempt += 1
             if delay <= 0:
