@@ -1,0 +1,534 @@
+"""http: the embedding model served over HTTP by flowbatch and by three peers.
+
+Servers, one at a time, each its own process, the same model
+(all-MiniLM-L6-v2, ``SentenceEmbedder``) and the same parallelism (2
+replicas x 1 torch thread; the naive server has one model with torch's
+default threads, as the plain way gets):
+
+- ``flowbatch``: ``flowbatch.http.run(create_app(pipeline))``, the embedder as
+  a batched thread stage (``Batch(max_size=64)``, ``concurrency=2``), default
+  admission (``max_in_flight`` = a full batch per worker).
+- ``naive``: FastAPI + uvicorn, ``async def`` endpoint calling the model, no batching.
+- ``litserve``: LitServe, ``max_batch_size=64``, ``batch_timeout=0.01``, 2 workers.
+- ``mosec``: mosec, ``max_batch_size=64``, ``max_wait_time=10`` ms, 2 workers.
+
+Load: a lean asyncio (uvloop) HTTP/1.1 client on keep-alive connections, one
+sentence per request from ``../shared/data/sentences.txt``; closed loop at
+concurrency 1, 16 and 64, then an open loop at 3x the offline limit
+(requests start on a fixed schedule whatever the answers do). Figures:
+requests/s, p50 and p99 of the 200s, the ratio to the model's offline
+limit (``_common.Replicas``, best of batch 1..64, the same replicas x threads),
+and the status mix under overload.
+
+Peers need ``litserve`` and ``mosec``; give ``--peer-python`` a Python that
+has them (and the main venv's packages, e.g. a venv with a ``.pth`` file
+pointing at them). Missing peers are skipped and said so.
+
+Usage::
+
+    .venv/bin/python benchmarks/http.py --peer-python /work/bench-venv/bin/python
+    .venv/bin/python benchmarks/http.py --servers flowbatch --duration 5
+"""
+
+# ruff: noqa: E402 - the standard imports follow the sys.path fix below
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the standard library's ``http`` package: take its
+# folder off the import path before anything imports ``http.client``.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+from collections import Counter
+from time import perf_counter
+from typing import Any
+
+
+def _load_common() -> Any:
+    spec = importlib.util.spec_from_file_location("_common", _HERE / "_common.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_common"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_common = _load_common()
+Replicas = _common.Replicas
+load_sentences = _common.load_sentences
+machine = _common.machine
+quiet_model_loading = _common.quiet_model_loading
+report = _common.report
+
+REPLICAS = 2
+TORCH_THREADS = 1
+MAX_BATCH = 64
+#: flowbatch's executor for the model: "process" keeps each replica's Python
+#: (tokenizer, module calls) off the server's GIL, as the peers' workers are.
+EXECUTOR = "thread"
+SERVERS = ("flowbatch", "naive", "litserve", "mosec")
+PATHS = {
+    "flowbatch": "/v1/pipelines/embed",
+    "naive": "/embed",
+    "litserve": "/predict",
+    "mosec": "/inference",
+}
+
+# ---------------------------------------------------------------- servers
+
+
+def serve_flowbatch(port: int) -> None:
+    import flowbatch as fb
+    from flowbatch.http import create_app, run
+    from flowbatch.models import SentenceEmbedder
+
+    executor = os.environ.get("FLOWBATCH_BENCH_EXECUTOR", EXECUTOR)
+    embed = fb.stage(SentenceEmbedder(torch_threads=TORCH_THREADS), name="embed",
+                     batch=fb.Batch(max_size=MAX_BATCH), concurrency=REPLICAS,
+                     executor=executor)  # type: ignore[arg-type]
+    app = create_app(fb.Pipeline([embed], name="embed"))
+    run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def serve_naive(port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from flowbatch.models import SentenceEmbedder
+
+    model = SentenceEmbedder()  # torch's default threads: the plain way
+    model.setup()
+    app = FastAPI()
+
+    @app.post("/embed")
+    async def embed(body: dict[str, Any]) -> dict[str, Any]:
+        return {"output": model([body["input"]])[0].tolist()}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# LitServe and mosec start worker processes that import this file and look
+# their classes up by name: the classes must be module-level, so they are
+# defined when the environment says which server this process runs.
+_SERVING = os.environ.get("FLOWBATCH_BENCH_SERVE", "")
+
+if _SERVING == "litserve":
+    import litserve as ls
+
+    class EmbedAPI(ls.LitAPI):  # type: ignore[misc]
+        def setup(self, device: str) -> None:
+            from flowbatch.models import SentenceEmbedder
+
+            self.model = SentenceEmbedder(torch_threads=TORCH_THREADS)
+            self.model.setup()
+
+        def decode_request(self, request):  # type: ignore[no-untyped-def]  # LitServe reads this signature: unannotated = a JSON body
+            return str(request["input"])
+
+        def predict(self, texts: list[str]) -> list[Any]:
+            return self.model(texts)  # type: ignore[no-any-return]
+
+        def encode_response(self, output: Any) -> dict[str, Any]:
+            return {"output": output.tolist()}
+
+if _SERVING == "mosec":
+    from mosec import Worker
+
+    class Embed(Worker):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            from flowbatch.models import SentenceEmbedder
+
+            self.model = SentenceEmbedder(torch_threads=TORCH_THREADS)
+            self.model.setup()
+
+        def forward(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            vecs = self.model([d["input"] for d in data])
+            return [{"output": v.tolist()} for v in vecs]
+
+
+def serve_litserve(port: int) -> None:
+    import litserve as ls
+
+    api = EmbedAPI(max_batch_size=MAX_BATCH, batch_timeout=0.01)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=REPLICAS)
+    server.run(host="127.0.0.1", port=port, generate_client_file=False)
+
+
+def serve_mosec(port: int) -> None:
+    from mosec import Server
+
+    sys.argv = [sys.argv[0], "--port", str(port), "--address", "127.0.0.1", "--log-level", "warning"]
+    server = Server()
+    server.append_worker(Embed, num=REPLICAS, max_batch_size=MAX_BATCH, max_wait_time=10)
+    server.run()
+
+
+# ------------------------------------------------------------ load client
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection that sends prepared requests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def send(self, request: bytes) -> int:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        chunked = False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if chunked:
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        elif length:
+            await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def build_requests(path: str, texts: list[str]) -> list[bytes]:
+    out = []
+    for t in texts:
+        body = json.dumps({"input": t}).encode()
+        out.append(
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+        )
+    return out
+
+
+def summarize(latencies: list[float], statuses: Counter[str], seconds: float) -> dict[str, Any]:
+    ok = sorted(latencies)
+    n = len(ok)
+
+    def pct(q: float) -> float:
+        return ok[min(n - 1, max(0, int(q * n + 0.5) - 1))] * 1000 if n else float("nan")
+
+    return {
+        "rps": n / seconds,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "ok": n,
+        "statuses": dict(sorted(statuses.items())),
+    }
+
+
+async def closed_loop(port: int, requests: list[bytes], concurrency: int, warmup: float,
+                      duration: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    t_start = loop.time() + warmup
+    t_end = t_start + duration
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+
+    async def worker(k: int) -> None:
+        conn = await Conn.open(port)
+        i = k
+        try:
+            while True:
+                t0 = loop.time()
+                if t0 >= t_end:
+                    return
+                p0 = perf_counter()
+                status = await conn.send(requests[i % len(requests)])
+                p1 = perf_counter()
+                i += concurrency
+                if t0 >= t_start:
+                    statuses[str(status)] += 1
+                    if status == 200:
+                        latencies.append(p1 - p0)
+        finally:
+            conn.close()
+
+    async with asyncio.timeout(warmup + duration + 120):
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return summarize(latencies, statuses, duration)
+
+
+async def open_loop(port: int, requests: list[bytes], rate: float, duration: float, *,
+                    max_conns: int = 2048, timeout: float = 30.0) -> dict[str, Any]:
+    """Start a request every 1/rate s whatever the answers; count what comes back."""
+    loop = asyncio.get_running_loop()
+    idle: list[Conn] = []
+    open_conns = 0
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    tasks: set[asyncio.Task[None]] = set()
+    last_done = 0.0
+
+    async def one(i: int, t0: float) -> None:
+        # t0: when the request was due (loop clock); latency counts from then.
+        nonlocal open_conns, last_done
+        conn = idle.pop() if idle else None
+        if conn is None:
+            if open_conns >= max_conns:
+                statuses["client: no connection"] += 1
+                return
+            open_conns += 1
+            try:
+                conn = await Conn.open(port)
+            except OSError:
+                open_conns -= 1
+                statuses["connect error"] += 1
+                return
+        try:
+            async with asyncio.timeout(timeout):
+                status = await conn.send(requests[i % len(requests)])
+        except TimeoutError:
+            statuses["timeout"] += 1
+            conn.close()
+            open_conns -= 1
+            return
+        except (OSError, asyncio.IncompleteReadError):
+            statuses["connection error"] += 1
+            conn.close()
+            open_conns -= 1
+            return
+        statuses[str(status)] += 1
+        if status == 200:
+            now = loop.time()
+            latencies.append(now - t0)
+            last_done = max(last_done, now)
+        idle.append(conn)
+
+    n = int(rate * duration)
+    start = loop.time() + 0.05
+    for i in range(n):
+        t = start + i / rate
+        delay = t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.ensure_future(one(i, t))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout + 10)
+    for conn in idle:
+        conn.close()
+    # answers that came late count over the time they took to come
+    span = max(duration, (last_done - start) if last_done else duration)
+    result = summarize(latencies, statuses, span)
+    result["offered_rps"] = rate
+    return result
+
+
+# ---------------------------------------------------------------- driving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(kind: str, python: str, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FLOWBATCH_BENCH_SERVE": kind, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    # Read only if the server dies: an unread pipe could fill and block it.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the run ends
+    proc = subprocess.Popen(
+        [python, __file__, "--serve", kind, "--port", str(port)],
+        env=env, stdout=log, stderr=log, start_new_session=True,
+    )
+    _LOGS[proc.pid] = log
+    return proc
+
+
+_LOGS: dict[int, Any] = {}
+
+
+def server_log(proc: subprocess.Popen[bytes]) -> str:
+    log = _LOGS[proc.pid]
+    log.seek(0)
+    return str(log.read().decode(errors="replace"))[-3000:]
+
+
+async def wait_ready(port: int, request: bytes, proc: subprocess.Popen[bytes],
+                     limit: float = 300) -> None:
+    """Send a real request until one answers 200 (the model is loaded)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while loop.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server_log(proc)}")
+        try:
+            conn = await Conn.open(port)
+            try:
+                if await conn.send(request) == 200:
+                    return
+            finally:
+                conn.close()
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def has_module(python: str, module: str) -> bool:
+    r = subprocess.run([python, "-c", f"import {module}"], capture_output=True, check=False)
+    return r.returncode == 0
+
+
+def offline_limit(texts: list[str]) -> tuple[float, float]:
+    """(best sentences/s over batch sizes, median batch-of-1 ms), same replicas x threads."""
+    reps = Replicas(REPLICAS, TORCH_THREADS)
+    try:
+        reps.throughput(texts[:128], 16)  # warm up
+        best = max(reps.throughput(texts[:1024], b) for b in (8, 16, 32, 64))
+        one = statistics.median(reps.call_times(texts[:200]))
+    finally:
+        reps.close()
+    return best, one * 1000
+
+
+def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namespace,
+                 limit: float) -> dict[str, Any]:
+    port = free_port()
+    requests = build_requests(PATHS[kind], texts)
+    proc = start_server(kind, python, port)
+    out: dict[str, Any] = {}
+    try:
+        asyncio.run(wait_ready(port, requests[0], proc))
+        for c in (1, 16, 64):
+            out[f"c{c}"] = asyncio.run(closed_loop(port, requests, c, args.warmup, args.duration))
+            print(f"  {kind} c={c}: {out[f'c{c}']['rps']:.1f} req/s "
+                  f"p50 {out[f'c{c}']['p50_ms']:.1f} ms p99 {out[f'c{c}']['p99_ms']:.1f} ms",
+                  file=sys.stderr, flush=True)
+        out["overload"] = asyncio.run(open_loop(port, requests, 3 * limit, args.duration))
+        print(f"  {kind} overload: {out['overload']}", file=sys.stderr, flush=True)
+    finally:
+        stop_server(proc)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--peer-python", default=sys.executable,
+                   help="Python with litserve and mosec installed (and flowbatch importable)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted per phase")
+    p.add_argument("--runs", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    quiet_model_loading()
+    if args.serve:
+        {"flowbatch": serve_flowbatch, "naive": serve_naive, "litserve": serve_litserve,
+         "mosec": serve_mosec}[args.serve](args.port)
+        return
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # a leaner client
+    texts = load_sentences()
+    kinds = [k for k in args.servers.split(",") if k]
+    skipped = []
+    pythons = {}
+    for k in kinds:
+        py = sys.executable if k in ("flowbatch", "naive") else args.peer_python
+        if k in ("litserve", "mosec") and not has_module(py, k):
+            skipped.append(k)
+            continue
+        pythons[k] = py
+    runs: list[dict[str, Any]] = []
+    for r in range(args.runs):
+        limit, batch1_ms = offline_limit(texts)
+        print(f"run {r + 1}: offline limit {limit:.1f} sentences/s, batch of 1 {batch1_ms:.1f} ms",
+              file=sys.stderr, flush=True)
+        run: dict[str, Any] = {"limit": limit, "batch1_ms": batch1_ms, "servers": {}}
+        for k, py in pythons.items():
+            run["servers"][k] = bench_server(k, py, texts, args, limit)
+        runs.append(run)
+
+    def med(get: Any) -> float:
+        vals = [get(r) for r in runs]
+        return float(statistics.median(vals))
+
+    limit = med(lambda r: r["limit"])
+    batch1 = med(lambda r: r["batch1_ms"])
+    rows = []
+    figures: dict[str, Any] = {"limit_sps": round(limit, 1), "batch1_ms": round(batch1, 2),
+                               "runs": runs, "skipped": skipped}
+    for k in pythons:
+        for phase in ("c1", "c16", "c64", "overload"):
+            rps = med(lambda r, k=k, ph=phase: r["servers"][k][ph]["rps"])
+            p50 = med(lambda r, k=k, ph=phase: r["servers"][k][ph]["p50_ms"])
+            p99 = med(lambda r, k=k, ph=phase: r["servers"][k][ph]["p99_ms"])
+            mix = runs[-1]["servers"][k][phase]["statuses"]
+            rows.append([k, phase, rps, p50, p99, rps / limit,
+                         ", ".join(f"{s}: {n}" for s, n in mix.items())])
+            figures[f"{k}_{phase}"] = {"rps": round(rps, 1), "p50_ms": round(p50, 2),
+                                       "p99_ms": round(p99, 2), "ratio": round(rps / limit, 3),
+                                       "statuses": mix}
+    notes = [
+        (f"offline limit: {limit:.1f} sentences/s ({REPLICAS} replicas x {TORCH_THREADS} torch "
+         f"thread, best of batch 8-64); batch of 1: {batch1:.1f} ms; load {machine()['loadavg_1m']}"),
+        f"overload: open loop at 3x the limit ({3 * limit:.0f} req/s offered) for {args.duration:.0f} s",
+    ]
+    if "flowbatch" in pythons:
+        fb64 = figures["flowbatch_c64"]
+        notes.append(f"targets: c64 >= 0.9x limit: {fb64['ratio']:.2f}x; c1 p50 within 2 ms of "
+                     f"batch-of-1: +{figures['flowbatch_c1']['p50_ms'] - batch1:.1f} ms; overload "
+                     f"p99 < 2x c64 p99: {figures['flowbatch_overload']['p99_ms'] / fb64['p99_ms']:.2f}x")
+        if "mosec" in pythons:
+            notes.append(f"flowbatch / mosec at c64: "
+                         f"{fb64['rps'] / max(figures['mosec_c64']['rps'], 1e-9):.2f}x")
+    if skipped:
+        notes.append(f"skipped (not installed for --peer-python): {', '.join(skipped)}")
+    report("http", "HTTP serving: all-MiniLM-L6-v2, one sentence per request",
+           ["server", "load", "req/s", "p50 ms", "p99 ms", "x limit", "statuses"],
+           rows, figures, notes)
+
+
+if __name__ == "__main__":
+    main()

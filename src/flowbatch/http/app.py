@@ -1,0 +1,186 @@
+"""``create_app``: one ASGI application that serves pipelines over HTTP.
+
+It composes a router (native, jobs, stream, OIP v2 and OpenAI routes), a
+pure-ASGI API-key check, and error handlers that answer every failure in
+the calling protocol's shape, with no stack trace. The service's lifespan
+opens the pipelines and drains them on the way out.
+
+Usage::
+
+    from flowbatch.http import create_app
+    app = create_app({"embed": embed_pipeline, "tag": tag_pipeline})
+    # uvicorn module:app, or mount it in a FastAPI/Starlette app:
+    host = FastAPI(lifespan=app.lifespan); host.mount("/ml", app)
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Collection, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from flowbatch.pipeline import Pipeline
+
+from .body import route_path
+from .codec import JSON, dump_json
+from .config import ServeConfig
+from .embeddings import EmbeddingRoutes, openai_error
+from .errors import ApiError, ClientGone
+from .oip import OIPRoutes, Signature, oip_error
+from .routes import NativeRoutes
+from .service import Service
+from .stores import JobStore
+from .stream import StreamEndpoint
+
+__all__ = ["HEALTH_PATHS", "FlowbatchApp", "create_app"]
+
+log = logging.getLogger("flowbatch.http")
+
+#: Routes open without an API key (probes).
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+
+def render_error(path: str, err: ApiError) -> Response:
+    """``err`` in the shape of the protocol that ``path`` belongs to."""
+    if path.startswith("/v2"):
+        return oip_error(err)
+    if path.startswith("/v1/embeddings"):
+        return openai_error(err)
+    return Response(dump_json({"error": err.as_dict()}), err.status, err.headers, media_type=JSON)
+
+
+class ApiKeyMiddleware:
+    """Requires ``Authorization: Bearer <key>`` on every route but the probes."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if path in HEALTH_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                given = value
+                break
+        # Scheme names are case-insensitive; the key is compared in constant time.
+        if given[:7].lower() == b"bearer " and hmac.compare_digest(
+            given[7:].strip(), self.expected[7:]
+        ):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "this server needs an API key: send 'Authorization: Bearer <key>'"
+            if not given else "the API key is not valid"
+        )
+        err = ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+        await render_error(path, err)(scope, receive, send)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    if exc.status == 500:  # 503 and 504 are expected under load: not logged one by one
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    return render_error(route_path(request.scope), exc)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    path = route_path(request.scope)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {path}"
+    else:
+        message = str(exc.detail)
+    err = ApiError(exc.status_code, "not_found" if exc.status_code == 404 else "http_error",
+                   message, dict(exc.headers or {}))
+    return render_error(path, err)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody will read this; the server drops it. 499 as nginx logs it.
+    return Response(status_code=499)
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    # The server logs the traceback (Starlette re-raises after this answer).
+    err = ApiError(500, "internal", "internal server error; the server log has the details")
+    return render_error(route_path(request.scope), err)
+
+
+class FlowbatchApp(Starlette):
+    """The ASGI app ``create_app`` returns; ``service`` is what it serves.
+
+    ``lifespan`` opens the pipelines: uvicorn runs it for this app; a host
+    application that mounts this one passes it as its own lifespan.
+    """
+
+    service: Service
+
+    def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]:
+        """The service's lifespan, for a host app: ``Starlette(lifespan=app.lifespan)``."""
+        return self.service.lifespan(app)
+
+
+def create_app(
+    pipelines: Pipeline | Mapping[str, Pipeline],
+    *,
+    config: ServeConfig | None = None,
+    job_store: JobStore | None = None,
+    signatures: Mapping[str, Signature] | None = None,
+    embedding_models: Collection[str] | None = None,
+) -> FlowbatchApp:
+    """An ASGI app serving one pipeline (at its name) or a dict of named ones.
+
+    - ``config``: limits, API key, timeouts (:class:`ServeConfig`).
+    - ``job_store``: where async jobs live; in memory by default,
+      ``SQLiteJobStore(path)`` to survive a restart.
+    - ``signatures``: the tensors ``GET /v2/models/{name}`` reports, per pipeline.
+    - ``embedding_models``: the pipelines ``/v1/embeddings`` serves (others
+      are "not found" there); ``None``: any pipeline, checked per answer.
+    """
+    cfg = config if config is not None else ServeConfig()
+    service = Service(pipelines, cfg, job_store)
+    if embedding_models is not None:
+        unknown = sorted(set(embedding_models) - set(service.endpoints))
+        if unknown:
+            raise ValueError(f"embedding_models {unknown} are not among the pipelines served")
+        service.embedding_models = frozenset(embedding_models)
+    routes: list[Any] = [
+        *NativeRoutes(service).routes(),
+        Route("/v1/pipelines/{name}/stream", StreamEndpoint(service), methods=["POST"],
+              name="stream"),
+        *EmbeddingRoutes(service).routes(),
+        *OIPRoutes(service, dict(signatures or {})).routes(),
+    ]
+    middleware = [Middleware(ApiKeyMiddleware, api_key=cfg.api_key)] if cfg.api_key else []
+    app = FlowbatchApp(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_exception,
+            ClientGone: _client_gone,
+            Exception: _internal,
+        },
+        lifespan=service.lifespan,
+    )
+    app.service = service
+    return app

@@ -1,0 +1,131 @@
+"""``flowbatch serve module:attr``: serve a pipeline (or a dict of them) over HTTP."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import (
+    DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_JOB_TTL,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_INPUTS,
+    DEFAULT_RETRY_AFTER,
+    ServeConfig,
+)
+
+__all__ = ["load_target", "serve"]
+
+
+def _takes_no_arguments(fn: Any) -> bool:
+    try:
+        inspect.signature(fn).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def load_target(target: str) -> Any:
+    """Import ``module:attr``; call it when it is a factory. Errors say what to fix."""
+    from flowbatch.pipeline import Pipeline
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(
+            f"{target!r} is not module:attr (for example myapp.pipelines:embed)",
+            param_hint="TARGET",
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.ClickException(f"cannot import {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise click.ClickException(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, Pipeline | Mapping) and callable(obj) and _takes_no_arguments(obj):
+        obj = obj()  # a factory
+    if isinstance(obj, Pipeline):
+        return obj
+    if isinstance(obj, Mapping) and obj and all(isinstance(p, Pipeline) for p in obj.values()):
+        return obj
+    raise click.ClickException(
+        f"{target} is a {type(obj).__name__}; serve a flowbatch.Pipeline, a dict of "
+        "name -> Pipeline, or a function that returns one"
+    )
+
+
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("target")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key-env", metavar="NAME",
+              help="Require 'Authorization: Bearer <key>', the key read from this variable.")
+@click.option("--max-body-size", default=DEFAULT_MAX_BODY_BYTES, show_default=True,
+              type=click.IntRange(min=1), help="Largest body in bytes (413 past it).")
+@click.option("--max-in-flight", type=click.IntRange(min=1),
+              help="Items admitted at once per pipeline (503 past it). [default: a full "
+                   "batch for every worker, at least 64]")
+@click.option("--max-inputs", default=DEFAULT_MAX_INPUTS, show_default=True,
+              type=click.IntRange(min=1), help="Most inputs in one request.")
+@click.option("--timeout", "default_timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an item may take when the client sends no X-Request-Timeout.")
+@click.option("--retry-after", default=DEFAULT_RETRY_AFTER, show_default=True,
+              type=click.IntRange(min=0), help="Seconds in Retry-After on a 503.")
+@click.option("--jobs-db", type=click.Path(dir_okay=False, path_type=Path),
+              help="SQLite file for async jobs, kept across restarts. [default: in memory]")
+@click.option("--job-ttl", default=DEFAULT_JOB_TTL, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Seconds a job result is kept.")
+@click.option("--graceful-timeout", default=DEFAULT_GRACEFUL_TIMEOUT, show_default=True,
+              type=click.IntRange(min=0), help="Seconds to wait for open requests on SIGTERM.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--access-log/--no-access-log", default=False, show_default=True)
+@click.option("--app-dir", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Directory put first on sys.path to import TARGET.")
+def serve(  # noqa: PLR0917 - click passes each option as an argument
+    target: str, host: str, port: int, api_key_env: str | None, max_body_size: int,
+    max_in_flight: int | None, max_inputs: int, default_timeout: float | None,
+    retry_after: int, jobs_db: Path | None, job_ttl: float, graceful_timeout: int,
+    log_level: str, access_log: bool, app_dir: Path,
+) -> None:
+    """Serve TARGET (module:attr, a Pipeline or a dict of them) over HTTP.
+
+    Routes: POST /v1/pipelines/{name} (and /jobs, /stream), /v1/embeddings,
+    the Open Inference Protocol v2 under /v2, /healthz, /readyz, /metrics.
+    SIGTERM finishes the requests in flight and exits 0.
+    """
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise click.BadParameter(
+                f"environment variable {api_key_env!r} is not set or empty",
+                param_hint="--api-key-env",
+            )
+    sys.path.insert(0, str(app_dir.resolve()))
+    pipelines = load_target(target)
+
+    from .app import create_app
+    from .server import run
+    from .stores import SQLiteJobStore
+
+    config = ServeConfig(
+        api_key=api_key, max_in_flight=max_in_flight, max_body_bytes=max_body_size,
+        max_inputs=max_inputs, default_timeout=default_timeout, retry_after=retry_after,
+        job_ttl=job_ttl,
+    )
+    store = SQLiteJobStore(jobs_db) if jobs_db is not None else None
+    app = create_app(pipelines, config=config, job_store=store)
+    run(app, host=host, port=port, log_level=log_level, access_log=access_log,
+        graceful_timeout=graceful_timeout)

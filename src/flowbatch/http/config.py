@@ -1,0 +1,95 @@
+"""Settings of the HTTP service, as one small frozen value object.
+
+Usage::
+
+    from flowbatch.http import ServeConfig, create_app
+
+    app = create_app(pipe, config=ServeConfig(api_key="s3cret", max_body_bytes=1 << 20))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_GRACEFUL_TIMEOUT",
+    "DEFAULT_JOB_TTL",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_INPUTS",
+    "DEFAULT_MAX_PENDING_JOBS",
+    "DEFAULT_RETRY_AFTER",
+    "DEFAULT_STREAM_WINDOW",
+    "ServeConfig",
+]
+
+#: Largest request body accepted (a stream's limit applies to each line).
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Most inputs in one request (``inputs``, OIP rows, embeddings ``input``).
+DEFAULT_MAX_INPUTS = 1024
+#: Seconds a finished job's result is kept.
+DEFAULT_JOB_TTL = 3600.0
+#: Jobs accepted but not finished, per server, before new ones get 503.
+DEFAULT_MAX_PENDING_JOBS = 10_000
+#: Seconds a client is told to wait (``Retry-After``) after a 503.
+DEFAULT_RETRY_AFTER = 1
+#: Items one stream keeps in flight (read but not yet answered).
+DEFAULT_STREAM_WINDOW = 64
+#: Seconds uvicorn waits for open requests after SIGTERM, before cancelling them.
+DEFAULT_GRACEFUL_TIMEOUT = 60
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """How the service admits, limits and protects requests.
+
+    - ``api_key``: when set, every route but the health checks needs
+      ``Authorization: Bearer <api_key>``.
+    - ``max_in_flight``: the most items of one pipeline admitted at once
+      (requests, jobs and streams together); past it a request gets 503 with
+      ``Retry-After`` at once, without touching the model. ``None`` sizes it
+      to fill every worker of every stage with a full batch (at least 64):
+      enough for full throughput, little enough that an admitted request
+      waits about one batch, however hard the service is pushed.
+    - ``max_body_bytes``: larger bodies get 413 (for a stream: larger lines).
+    - ``max_inputs``: the most inputs in one request (413 past it).
+    - ``default_timeout``: seconds an item may take when the client sends no
+      ``X-Request-Timeout`` (``None``: no limit).
+    - ``retry_after``: seconds sent in ``Retry-After`` with a 503.
+    - ``job_ttl``: seconds a finished job's result is kept.
+    - ``max_pending_jobs``: unfinished jobs accepted before new ones get 503.
+    - ``stream_window``: items one stream keeps in flight; a client that
+      sends faster is slowed down (TCP backpressure).
+    """
+
+    api_key: str | None = None
+    max_in_flight: int | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_inputs: int = DEFAULT_MAX_INPUTS
+    default_timeout: float | None = None
+    retry_after: int = DEFAULT_RETRY_AFTER
+    job_ttl: float = DEFAULT_JOB_TTL
+    max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS
+    stream_window: int = DEFAULT_STREAM_WINDOW
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be a non-empty string or None")
+        for name in ("max_body_bytes", "max_inputs", "max_pending_jobs", "stream_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.max_in_flight is not None and (
+            not isinstance(self.max_in_flight, int) or self.max_in_flight < 1
+        ):
+            raise ValueError(f"max_in_flight must be an int >= 1 or None, got {self.max_in_flight!r}")
+        if not isinstance(self.retry_after, int) or self.retry_after < 0:
+            raise ValueError(f"retry_after must be an int >= 0, got {self.retry_after!r}")
+        if self.default_timeout is not None and not self.default_timeout > 0:
+            raise ValueError(f"default_timeout must be > 0 or None, got {self.default_timeout!r}")
+        if not self.job_ttl > 0:
+            raise ValueError(f"job_ttl must be > 0, got {self.job_ttl!r}")
+
+    def replace(self, **changes: object) -> ServeConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,326 @@
+"""The service behind the routes: the served pipelines, their runners and gates.
+
+One :class:`Service` is built by ``create_app``. Its ``lifespan`` opens every
+pipeline (running each stage's ``setup``), starts the job manager, and on the
+way out stops taking work, finishes what was admitted and closes the runners.
+Every route admits items through :meth:`Service.admit` so overload, deadlines
+and cancellation behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flowbatch.errors import FlowbatchError
+from flowbatch.pipeline import Pipeline
+from flowbatch.runner import DEFAULT_QUEUE_SIZE, Runner
+
+from .admission import Admission
+from .config import ServeConfig
+from .errors import ApiError, ClientGone, bad_request, from_engine, not_found, overloaded, too_large
+
+if TYPE_CHECKING:
+    from starlette.types import Receive
+
+    from .jobs import JobManager, JobStore
+
+__all__ = ["MIN_IN_FLIGHT", "Endpoint", "Service", "parse_timeout"]
+
+log = logging.getLogger("flowbatch.http")
+
+#: The least ``max_in_flight`` chosen automatically.
+MIN_IN_FLIGHT = 64
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_in_flight(pipeline: Pipeline) -> int:
+    """Enough items to give every worker of every stage a full batch."""
+    per_call = sum(s.concurrency * (s.batch.max_size if s.batch else 1) for s in pipeline.stages)
+    return max(per_call, MIN_IN_FLIGHT)
+
+
+class Endpoint:
+    """One served pipeline: its runner (once open) and its admission gate."""
+
+    __slots__ = ("gate", "name", "pipeline", "runner")
+
+    def __init__(self, name: str, pipeline: Pipeline, capacity: int) -> None:
+        self.name = name
+        self.pipeline = pipeline
+        self.gate = Admission(capacity)
+        self.runner: Runner | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.runner is not None and not self.runner.closed
+
+
+def normalize_pipelines(pipelines: Pipeline | Mapping[str, Pipeline]) -> dict[str, Pipeline]:
+    """``{name: pipeline}`` from one pipeline or a mapping; checks the names."""
+    if isinstance(pipelines, Pipeline):
+        named = {pipelines.name: pipelines}
+    elif isinstance(pipelines, Mapping):
+        named = dict(pipelines)
+    else:
+        raise TypeError(
+            "serve a flowbatch.Pipeline or a dict of them, "
+            f"got {type(pipelines).__name__}"
+        )
+    if not named:
+        raise ValueError("no pipelines to serve")
+    for name, pipe in named.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(
+                f"pipeline name {name!r} cannot appear in a URL: use letters, digits, '.', '_', '-'"
+            )
+        if not isinstance(pipe, Pipeline):
+            raise TypeError(f"{name!r} is a {type(pipe).__name__}, not a flowbatch.Pipeline")
+    return named
+
+
+def parse_timeout(value: str | None, default: float | None) -> float | None:
+    """The ``X-Request-Timeout`` header (seconds) as a number, or a 400."""
+    if value is None:
+        return default
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = float("nan")
+    if not 0 < timeout < 1e9:  # also rejects nan and inf
+        raise bad_request(
+            f"X-Request-Timeout must be a number of seconds > 0, got {value!r}",
+            param="X-Request-Timeout",
+        )
+    return timeout
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Service:
+    """The served pipelines and the state every route shares."""
+
+    def __init__(
+        self,
+        pipelines: Pipeline | Mapping[str, Pipeline],
+        config: ServeConfig,
+        job_store: JobStore | None = None,
+    ) -> None:
+        from .jobs import JobManager, MemoryJobStore
+
+        self.config = config
+        self.endpoints: dict[str, Endpoint] = {
+            name: Endpoint(name, pipe, config.max_in_flight or default_in_flight(pipe))
+            for name, pipe in normalize_pipelines(pipelines).items()
+        }
+        self.jobs: JobManager = JobManager(
+            self, job_store if job_store is not None else MemoryJobStore(), config
+        )
+        self.state = "new"  # new -> starting -> ready -> draining -> stopped
+        #: Pipelines ``/v1/embeddings`` serves; None: all of them.
+        self.embedding_models: frozenset[str] | None = None
+
+    # ------------------------------------------------------------ lifetime
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def begin_drain(self) -> None:
+        """Report not ready from now on (called at SIGTERM, before the drain)."""
+        if self.state in ("new", "starting", "ready"):
+            self.state = "draining"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Open every pipeline; on exit, finish admitted work and close them.
+
+        Pass it as the lifespan of a host application that mounts this one::
+
+            host = Starlette(routes=[Mount("/ml", app)], lifespan=app.lifespan)
+        """
+        if self.state != "new":
+            raise RuntimeError("the service has been started already; build a new app")
+        self.state = "starting"
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self._set_stopped)  # runs last
+            for ep in self.endpoints.values():
+                size = max(DEFAULT_QUEUE_SIZE, ep.gate.capacity)
+                ep.runner = await stack.enter_async_context(ep.pipeline.open(queue_size=size))
+                log.info("pipeline %r is open (max %d items in flight)", ep.name, ep.gate.capacity)
+            await self.jobs.start()
+            stack.push_async_callback(self.jobs.stop)
+            if self.state == "starting":
+                self.state = "ready"
+            try:
+                yield
+            finally:
+                self.begin_drain()
+                log.info("draining: finishing admitted work")
+
+    async def _set_stopped(self) -> None:
+        self.state = "stopped"
+
+    # ------------------------------------------------------------- intake
+
+    def endpoint(self, name: str) -> Endpoint:
+        """The endpoint called ``name``, or a 404 that lists the ones there are."""
+        ep = self.endpoints.get(name)
+        if ep is None:
+            raise not_found(
+                f"no pipeline named {name!r}; this server has {sorted(self.endpoints)}"
+            )
+        return ep
+
+    def runner_of(self, ep: Endpoint, draining_ok: bool = False) -> Runner:
+        """The open runner of ``ep``, or a 503 while starting or shutting down.
+
+        ``draining_ok``: for work accepted before the drain began (jobs).
+        """
+        runner = ep.runner
+        usable = self.state == "ready" or (draining_ok and self.state == "draining")
+        if runner is None or runner.closed or not usable:
+            reason = "is starting" if self.state in ("new", "starting") else "is shutting down"
+            raise ApiError(
+                503, "unavailable", f"pipeline {ep.name!r} is not ready: the server {reason}",
+                {"Retry-After": str(self.config.retry_after)},
+            )
+        return runner
+
+    def check_count(self, ep: Endpoint, n: int) -> None:
+        limit = min(self.config.max_inputs, ep.gate.capacity)
+        if n > limit:
+            raise too_large(
+                f"{n} inputs in one request; pipeline {ep.name!r} takes at most {limit}: "
+                "split the request"
+            )
+
+    def admit(
+        self, ep: Endpoint, values: Sequence[Any], timeout: float | None
+    ) -> list[asyncio.Future[Any]]:
+        """Admit every value now or raise 503; one future per value.
+
+        Each place in the gate is given back when its item's future is done
+        (result, error, deadline or cancellation).
+        """
+        runner = self.runner_of(ep)
+        n = len(values)
+        gate = ep.gate
+        if not gate.try_acquire(n):
+            raise overloaded(
+                f"pipeline {ep.name!r} is at capacity ({gate.capacity} items in flight); "
+                "retry later",
+                self.config.retry_after,
+            )
+        return self.submit_admitted(ep, runner, values, timeout)
+
+    def submit_admitted(
+        self, ep: Endpoint, runner: Runner, values: Sequence[Any], timeout: float | None
+    ) -> list[asyncio.Future[Any]]:
+        """Submit values whose places in ``ep.gate`` are already taken."""
+        gate = ep.gate
+        futs: list[asyncio.Future[Any]] = []
+        release = _Releaser(gate)
+        try:
+            for value in values:
+                fut = runner.submit_nowait(value, timeout)
+                fut.add_done_callback(release)
+                futs.append(fut)
+        except BaseException as exc:
+            for fut in futs:
+                fut.cancel()
+            gate.release(len(values) - len(futs))
+            if isinstance(exc, FlowbatchError):
+                raise from_engine(exc, self.config.retry_after) from None
+            raise
+        return futs
+
+    async def wait(self, futs: list[asyncio.Future[Any]], receive: Receive) -> None:
+        """Wait for every future; if the client goes away first, cancel them.
+
+        Raises :class:`ClientGone` in that case.
+        """
+        if all(f.done() for f in futs):
+            return
+        done: asyncio.Future[Any] = futs[0] if len(futs) == 1 else asyncio.gather(
+            *futs, return_exceptions=True
+        )
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((done, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not done.done():
+            for fut in futs:
+                fut.cancel()
+            done.cancel()
+            raise ClientGone
+
+
+class _Releaser:
+    """Done-callback that gives one place back to the gate."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self, gate: Admission) -> None:
+        self.gate = gate
+
+    def __call__(self, _: asyncio.Future[Any]) -> None:
+        self.gate.release(1)
+
+
+def outcome(fut: asyncio.Future[Any]) -> tuple[Any, BaseException | None]:
+    """``(value, None)`` or ``(None, error)`` of a done future."""
+    if fut.cancelled():
+        return None, asyncio.CancelledError()
+    exc = fut.exception()
+    if exc is not None:
+        return None, exc
+    return fut.result(), None
+
+
+def result_document(
+    futs: Sequence[asyncio.Future[Any]], single: bool, retry_after: int
+) -> tuple[int, dict[str, Any]]:
+    """The status and body for done futures: ``{"output"}`` or ``{"outputs", "errors"}``.
+
+    In a multi-input answer each failed input has ``null`` in ``outputs`` and
+    an entry in ``errors``; the status is 200 unless every input failed the
+    same way, in which case it is that failure's status (and ``error`` says it).
+    """
+    if single:
+        value, exc = outcome(futs[0])
+        if exc is None:
+            return 200, {"output": value}
+        err = from_engine(exc, retry_after)
+        return err.status, {"error": err.as_dict()}
+    outputs: list[Any] = []
+    errors: list[dict[str, Any]] = []
+    for i, fut in enumerate(futs):
+        value, exc = outcome(fut)
+        outputs.append(value)
+        if exc is not None:
+            errors.append({"index": i, **from_engine(exc, retry_after).as_dict()})
+    doc: dict[str, Any] = {"outputs": outputs}
+    status = 200
+    if errors:
+        doc["errors"] = errors
+        statuses = {e["status"] for e in errors}
+        if len(errors) == len(futs) and len(statuses) == 1:
+            status = errors[0]["status"]
+            first = errors[0]
+            doc["error"] = {
+                "status": status,
+                "type": first["type"],
+                "message": f"every input failed; the first: {first['message']}",
+            }
+    return status, doc

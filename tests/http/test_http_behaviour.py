@@ -1,0 +1,228 @@
+"""Overload, deadlines, disconnects, batching across requests, streams, mounting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import httpx
+import orjson
+from conftest import serve_in_thread, until
+from http_pipelines import COUNT, HOLD, make_batched, make_echo, make_hold
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from flowbatch.http import ServeConfig, create_app
+
+
+def test_overload_answers_503_at_once_without_touching_the_model() -> None:
+    app = create_app(make_hold(), config=ServeConfig(max_in_flight=2, retry_after=3))
+
+    async def main(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            held = [asyncio.ensure_future(c.post("/v1/pipelines/hold", json={"input": i}))
+                    for i in range(2)]
+            await until(lambda: HOLD.entered == 2, what="two items in the stage")
+            r = await c.post("/v1/pipelines/hold", json={"input": "x"})
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "3"
+            assert "capacity" in r.json()["error"]["message"]
+            r = await c.post("/v1/pipelines/hold", json={"inputs": [1]})
+            assert r.status_code == 503
+            assert HOLD.entered == 2  # the rejected requests never reached a stage
+            metrics = (await c.get("/metrics")).text
+            assert 'flowbatch_http_rejected_total{pipeline="hold"} 2' in metrics
+            HOLD.release()
+            answers = await asyncio.gather(*held)
+            assert [a.json() for a in answers] == [{"output": 0}, {"output": 1}]
+            r = await c.post("/v1/pipelines/hold", json={"input": "y"})
+            assert r.json() == {"output": "y"}
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
+        assert app.service.endpoints["hold"].gate.used == 0
+
+
+def test_deadline_gives_504_and_the_item_is_dropped() -> None:
+    app = create_app(make_hold())
+
+    async def main(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            r = await c.post("/v1/pipelines/hold", json={"input": "late"},
+                             headers={"X-Request-Timeout": "0.05"})
+            assert r.status_code == 504
+            assert r.json()["error"]["type"] == "deadline_exceeded"
+            r = await c.post("/v1/pipelines/hold", json={"inputs": ["a", "b"]},
+                             headers={"X-Request-Timeout": "0.05"})
+            assert r.status_code == 504
+            assert [e["status"] for e in r.json()["errors"]] == [504, 504]
+            HOLD.release()
+            runner = app.service.endpoints["hold"].runner
+            assert runner is not None
+            await until(lambda: runner.stats().stage("count").dropped == 3, what="drops")
+            assert COUNT.seen == []  # past their deadline: never reached the next stage
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
+
+
+def test_client_disconnect_cancels_its_items() -> None:
+    app = create_app(make_hold())
+
+    async def main(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            task = asyncio.ensure_future(
+                c.post("/v1/pipelines/hold", json={"inputs": ["gone-1", "gone-2"]})
+            )
+            await until(lambda: HOLD.entered == 2, what="items in the stage")
+            task.cancel()  # closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        gate = app.service.endpoints["hold"].gate
+        await until(lambda: gate.used == 0, what="the items to be cancelled")
+        HOLD.release()
+        runner = app.service.endpoints["hold"].runner
+        assert runner is not None
+        await until(lambda: runner.stats().stage("count").dropped == 2, what="drops")
+        assert COUNT.seen == []
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
+
+
+def test_concurrent_requests_are_batched_together() -> None:
+    app = create_app(make_batched())
+
+    async def main(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            calls = [c.post("/v1/pipelines/batched", json={"input": i}) for i in range(8)]
+            tasks = [asyncio.ensure_future(x) for x in calls]
+            await until(lambda: HOLD.entered == 8, what="8 requests in the first stage")
+            HOLD.release()
+            answers = await asyncio.gather(*tasks)
+            assert sorted(a.json()["output"] for a in answers) == [0, 2, 4, 6, 8, 10, 12, 14]
+        runner = app.service.endpoints["batched"].runner
+        assert runner is not None
+        stats = runner.stats().stage("batched")
+        assert stats.done == 8
+        assert stats.batches < 8  # requests from 8 connections shared model calls
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
+
+
+def test_stream_ndjson_with_errors_per_line() -> None:
+    app = create_app(make_echo(), config=ServeConfig(max_body_bytes=64))
+    lines = [b'"a"', b"", b"{broken", b'"bad"', b'{"k": [1, 2]}', b'"' + b"x" * 100 + b'"', b"7"]
+    body = b"\n".join(lines) + b"\n"
+    with serve_in_thread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/v1/pipelines/echo/stream", content=body,
+                   headers={"Content-Type": "application/x-ndjson"})
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "application/x-ndjson"
+        got = {d["index"]: d for d in map(orjson.loads, r.content.splitlines())}
+        assert sorted(got) == [0, 1, 2, 3, 4, 5]  # the blank line is not an input
+        assert got[0]["output"] == "a"
+        assert got[1]["error"]["status"] == 400 and "not valid JSON" in got[1]["error"]["message"]
+        assert got[2]["error"]["status"] == 422
+        assert got[3]["output"] == {"k": [1, 2]}
+        assert got[4]["error"]["status"] == 413
+        assert got[5]["output"] == 7
+        r = c.post("/v1/pipelines/echo/stream", content=b"1",
+                   headers={"Content-Type": "image/png"})
+        assert r.status_code == 415
+
+
+def test_stream_answers_before_the_input_ends() -> None:
+    """Results flow back while the client is still sending (chunked upload)."""
+    app = create_app(make_echo())
+
+    async def main(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/pipelines/echo/stream HTTP/1.1\r\nHost: t\r\n"
+                     b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        def chunk(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        writer.write(chunk(b'"first"\n'))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        first = await reader.readexactly(size + 2)
+        assert orjson.loads(first.strip()) == {"index": 0, "output": "first"}
+        writer.write(chunk(b'"second"\n') + b"0\r\n\r\n")
+        await writer.drain()
+        rest = await reader.readuntil(b"0\r\n\r\n")  # the last chunk
+        assert b'{"index":1,"output":"second"}' in rest
+        writer.close()
+        await writer.wait_closed()
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(asyncio.wait_for(main(srv.port), 60))
+
+
+def test_mounted_in_a_starlette_app() -> None:
+    fb_app = create_app(make_echo())
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("host")
+
+    host = Starlette(routes=[Route("/", home), Mount("/ml", app=fb_app)],
+                     lifespan=fb_app.lifespan)
+    with serve_in_thread(host) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.get("/").text == "host"
+        r = c.post("/ml/v1/pipelines/echo", json={"input": "hi"})
+        assert r.json() == {"output": "hi"}
+        assert c.get("/ml/readyz").status_code == 200
+        r = c.post("/ml/v1/pipelines/echo/jobs", json={"input": 5})
+        assert r.status_code == 202
+        assert r.json()["status_url"].startswith(f"{srv.url}/ml/v1/jobs/")
+        assert c.get("/ml/nope").json()["error"]["message"] == "no route GET /nope"
+
+
+def test_mounted_in_a_fastapi_app() -> None:
+    from fastapi import FastAPI
+
+    fb_app = create_app(make_echo(), config=ServeConfig(api_key="k"))
+    host = FastAPI(lifespan=fb_app.lifespan)
+
+    @host.get("/hello")
+    def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    host.mount("/models", fb_app)
+    with serve_in_thread(host) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.get("/hello").json() == {"hello": "world"}
+        assert c.get("/models/healthz").status_code == 200
+        assert c.post("/models/v1/pipelines/echo", json={"input": 1}).status_code == 401
+        r = c.post("/models/v1/pipelines/echo", json={"input": 1},
+                   headers={"Authorization": "Bearer k"})
+        assert r.json() == {"output": 1}
+
+
+def test_not_ready_without_the_lifespan() -> None:
+    """Mounted without passing its lifespan: a clear 503, not a crash."""
+    fb_app = create_app(make_echo())
+    host = Starlette(routes=[Mount("/ml", app=fb_app)])
+    with serve_in_thread(host) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.get("/ml/readyz").status_code == 503
+        r = c.post("/ml/v1/pipelines/echo", json={"input": 1})
+        assert r.status_code == 503 and "starting" in r.json()["error"]["message"]
+
+
+def test_not_ready_while_draining() -> None:
+    app = create_app(make_echo())
+    with serve_in_thread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.get("/readyz").status_code == 200
+        app.service.begin_drain()  # what SIGTERM does first
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "draining"
+        assert c.get("/v2/health/ready").status_code == 503
+        assert c.get("/healthz").status_code == 200
+        r = c.post("/v1/pipelines/echo", json={"input": 1})
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert "retry-after" in r.headers
