@@ -61,7 +61,7 @@ def run_in_thread(fn: Callable[[], Any]) -> Any:
     def main() -> None:
         try:
             box["out"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as exc:
             box["err"] = exc
 
     t = threading.Thread(target=main)
@@ -182,7 +182,7 @@ class Replicas:
     def _main(self, i: int, emb: Any) -> None:
         try:
             emb.setup()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self._outbox.put((i, False, exc))
             return
         self._outbox.put((i, True, None))
@@ -193,7 +193,7 @@ class Replicas:
                 return
             try:
                 self._outbox.put((i, True, job(emb)))
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 self._outbox.put((i, False, exc))
 
     def _collect(self, which: Any) -> list[Any]:

@@ -244,9 +244,9 @@ def main() -> None:
         "rounds": args.rounds,
     }
     notes = [
-        f"limits by batch size: "
+        "limits by batch size: "
         + "; ".join(f"{r['config']}: {r['limit_by_batch_size']}" for r in results),
-        f"served batch sizes: "
+        "served batch sizes: "
         + "; ".join(f"{r['config']}: {r['served_batch_sizes']}" for r in results),
         f"headline config = {best_served['config']} (highest served throughput); "
         f"ratio {best_served['ratio']} ({verdict(best_served['ratio'], TARGET_RATIO)}, "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import importlib.util
 import os
 import secrets
 import shutil
@@ -31,18 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-# Another benchmark's http.py in this folder would shadow the standard
-# library's http (which transformers needs): keep the folder off sys.path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("_fb_bench_common", HERE / "_common.py")
-assert _spec is not None
-assert _spec.loader is not None
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-load_sentences, machine, r3, report = _common.load_sentences, _common.machine, _common.r3, _common.report
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_sentences, machine, r3, report
 
-import flowbatch as fb  # noqa: E402
+import flowbatch as fb
 
 # Worker and Celery processes import this file as `fbbench_brokers` from a
 # scratch folder (a symlink), set up by main().

@@ -27,8 +27,9 @@ from time import perf_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import flowbatch as fb
 from _common import median, r3, report, verdict
+
+import flowbatch as fb
 from flowbatch.runner import DEFAULT_QUEUE_SIZE
 
 TARGET = 0.8

@@ -30,7 +30,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CONFIGS, Replicas, cycle, load_sentences, median, quiet_model_loading, r3, report, verdict
+from _common import (
+    CONFIGS,
+    Replicas,
+    cycle,
+    load_sentences,
+    median,
+    quiet_model_loading,
+    r3,
+    report,
+    verdict,
+)
 
 TARGET_LIMIT = 0.9
 TARGET_SEQUENTIAL = 10.0

@@ -26,8 +26,8 @@ pointing at them). Missing peers are skipped and said so.
 
 Usage::
 
-    .venv/bin/python benchmarks/http.py --peer-python /work/bench-venv/bin/python
-    .venv/bin/python benchmarks/http.py --servers flowbatch --duration 5
+    .venv/bin/python benchmarks/serving.py --peer-python /work/bench-venv/bin/python
+    .venv/bin/python benchmarks/serving.py --servers flowbatch --duration 5
 """
 
 # ruff: noqa: E402 - the standard imports follow the sys.path fix below
