@@ -823,7 +823,9 @@ class Runner:
         sr.metrics.failed += 1
         err = exc if isinstance(exc, ItemFailed) else ItemFailed(sr.name, item.attempt, exc)
         if not item.root.done and not isinstance(exc, PipelineClosed):
-            log.warning(
+            # INFO, not WARNING: the caller gets this error; a front end
+            # decides whether it is worth a warning (a client's bad input is not).
+            log.info(
                 "item %s failed in stage %r (attempt %d): %s: %s",
                 item.id,
                 sr.name,
@@ -844,7 +846,7 @@ class Runner:
         ):
             sr.metrics.retried += 1
             delay = sr.retry.delay(item.attempt)
-            log.info(
+            log.debug(
                 "item %s will retry stage %r in %.3fs (attempt %d failed: %s: %s)",
                 item.id,
                 sr.name,
@@ -1089,6 +1091,10 @@ class Runner:
                     batch.append(item)
             if batch:
                 await self._run_batch(sr, slot, batch, first=True)
+                # Let the callers answered by this batch run (and submit their
+                # next items) before this worker forms its next batch; else a
+                # closed loop of callers sees a run of tiny batches.
+                await asyncio.sleep(0)
 
     async def _run_batch(
         self, sr: _StageRun, slot: int, batch: list[_Item], first: bool

@@ -47,11 +47,11 @@ def run_failing_pipeline() -> None:
 @pytest.mark.usefixtures("restore_logger")
 def test_json_lines_carry_pipeline_stage_item_and_attempt() -> None:
     buf = io.StringIO()
-    setup_logging("INFO", json=True, stream=buf)
+    setup_logging("DEBUG", json=True, stream=buf)
     run_failing_pipeline()
     lines = [json.loads(line) for line in buf.getvalue().splitlines()]
-    retry = [d for d in lines if d["level"] == "INFO"]
-    fail = [d for d in lines if d["level"] == "WARNING"]
+    retry = [d for d in lines if d["level"] == "DEBUG" and d["logger"] == "flowbatch"]
+    fail = [d for d in lines if d["level"] == "INFO" and d["logger"] == "flowbatch"]
     assert len(retry) == 1 and len(fail) == 1
     for d, attempt in ((retry[0], 1), (fail[0], 2)):
         assert d["logger"] == "flowbatch"
@@ -63,13 +63,13 @@ def test_json_lines_carry_pipeline_stage_item_and_attempt() -> None:
 @pytest.mark.usefixtures("restore_logger")
 def test_text_lines_carry_the_same_fields_and_setup_replaces_its_handler() -> None:
     first = io.StringIO()
-    setup_logging("INFO", stream=first)
+    setup_logging("DEBUG", stream=first)
     buf = io.StringIO()
-    setup_logging("WARNING", stream=buf)  # replaces the first handler
+    setup_logging("INFO", stream=buf)  # replaces the first handler
     run_failing_pipeline()
     assert first.getvalue() == ""
     (line,) = buf.getvalue().splitlines()
-    assert "WARNING" in line and "flowbatch:" in line
+    assert "INFO" in line and "flowbatch:" in line
     assert line.endswith("pipeline=logs stage=check item=2 attempt=2")
 
 
