@@ -93,14 +93,16 @@ PATHS = {
 
 def serve_flowbatch(port: int) -> None:
     import flowbatch as fb
-    from flowbatch.http import create_app, run
+    from flowbatch.http import ServeConfig, create_app, run
     from flowbatch.models import SentenceEmbedder
 
     executor = os.environ.get("FLOWBATCH_BENCH_EXECUTOR", EXECUTOR)
     embed = fb.stage(SentenceEmbedder(torch_threads=TORCH_THREADS), name="embed",
                      batch=fb.Batch(max_size=MAX_BATCH), concurrency=REPLICAS,
                      executor=executor)  # type: ignore[arg-type]
-    app = create_app(fb.Pipeline([embed], name="embed"))
+    in_flight = os.environ.get("FLOWBATCH_BENCH_IN_FLIGHT")
+    config = ServeConfig(max_in_flight=int(in_flight)) if in_flight else None
+    app = create_app(fb.Pipeline([embed], name="embed"), config=config)
     run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

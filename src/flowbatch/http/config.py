@@ -48,9 +48,10 @@ class ServeConfig:
     - ``max_in_flight``: the most items of one pipeline admitted at once
       (requests, jobs and streams together); past it a request gets 503 with
       ``Retry-After`` at once, without touching the model. ``None`` sizes it
-      to fill every worker of every stage with a full batch (at least 64):
-      enough for full throughput, little enough that an admitted request
-      waits about one batch, however hard the service is pushed.
+      to half of what fills every worker of every stage with a full batch
+      (at least 64): enough for full throughput, little enough that an
+      admitted request waits about one batch, however hard the service is
+      pushed.
     - ``max_body_bytes``: larger bodies get 413 (for a stream: larger lines).
     - ``max_inputs``: the most inputs in one request (413 past it).
     - ``default_timeout``: seconds an item may take when the client sends no
