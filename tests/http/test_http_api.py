@@ -161,6 +161,18 @@ def test_metrics(client: httpx.Client) -> None:
     assert 'pipeline="echo"' in text and "flowbatch_http_ready 1" in text
 
 
+def test_dashboard_page_and_its_live_figures(client: httpx.Client) -> None:
+    client.post("/v1/pipelines/echo", json={"inputs": [1, 2, 3]})
+    page = client.get("/dashboard")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "dashboard/stats" in page.text
+    figures = client.get("/dashboard/stats").json()
+    echo = figures["pipelines"]["echo"]
+    assert echo["completed"] >= 3
+    assert echo["stages"]
+
+
 def test_openapi(client: httpx.Client) -> None:
     doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")

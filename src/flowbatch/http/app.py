@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from flowbatch.observe.dashboard import dashboard_routes
 from flowbatch.pipeline import Pipeline
 
 from .body import route_path
@@ -169,6 +170,8 @@ def create_app(
               name="stream"),
         *EmbeddingRoutes(service).routes(),
         *OIPRoutes(service, dict(signatures or {})).routes(),
+        # The live dashboard (same charts as `flowbatch bench`'s report).
+        *dashboard_routes(service.open_runners),
     ]
     middleware = [Middleware(ApiKeyMiddleware, api_key=cfg.api_key)] if cfg.api_key else []
     app = FlowbatchApp(

@@ -188,6 +188,14 @@ class Service:
             )
         return ep
 
+    def open_runners(self) -> dict[str, Runner]:
+        """The runners open now, by pipeline name (for the dashboard)."""
+        return {
+            name: ep.runner
+            for name, ep in self.endpoints.items()
+            if ep.runner is not None and not ep.runner.closed
+        }
+
     def runner_of(self, ep: Endpoint, draining_ok: bool = False) -> Runner:
         """The open runner of ``ep``, or a 503 while starting or shutting down.
 
