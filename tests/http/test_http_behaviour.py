@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import orjson
-from conftest import serve_in_thread, until
 from http_pipelines import COUNT, HOLD, make_batched, make_echo, make_hold
+from httphelpers import serve_in_thread, until
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route

@@ -9,8 +9,8 @@ from typing import Any
 import msgspec
 import pytest
 import schemathesis
-from conftest import ThreadServer, serve_in_thread
 from http_pipelines import make_double, make_echo, make_vec
+from httphelpers import ThreadServer, serve_in_thread
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, eventually, serve_in_thread, until, wait_until
 from http_pipelines import HOLD, make_echo, make_hold
+from httphelpers import ROOT, ServerProcess, eventually, serve_in_thread, until, wait_until
 
 from flowbatch.http import MemoryJobStore, ServeConfig, create_app
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from conftest import ThreadServer, serve_in_thread
 from http_pipelines import make_double, make_echo
+from httphelpers import ThreadServer, serve_in_thread
 
 import flowbatch as fb
 from flowbatch.http import ServeConfig, Signature, TensorSpec, create_app
