@@ -47,6 +47,8 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -432,6 +434,61 @@ def offline_limit(texts: list[str]) -> tuple[float, float]:
     return best, one * 1000
 
 
+_WRK_LINE = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+_WRK_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk_closed_loop(port: int, path: str, texts: list[str], concurrency: int, warmup: float,
+                    duration: float) -> dict[str, Any]:
+    """The closed loop with wrk (C, one thread): leaves the CPU to the server.
+
+    On a 2-core machine the load generator shares the cores with the model,
+    so a lean one matters; every server is measured with the same one.
+    """
+    bodies = ",\n".join("[==[" + json.dumps({"input": t}) + "]==]" for t in texts)
+    script = f"""
+local bodies = {{
+{bodies}
+}}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("POST", "{path}", {{["Content-Type"] = "application/json"}},
+                    bodies[(i % #bodies) + 1])
+end
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    url = f"http://127.0.0.1:{port}"
+    base = ["wrk", "-t1", f"-c{concurrency}", "-s", f.name, "--timeout", "30s"]
+    try:
+        if warmup > 0:
+            subprocess.run([*base, f"-d{max(1, round(warmup))}s", url], check=True,
+                           capture_output=True, text=True)
+        out = subprocess.run([*base, "--latency", f"-d{max(1, round(duration))}s", url],
+                             check=True, capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    seconds = float(re.search(r"requests in ([\d.]+)s", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = int(bad.group(1)) if bad else 0
+    pct = {q: float(v) * _WRK_UNIT[u] for q, v, u in _WRK_LINE.findall(out)}
+    statuses: dict[str, int] = {"200": total - non2xx}
+    if non2xx:
+        statuses["non-2xx"] = non2xx
+    if errors and any(int(g) for g in errors.groups()):
+        statuses["client: socket errors"] = sum(int(g) for g in errors.groups())
+    return {
+        "rps": (total - non2xx) / seconds,
+        "p50_ms": pct.get("50", 0.0),
+        "p99_ms": pct.get("99", 0.0),
+        "ok": total - non2xx,
+        "statuses": statuses,
+    }
+
+
 def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namespace,
                  limit: float) -> dict[str, Any]:
     port = free_port()
@@ -441,7 +498,12 @@ def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namesp
     try:
         asyncio.run(wait_ready(port, requests[0], proc))
         for c in (1, 16, 64):
-            out[f"c{c}"] = asyncio.run(closed_loop(port, requests, c, args.warmup, args.duration))
+            if shutil.which("wrk") and not args.python_client:
+                out[f"c{c}"] = wrk_closed_loop(port, PATHS[kind], texts, c, args.warmup,
+                                               args.duration)
+            else:
+                out[f"c{c}"] = asyncio.run(
+                    closed_loop(port, requests, c, args.warmup, args.duration))
             print(f"  {kind} c={c}: {out[f'c{c}']['rps']:.1f} req/s "
                   f"p50 {out[f'c{c}']['p50_ms']:.1f} ms p99 {out[f'c{c}']['p99_ms']:.1f} ms",
                   file=sys.stderr, flush=True)
@@ -460,6 +522,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted per phase")
     p.add_argument("--runs", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--python-client", action="store_true",
+                   help="drive the closed loops with the asyncio client even where wrk exists")
     p.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -122,3 +122,50 @@ def test_process_stage_errors_keep_their_type() -> None:
         def_pipe.run(["x"], progress=False)
     assert isinstance(info.value.__cause__, TypeError)
     assert any("traceback in worker process" in n for n in info.value.__cause__.__notes__)
+
+
+class FragileSetup:
+    """Sets up unless ``marker`` exists; item 13 kills its worker."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def setup(self) -> None:
+        if os.path.exists(self.marker):
+            raise RuntimeError("model file is gone")
+
+    def __call__(self, x: int) -> int:
+        if x == 13:
+            os._exit(3)
+        return x
+
+
+def test_a_replacement_that_cannot_set_up_fails_callers_instead_of_looping(
+    tmp_path: Any,
+) -> None:
+    marker = str(tmp_path / "gone")
+    pipe = fb.Pipeline([fb.stage(FragileSetup(marker), name="m", executor="process")])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            assert await runner.submit(1) == 1
+            with open(marker, "w"):
+                pass
+            with pytest.raises(fb.ItemFailed, match="died"):
+                await runner.submit(13)
+            with pytest.raises(fb.ItemFailed, match="failed its setup.*model file is gone"):
+                await runner.submit(2)
+            assert runner._stages[0].executor.restarts == 1  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_process_stage_under_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    pipe = fb.Pipeline([fb.stage(square, executor="process", concurrency=2)])
+
+    async def main() -> list[int]:
+        async with pipe.open() as runner:
+            return [y async for y in runner.map(range(50))]
+
+    assert uvloop.run(main()) == [x * x for x in range(50)]

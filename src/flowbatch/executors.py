@@ -333,6 +333,8 @@ def _process_main(
             data = conn.recv_bytes()
         except (EOFError, OSError):
             break
+        if not data:
+            break  # the parent's "stop"
         try:
             arg, carrier = pickle.loads(data)
             with activated(activate, carrier):
@@ -354,16 +356,29 @@ def _process_main(
 
 
 class _Proc:
-    __slots__ = ("conn", "fut", "process")
+    __slots__ = ("conn", "dead", "fut", "process", "ready")
 
     def __init__(self, process: Any, conn: Connection, fut: asyncio.Future[Any]) -> None:
         self.process = process
         self.conn = conn
         self.fut = fut
+        self.dead = False
+        self.ready = False  # set once its setup() has succeeded
+
+
+_STOP = b""  # tells a worker process to finish (a pickle is never empty)
 
 
 class ProcessExecutor:
-    """``workers`` spawned processes; a dead one is replaced, failing only its call."""
+    """``workers`` spawned processes; a dead one is replaced, failing only its call.
+
+    Each worker has a pipe and a reader thread in this process that blocks on
+    it and hands answers to the event loop with ``call_soon_threadsafe``:
+    this works the same on any event loop (uvloop's ``add_reader`` delayed
+    answers by tens of milliseconds) and never blocks the loop on a large
+    answer. The reader thread owns the pipe and closes it when the worker's
+    end closes (the worker exited, was stopped, or died).
+    """
 
     def __init__(
         self,
@@ -387,6 +402,7 @@ class ProcessExecutor:
         self._ctx = mp.get_context("spawn")
         self._idle: asyncio.Queue[_Proc] = asyncio.Queue()
         self._procs: set[_Proc] = set()
+        self._readers: list[threading.Thread] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._broken: BaseException | None = None
@@ -400,6 +416,7 @@ class ProcessExecutor:
                 await self.stop()
                 raise _setup_error(self.stage, r) from r
         for p in procs:
+            p.ready = True
             self._idle.put_nowait(p)
 
     def _spawn(self) -> _Proc:
@@ -415,25 +432,40 @@ class ProcessExecutor:
         child.close()
         proc = _Proc(process, parent, loop.create_future())
         self._procs.add(proc)
-        loop.add_reader(parent.fileno(), self._readable, proc)
+        reader = threading.Thread(
+            target=self._read, args=(loop, proc), name=f"flowbatch-{self.stage}-reader", daemon=True
+        )
+        self._readers = [t for t in self._readers if t.is_alive()]
+        self._readers.append(reader)
+        reader.start()
         return proc
 
-    def _readable(self, proc: _Proc) -> None:
+    def _read(self, loop: asyncio.AbstractEventLoop, proc: _Proc) -> None:
+        """Reader thread: answers from one worker, until its pipe closes."""
+        conn = proc.conn
         try:
-            data = proc.conn.recv_bytes()
-        except (EOFError, OSError):
-            self._died(proc)
-            return
-        try:
-            ok, value = pickle.loads(data)
-        except Exception as exc:
-            ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
-        _resolve(proc.fut, ok, value)
+            while True:
+                try:
+                    data = conn.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                try:
+                    ok, value = pickle.loads(data)
+                except Exception as exc:
+                    ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
+                loop.call_soon_threadsafe(_resolve, proc.fut, ok, value)
+                del data, value
+        finally:
+            conn.close()
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(self._died, proc)
 
     def _died(self, proc: _Proc) -> None:
-        loop = asyncio.get_running_loop()
-        self._discard(proc)
-        proc.process.join(1.0)  # it closed its pipe: it is exiting now
+        if proc.dead:
+            return
+        proc.dead = True
+        self._procs.discard(proc)
+        proc.process.join(1.0)  # its pipe closed: it is exiting now
         code = proc.process.exitcode
         how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
         _resolve(
@@ -444,17 +476,13 @@ class ProcessExecutor:
                 f"({how}) while it held this item"
             ),
         )
-        if not self._closing:
+        # A worker that never got through setup() is not replaced here: its
+        # replacer reports the failure (else a broken setup would loop).
+        if not self._closing and proc.ready:
             self.restarts += 1
-            task = loop.create_task(self._replace())
+            task = asyncio.get_running_loop().create_task(self._replace())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def _discard(self, proc: _Proc) -> None:
-        if proc in self._procs:
-            self._procs.discard(proc)
-            asyncio.get_running_loop().remove_reader(proc.conn.fileno())
-            proc.conn.close()
 
     async def _replace(self) -> None:
         proc = self._spawn()
@@ -463,10 +491,10 @@ class ProcessExecutor:
         except BaseException as exc:
             # A replacement that cannot set up means the stage cannot run any
             # more: fail callers instead of letting them wait for a worker.
-            self._discard(proc)
             self._broken = exc
             self._idle.put_nowait(proc)  # wakes a waiting caller, who sees _broken
             return
+        proc.ready = True
         self._idle.put_nowait(proc)
 
     async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
@@ -505,7 +533,7 @@ class ProcessExecutor:
                     "its worker process was killed and replaced"
                 ) from exc
         finally:
-            if proc in self._procs:
+            if not proc.dead:
                 self._idle.put_nowait(proc)
 
     async def stop(self) -> None:
@@ -516,12 +544,16 @@ class ProcessExecutor:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         procs = list(self._procs)
         for proc in procs:
-            self._discard(proc)  # closing our end makes the worker exit
+            with contextlib.suppress(OSError):
+                proc.conn.send_bytes(_STOP)
         for proc in procs:
             await asyncio.to_thread(proc.process.join, 5.0)
             if proc.process.is_alive():
                 proc.process.kill()
                 await asyncio.to_thread(proc.process.join, 5.0)
+        for reader in self._readers:
+            await asyncio.to_thread(reader.join, 5.0)
+        self._readers.clear()
 
 
 def make_executor(
