@@ -6,15 +6,18 @@ replicas x 1 torch thread; the naive server has one model with torch's
 default threads, as the plain way gets):
 
 - ``flowbatch``: ``flowbatch.http.run(create_app(pipeline))``, the embedder as
-  a batched thread stage (``Batch(max_size=64)``, ``concurrency=2``), default
-  admission (``max_in_flight`` = a full batch per worker).
+  a batched stage in 2 worker processes (``executor="process"``,
+  ``Batch(max_size=64)``, ``concurrency=2``; like the peers, each replica has
+  a process of its own, out of the event loop's GIL; set
+  ``FLOWBATCH_BENCH_EXECUTOR=thread`` for threads), default admission.
 - ``naive``: FastAPI + uvicorn, ``async def`` endpoint calling the model, no batching.
 - ``litserve``: LitServe, ``max_batch_size=64``, ``batch_timeout=0.01``, 2 workers.
 - ``mosec``: mosec, ``max_batch_size=64``, ``max_wait_time=10`` ms, 2 workers.
 
-Load: a lean asyncio (uvloop) HTTP/1.1 client on keep-alive connections, one
-sentence per request from ``../shared/data/sentences.txt``; closed loop at
-concurrency 1, 16 and 64, then an open loop at 3x the offline limit
+Load: one sentence per request from ``../shared/data/sentences.txt``; closed
+loops at concurrency 1, 16 and 64 driven by wrk (one thread, keep-alive; a
+lean asyncio client where wrk is missing or with ``--python-client``), then,
+with the asyncio client, an open loop at 3x the offline limit
 (requests start on a fixed schedule whatever the answers do). Figures:
 requests/s, p50 and p99 of the 200s, the ratio to the model's offline
 limit (``_common.Replicas``, best of batch 1..64, the same replicas x threads),
@@ -81,7 +84,7 @@ TORCH_THREADS = 1
 MAX_BATCH = 64
 #: flowbatch's executor for the model: "process" keeps each replica's Python
 #: (tokenizer, module calls) off the server's GIL, as the peers' workers are.
-EXECUTOR = "thread"
+EXECUTOR = "process"
 SERVERS = ("flowbatch", "naive", "litserve", "mosec")
 PATHS = {
     "flowbatch": "/v1/pipelines/embed",

@@ -149,8 +149,7 @@ def test_a_replacement_that_cannot_set_up_fails_callers_instead_of_looping(
     async def main() -> None:
         async with pipe.open() as runner:
             assert await runner.submit(1) == 1
-            with open(marker, "w"):
-                pass
+            (tmp_path / "gone").touch()
             with pytest.raises(fb.ItemFailed, match="died"):
                 await runner.submit(13)
             with pytest.raises(fb.ItemFailed, match="failed its setup.*model file is gone"):
