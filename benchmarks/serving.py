@@ -194,6 +194,7 @@ class Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.closing = False  # the server answered "Connection: close"
 
     @classmethod
     async def open(cls, port: int) -> Conn:
@@ -216,6 +217,8 @@ class Conn:
                 length = int(value)
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                self.closing = True
         if chunked:
             while True:
                 size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -304,36 +307,46 @@ async def open_loop(port: int, requests: list[bytes], rate: float, duration: flo
         # t0: when the request was due (loop clock); latency counts from then.
         nonlocal open_conns, last_done
         conn = idle.pop() if idle else None
-        if conn is None:
-            if open_conns >= max_conns:
-                statuses["client: no connection"] += 1
-                return
-            open_conns += 1
+        # A pooled keep-alive connection the server closed while it sat idle
+        # fails at once: like an HTTP client's pool, retry once on a new one.
+        for reused in (conn is not None, False):
+            if conn is None:
+                if open_conns >= max_conns:
+                    statuses["client: no connection"] += 1
+                    return
+                open_conns += 1
+                try:
+                    conn = await Conn.open(port)
+                except OSError:
+                    open_conns -= 1
+                    statuses["connect error"] += 1
+                    return
             try:
-                conn = await Conn.open(port)
-            except OSError:
+                async with asyncio.timeout(timeout):
+                    status = await conn.send(requests[i % len(requests)])
+                break
+            except TimeoutError:
+                statuses["timeout"] += 1
+                conn.close()
                 open_conns -= 1
-                statuses["connect error"] += 1
                 return
-        try:
-            async with asyncio.timeout(timeout):
-                status = await conn.send(requests[i % len(requests)])
-        except TimeoutError:
-            statuses["timeout"] += 1
-            conn.close()
-            open_conns -= 1
-            return
-        except (OSError, asyncio.IncompleteReadError):
-            statuses["connection error"] += 1
-            conn.close()
-            open_conns -= 1
-            return
+            except (OSError, asyncio.IncompleteReadError):
+                conn.close()
+                open_conns -= 1
+                conn = None
+                if not reused:
+                    statuses["connection error"] += 1
+                    return
         statuses[str(status)] += 1
         if status == 200:
             now = loop.time()
             latencies.append(now - t0)
             last_done = max(last_done, now)
-        idle.append(conn)
+        if conn.closing:  # the server said "Connection: close"
+            conn.close()
+            open_conns -= 1
+        else:
+            idle.append(conn)
 
     n = int(rate * duration)
     start = loop.time() + 0.05
