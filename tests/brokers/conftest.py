@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import brokerservices as services
 import pytest
 from brokerservices import Service
+
+from flowbatch.brokers import make_broker
 
 BROKERS = ["sqlite", "redis", "amqp", "nats", "kafka"]
 RESTARTABLE = ["redis", "amqp", "nats"]
 
 
 @pytest.fixture
-def queue_name(request: pytest.FixtureRequest) -> str:
-    """A queue name no other test (or earlier run) uses."""
+def queue_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A queue name no other test (or earlier run) uses; removed afterwards
+    from the shared server the test used, so runs do not pile queues up."""
     base = "".join(c if c.isalnum() else "_" for c in request.node.name)[:40]
-    return f"t_{base}_{secrets.token_hex(4)}"
+    name = f"t_{base}_{secrets.token_hex(4)}"
+    yield name
+    for fixture in ("service", "restartable"):
+        if fixture in request.fixturenames:
+            svc: Service = request.getfixturevalue(fixture)
+            if svc.name in ("redis", "amqp", "nats"):
+                asyncio.run(_delete_queue(svc.url, name))
+
+
+async def _delete_queue(url: str, queue: str) -> None:
+    broker: Any = make_broker(url, queue)
+    async with asyncio.timeout(30), broker:
+        await broker.delete()
 
 
 @pytest.fixture(scope="session")

@@ -227,6 +227,17 @@ class AMQPBroker(Broker):
         await self._read_results()
         return dict(self._results)
 
+    async def delete(self) -> None:
+        """Remove the queue, its dead-letter queue and exchange, and its results (tests, tools)."""
+        assert self._conn is not None
+        channel = await self._conn.channel()
+        try:
+            for name in (self.queue, self.dead_queue, self.results_queue):
+                await channel.queue_delete(name)
+            await channel.exchange_delete(self.dlx)
+        finally:
+            await channel.close()
+
     async def dead_letters(self) -> list[bytes]:
         assert self._conn is not None
         channel = await self._conn.channel()
