@@ -127,8 +127,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 def test_cli_demo_runs(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,
-        ["demo", "--docs", "4", "--sample", "1", "--db", str(tmp_path / "d.db"), "--no-progress"],
+        [
+            "demo", "--docs", "4", "--sample", "1", "--db", str(tmp_path / "d.db"),
+            "--no-progress", "--metrics-port", "0",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "speed-up" in result.output
     assert "bottleneck" in result.output
+    assert "metrics: http://127.0.0.1:" in result.output  # served while it ran

@@ -72,3 +72,32 @@ def test_render_exports_the_engine_statistics() -> None:
     counts = [v for _, v in les]
     assert counts == sorted(counts)
     assert counts[-1] == got[("flowbatch_stage_queue_wait_seconds_count", embed_l)] == 20
+
+
+def test_serve_metrics_answers_scrapes_on_the_event_loop() -> None:
+    from flowbatch.prometheus import serve_metrics
+
+    async def get(url: str) -> tuple[str, str]:
+        host, port_path = url.removeprefix("http://").split(":", 1)
+        port, path = port_path.split("/", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        raw = await reader.read()
+        writer.close()
+        head, _, body = raw.decode().partition("\r\n\r\n")
+        return head.split("\r\n")[0], body
+
+    pipe = fb.Pipeline([fb.stage(double, name="prep")], name="served")
+
+    async def main() -> None:
+        async with pipe.open() as runner, serve_metrics({"served": runner}) as url:
+            assert await runner.submit("ab") == "abab"
+            status, body = await get(url)
+            assert status == "HTTP/1.1 200 OK"
+            got = samples(body)
+            assert got[("flowbatch_pipeline_submitted_total", (("pipeline", "served"),))] == 1
+            status, _ = await get(url.replace("/metrics", "/nope"))
+            assert status == "HTTP/1.1 404 Not Found"
+
+    asyncio.run(main())

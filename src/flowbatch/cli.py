@@ -59,7 +59,12 @@ def main() -> None:
 @click.option("--sample", default=20, show_default=True, type=click.IntRange(min=1),
               help="Documents for the sequential comparison (extrapolated).")
 @click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
-def demo(docs: int, db_path: Path, sample: int, no_progress: bool) -> None:
+@click.option("--metrics-port", type=click.IntRange(min=0), default=None,
+              help="Serve /metrics on this port while the pipeline runs (0: any free "
+                   "port), to watch it with `flowbatch top`.")
+def demo(
+    docs: int, db_path: Path, sample: int, no_progress: bool, metrics_port: int | None
+) -> None:
     """Embed documents from a local server into SQLite, then compare with a plain loop."""
     # The weights ship in a package: never reach for a hub, and keep the
     # loader's own progress bars out of the demo's display. Set here, at the
@@ -79,6 +84,12 @@ def demo(docs: int, db_path: Path, sample: int, no_progress: bool) -> None:
         ) from exc
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
-    result = run_demo(docs=docs, db_path=db_path, sample=sample, progress=not no_progress)
+    result = run_demo(
+        docs=docs,
+        db_path=db_path,
+        sample=sample,
+        progress=not no_progress,
+        metrics_port=metrics_port,
+    )
     if result["failed"]:
         raise SystemExit(1)

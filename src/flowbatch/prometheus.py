@@ -14,8 +14,10 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from .metrics import PipelineStats, Summary
     from .runner import Runner
 
-__all__ = ["CONTENT_TYPE", "RunnerCollector", "render"]
+__all__ = ["CONTENT_TYPE", "RunnerCollector", "render", "serve_metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -194,3 +196,50 @@ def render(runners: Runners) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RunnerCollector(runners))
     return generate_latest(registry)
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(
+    runners: Runners, port: int = 0, host: str = "127.0.0.1"
+) -> AsyncIterator[str]:
+    """Serve ``GET /metrics`` for ``runners`` while inside the block; yields its URL.
+
+    For front ends without an HTTP server of their own (the broker worker,
+    the demo), so that ``flowbatch top URL`` can watch them. It runs on the
+    event loop, where the statistics are written, so a scrape never races
+    the runner. ``port=0`` picks a free port.
+
+    Usage::
+
+        async with serve_metrics({"embed": runner}, port=9100) as url: ...
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, _, rest = head.partition(b" ")
+            path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+            if method != b"GET":
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path != b"/metrics":
+                status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
+            else:
+                status, ctype, body = "200 OK", CONTENT_TYPE, render(runners)
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass  # a client that went away or sent garbage: nothing to answer
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    bound = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}/metrics"
+    finally:
+        server.close()
+        await server.wait_closed()

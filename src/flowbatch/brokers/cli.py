@@ -92,6 +92,9 @@ def load_pipeline(target: str) -> Pipeline:
 @click.option("--stall-after", default=DEFAULT_WORKER_CONFIG.stall_after, show_default=True,
               type=click.FloatRange(min=0.1),
               help="Seconds without deliveries while a backlog waits before reconnecting.")
+@click.option("--metrics-port", type=click.IntRange(min=0), default=None,
+              help="Serve /metrics on 127.0.0.1 at this port (0: any free port), "
+                   "to watch the worker with `flowbatch top`.")
 @click.option("--log-level", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def worker(  # noqa: PLR0917 - click passes every option positionally
@@ -106,6 +109,7 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
     timeout: float | None,
     max_message_bytes: int,
     stall_after: float,
+    metrics_port: int | None,
     log_level: str,
 ) -> None:
     """Consume QUEUE from a broker into the pipeline TARGET (module:attribute)."""
@@ -130,14 +134,30 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
         max_message_bytes=max_message_bytes,
         stall_after=stall_after,
     )
-    stats = asyncio.run(_serve(pipe, broker, config, early))
+    stats = asyncio.run(_serve(pipe, broker, config, early, metrics_port))
     click.echo(json.dumps(dataclasses.asdict(stats)))
 
 
-async def _serve(pipe: Pipeline, broker: Any, config: WorkerConfig, early: list[int]) -> Any:
+async def _serve(
+    pipe: Pipeline,
+    broker: Any,
+    config: WorkerConfig,
+    early: list[int],
+    metrics_port: int | None,
+) -> Any:
     from .worker import Worker
 
     w = Worker(pipe, broker, config)
+    if metrics_port is not None:
+        from flowbatch.prometheus import serve_metrics
+
+        async with serve_metrics(w.runners, metrics_port) as url:
+            click.echo(f"metrics: {url}  (watch: flowbatch top {url})", err=True)
+            return await _run_worker(w, early)
+    return await _run_worker(w, early)
+
+
+async def _run_worker(w: Any, early: list[int]) -> Any:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, w.stop)

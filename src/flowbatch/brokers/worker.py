@@ -147,6 +147,12 @@ class Worker:
         return WorkerStats(**counts)
 
     @property
+    def runners(self) -> dict[str, Runner]:
+        """The worker's open runner by pipeline name (empty when not running),
+        for ``flowbatch.prometheus``."""
+        runner = self._runner
+        return {} if runner is None else {self.pipeline.name: runner}
+
     def in_flight(self) -> int:
         """Deliveries fetched and not yet settled."""
         return len(self._unsettled)

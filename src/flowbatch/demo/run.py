@@ -38,6 +38,7 @@ from flowbatch.demo.pipeline import (
     split_document,
 )
 from flowbatch.models import EMBEDDING_DIMENSION, SentenceEmbedder
+from flowbatch.prometheus import serve_metrics
 
 __all__ = ["run_demo", "run_demo_async", "run_sequential"]
 
@@ -51,6 +52,7 @@ def run_demo(
     console: Console | None = None,
     latency: tuple[float, float] = DEFAULT_LATENCY,
     seed: int = 0,
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo and print its report; return the figures as a dict.
 
@@ -63,6 +65,8 @@ def run_demo(
         console: where the report goes (default: standard output).
         latency: (low, high) seconds of delay per document fetch.
         seed: varies the documents and the delays.
+        metrics_port: serve ``/metrics`` on this port (0: any free one)
+            while the pipeline runs, for ``flowbatch top``.
     """
     return asyncio.run(
         run_demo_async(
@@ -73,6 +77,7 @@ def run_demo(
             console=console,
             latency=latency,
             seed=seed,
+            metrics_port=metrics_port,
         )
     )
 
@@ -86,6 +91,7 @@ async def run_demo_async(
     console: Console | None = None,
     latency: tuple[float, float] = DEFAULT_LATENCY,
     seed: int = 0,
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
     """The async body of :func:`run_demo`, for callers that have a loop."""
     if docs < 1:
@@ -102,7 +108,9 @@ async def run_demo_async(
             f"({latency[0] * 1000:.0f}-{latency[1] * 1000:.0f} ms each) "
             f"-> chunks -> all-MiniLM-L6-v2 -> {db_path}"
         )
-        pipelined = await _run_pipeline(base_url, db_path, docs, progress, console)
+        pipelined = await _run_pipeline(
+            base_url, db_path, docs, progress, console, metrics_port
+        )
         console.print(f"Sequential loop on a sample of {min(sample, docs)} documents ...")
         sequential = await asyncio.to_thread(run_sequential, base_url, min(sample, docs))
 
@@ -124,30 +132,41 @@ async def run_demo_async(
     return result
 
 
-async def _run_pipeline(
-    base_url: str, db_path: Path, docs: int, progress: bool, console: Console
+async def _run_pipeline(  # noqa: PLR0917 - private helper of run_demo_async
+    base_url: str,
+    db_path: Path,
+    docs: int,
+    progress: bool,
+    console: Console,
+    metrics_port: int | None,
 ) -> dict[str, Any]:
     store = SQLiteStore(db_path)
-    async with DocClient(base_url, max_connections=64) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(DocClient(base_url, max_connections=64))
         pipe = build_pipeline(client, db_path, store=store)
         t_load = time.perf_counter()
-        async with pipe.open() as runner:
-            load_s = time.perf_counter() - t_load
-            chunks = failed = 0
-            errors: list[str] = []
-            bar = _progress_bar(console, enabled=progress)
-            task = bar.add_task("embedding", total=docs, chunks=0)
-            t0 = time.perf_counter()
-            with bar:
-                async for keys in runner.map(range(docs), ordered=False, return_exceptions=True):
-                    if isinstance(keys, BaseException):
-                        failed += 1
-                        errors.append(f"{type(keys).__name__}: {keys}")
-                    else:
-                        chunks += len(keys)
-                    bar.update(task, advance=1, chunks=chunks)
-            elapsed = time.perf_counter() - t0
-            stats = runner.stats()
+        runner = await stack.enter_async_context(pipe.open())
+        load_s = time.perf_counter() - t_load
+        if metrics_port is not None:
+            url = await stack.enter_async_context(
+                serve_metrics({pipe.name: runner}, metrics_port)
+            )
+            console.print(f"metrics: {url}  (watch: flowbatch top {url})")
+        chunks = failed = 0
+        errors: list[str] = []
+        bar = _progress_bar(console, enabled=progress)
+        task = bar.add_task("embedding", total=docs, chunks=0)
+        t0 = time.perf_counter()
+        with bar:
+            async for keys in runner.map(range(docs), ordered=False, return_exceptions=True):
+                if isinstance(keys, BaseException):
+                    failed += 1
+                    errors.append(f"{type(keys).__name__}: {keys}")
+                else:
+                    chunks += len(keys)
+                bar.update(task, advance=1, chunks=chunks)
+        elapsed = time.perf_counter() - t0
+        stats = runner.stats()
     return {
         "docs": docs,
         "chunks": chunks,
