@@ -7,8 +7,8 @@ Every front end drives this one surface::
         async for y in runner.map(xs): ...
         print(runner.stats().bottleneck)
 
-How an item travels: it is wrapped in an ``_Item`` envelope and put in the
-bounded channel of the first stage. Each stage has ``concurrency`` worker
+How an item travels: it is wrapped in an ``Item`` envelope (envelope.py) and
+put in the bounded channel of the first stage. Each stage has ``concurrency`` worker
 tasks ("slots") that take items (or batches) from their channel, run the
 stage function through the stage's executor, and put the results in the next
 stage's channel. The last stage resolves the item's caller. A deadline, a
@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .batching import pick_batch
 from .channel import Channel, ChannelClosed
+from .envelope import Collector, FutureSink, Item
 from .errors import (
     BatchContractError,
     DeadlineExceeded,
@@ -65,128 +65,6 @@ DEFAULT_QUEUE_SIZE = 1024
 FOLD_INTERVAL = 0.25
 
 
-class _Item:
-    """The envelope of one item (or one fan-out child) inside the engine."""
-
-    __slots__ = (
-        "attempt",
-        "cost",
-        "deadline",
-        "done",
-        "id",
-        "index",
-        "parent",
-        "pending",
-        "results",
-        "root",
-        "sink",
-        "t0",
-        "t_enq",
-        "trace",
-        "value",
-    )
-
-    def __init__(self, value: Any, now: float) -> None:
-        self.value = value
-        self.id = 0
-        self.trace: Any = None
-        self.root = self
-        self.parent: _Item | None = None
-        self.index = 0
-        self.attempt = 1
-        self.t_enq = now
-        self.t0 = now
-        self.deadline: float | None = None
-        self.done = False
-        self.sink: Callable[[_Item, Any, BaseException | None], None] | None = None
-        self.results: list[Any] | None = None
-        self.pending = 0
-        self.cost = 0.0
-
-    def child(self, value: Any, index: int, now: float) -> _Item:
-        c = _Item(value, now)
-        c.id = self.id
-        c.trace = self.trace
-        c.root = self.root
-        c.parent = self
-        c.index = index
-        return c
-
-
-class _FutureSink:
-    """Delivers a root item's outcome to an ``asyncio.Future``."""
-
-    __slots__ = ("fut",)
-
-    def __init__(self, fut: asyncio.Future[Any]) -> None:
-        self.fut = fut
-
-    def __call__(self, item: _Item, value: Any, exc: BaseException | None) -> None:
-        fut = self.fut
-        if fut.done():
-            return
-        if exc is None:
-            fut.set_result(value)
-        else:
-            fut.set_exception(exc)
-
-
-class _Collector:
-    """Where ``map`` results land; the consumer reads them in or out of order."""
-
-    __slots__ = (
-        "admitted",
-        "by_index",
-        "closed",
-        "error",
-        "feeder_waiter",
-        "input_done",
-        "next_index",
-        "ordered",
-        "outstanding",
-        "ready",
-        "waiter",
-    )
-
-    def __init__(self, ordered: bool) -> None:
-        self.ordered = ordered
-        self.ready: deque[tuple[Any, BaseException | None]] = deque()
-        self.by_index: dict[int, tuple[Any, BaseException | None]] = {}
-        self.next_index = 0
-        self.admitted = 0
-        self.outstanding = 0
-        self.input_done = False
-        self.error: BaseException | None = None
-        self.closed = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.feeder_waiter: asyncio.Future[None] | None = None
-
-    def __call__(self, item: _Item, value: Any, exc: BaseException | None) -> None:
-        if self.closed:
-            return
-        if self.ordered:
-            self.by_index[item.index] = (value, exc)
-            if item.index != self.next_index:
-                return
-        else:
-            self.ready.append((value, exc))
-        self.wake()
-
-    def wake(self) -> None:
-        w = self.waiter
-        if w is not None:
-            self.waiter = None
-            if not w.done():
-                w.set_result(None)
-
-    def wake_feeder(self) -> None:
-        w = self.feeder_waiter
-        if w is not None:
-            self.feeder_waiter = None
-            if not w.done():
-                w.set_result(None)
-
-
 class _StageRun:
     """A stage at run time: its channel, executor, metrics and successor."""
 
@@ -216,7 +94,7 @@ class _StageRun:
         if spec.batch is not None:
             # Room for every worker's next full batch, so batches can fill.
             size = max(size, 2 * spec.batch.max_size * spec.concurrency)
-        self.inq: Channel[_Item] = Channel(size)
+        self.inq: Channel[Item] = Channel(size)
         self.metrics = StageMetrics(
             spec.name,
             spec.executor,
@@ -297,9 +175,9 @@ class Runner:
         self._live = 0
         self._admitting = 0
         self._drained: asyncio.Future[None] | None = None
-        self._roots: set[_Item] = set()
+        self._roots: set[Item] = set()
         self._feeders: set[asyncio.Task[None]] = set()
-        self._collectors: set[_Collector] = set()
+        self._collectors: set[Collector] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._submitted = 0
         self._completed = 0
@@ -471,9 +349,9 @@ class Runner:
                 )
             raise PipelineClosed(f"pipeline {self.name!r} is closed to new items")
 
-    def _new_root(self, value: Any, timeout: float | None) -> _Item:
+    def _new_root(self, value: Any, timeout: float | None) -> Item:
         now = perf_counter()
-        root = _Item(value, now)
+        root = Item(value, now)
         if timeout is not None:
             if not isinstance(timeout, int | float) or timeout <= 0:
                 raise ValueError(f"timeout must be a number > 0, got {timeout!r}")
@@ -482,7 +360,7 @@ class Runner:
         self._price(root)
         return root
 
-    def _price(self, root: _Item) -> None:
+    def _price(self, root: Item) -> None:
         """Compute the first stage's batch cost before admission; a failing
         cost function fails this call alone."""
         first = self._stages[0]
@@ -492,7 +370,7 @@ class Runner:
             except Exception as exc:
                 raise ItemFailed(first.name, 1, exc) from exc
 
-    def _admitted(self, root: _Item) -> None:
+    def _admitted(self, root: Item) -> None:
         self._ids += 1
         root.id = self._ids
         if self._hooks is not None:
@@ -503,7 +381,7 @@ class Runner:
         if not self._t_first:
             self._t_first = root.t0
 
-    def _arm(self, root: _Item, fut: asyncio.Future[Any], timeout: float | None) -> None:
+    def _arm(self, root: Item, fut: asyncio.Future[Any], timeout: float | None) -> None:
         """Attach the deadline timer and cancellation to a submitted item."""
         loop = self._loop
         assert loop is not None
@@ -518,12 +396,12 @@ class Runner:
             fut.add_done_callback(disarm)
         fut.add_done_callback(lambda f: self._cancel_root(root) if f.cancelled() else None)
 
-    def _expire(self, root: _Item, timeout: float | None) -> None:
+    def _expire(self, root: Item, timeout: float | None) -> None:
         self._resolve(
             root, None, DeadlineExceeded(f"item did not finish within its timeout of {timeout}s")
         )
 
-    def _cancel_root(self, root: _Item) -> None:
+    def _cancel_root(self, root: Item) -> None:
         if not root.done:
             root.done = True
             self._cancelled += 1
@@ -545,7 +423,7 @@ class Runner:
         loop = self._loop
         assert loop is not None
         fut: asyncio.Future[Any] = loop.create_future()
-        root.sink = _FutureSink(fut)
+        root.sink = FutureSink(fut)
         ch = self._stages[0].inq
         if not ch.put_nowait(root):
             await self._wait_for_room(ch, root, timeout)
@@ -553,7 +431,7 @@ class Runner:
         self._arm(root, fut, timeout)
         return await fut
 
-    async def _wait_for_room(self, ch: Channel[_Item], root: _Item, timeout: float | None) -> None:
+    async def _wait_for_room(self, ch: Channel[Item], root: Item, timeout: float | None) -> None:
         """Put ``root`` in the first queue once there is room (within its deadline)."""
         self._admitting += 1
         try:
@@ -588,7 +466,7 @@ class Runner:
         root = self._new_root(item, timeout)
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        root.sink = _FutureSink(fut)
+        root.sink = FutureSink(fut)
         first = self._stages[0]
         if not first.inq.put_nowait(root):
             raise Overloaded(
@@ -632,7 +510,7 @@ class Runner:
         window: int,
     ) -> AsyncIterator[Any]:
         assert self._loop is not None
-        col = _Collector(ordered)
+        col = Collector(ordered)
         self._collectors.add(col)
         feeder = self._loop.create_task(self._feed(items, col, window))
         self._feeders.add(feeder)
@@ -672,7 +550,7 @@ class Runner:
             self._collectors.discard(col)
             self._forget(col)
 
-    def _forget(self, col: _Collector) -> None:
+    def _forget(self, col: Collector) -> None:
         """A map stopped early: its items still queued are dropped unrun."""
         for sr in self._stages:
             for item in sr.inq.items:
@@ -681,7 +559,7 @@ class Runner:
                     self._cancel_root(root)
 
     async def _feed(
-        self, items: Iterable[Any] | AsyncIterable[Any], col: _Collector, window: int
+        self, items: Iterable[Any] | AsyncIterable[Any], col: Collector, window: int
     ) -> None:
         assert self._loop is not None
         loop = self._loop
@@ -715,7 +593,7 @@ class Runner:
                     await col.feeder_waiter
                 if self._state != "open":
                     raise closed
-                root = _Item(value, perf_counter())
+                root = Item(value, perf_counter())
                 root.sink = col
                 root.index = col.admitted
                 self._ids += 1
@@ -763,7 +641,7 @@ class Runner:
 
     # ------------------------------------------------------------- outcome
 
-    def _resolve(self, root: _Item, value: Any, exc: BaseException | None) -> None:
+    def _resolve(self, root: Item, value: Any, exc: BaseException | None) -> None:
         if root.done:
             return
         root.done = True
@@ -782,7 +660,7 @@ class Runner:
         assert root.sink is not None
         root.sink(root, value, exc)
 
-    def _deliver(self, item: _Item, value: Any) -> None:
+    def _deliver(self, item: Item, value: Any) -> None:
         """``item`` has its final value: hand it to its parent or caller."""
         while True:
             parent = item.parent
@@ -802,11 +680,11 @@ class Runner:
         if not self._live and self._state == "closing":
             self._check_drained()
 
-    def _drop(self, sr: _StageRun, item: _Item) -> None:
+    def _drop(self, sr: _StageRun, item: Item) -> None:
         sr.metrics.dropped += 1
         self._left()
 
-    def _expired(self, sr: _StageRun, item: _Item) -> None:
+    def _expired(self, sr: _StageRun, item: Item) -> None:
         self._resolve(
             item.root,
             None,
@@ -815,11 +693,11 @@ class Runner:
         sr.metrics.expired += 1
         self._left()
 
-    def _log_fields(self, sr: _StageRun, item: _Item) -> dict[str, Any]:
+    def _log_fields(self, sr: _StageRun, item: Item) -> dict[str, Any]:
         """The record attributes every engine log line about an item carries."""
         return {"pipeline": self.name, "stage": sr.name, "item": item.id, "attempt": item.attempt}
 
-    def _fail(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
+    def _fail(self, sr: _StageRun, item: Item, exc: BaseException) -> None:
         sr.metrics.failed += 1
         err = exc if isinstance(exc, ItemFailed) else ItemFailed(sr.name, item.attempt, exc)
         if not item.root.done and not isinstance(exc, PipelineClosed):
@@ -837,7 +715,7 @@ class Runner:
         self._resolve(item.root, None, err)
         self._left()
 
-    def _on_error(self, sr: _StageRun, item: _Item, exc: BaseException) -> None:
+    def _on_error(self, sr: _StageRun, item: Item, exc: BaseException) -> None:
         """A call failed for ``item``: retry it or fail it for good."""
         if (
             not item.root.done
@@ -873,7 +751,7 @@ class Runner:
             return
         self._fail(sr, item, exc)
 
-    def _set_cost(self, sr: _StageRun, item: _Item) -> bool:
+    def _set_cost(self, sr: _StageRun, item: Item) -> bool:
         assert sr.cost is not None
         try:
             item.cost = float(sr.cost(item.value))
@@ -882,7 +760,7 @@ class Runner:
             return False
         return True
 
-    async def _advance(self, sr: _StageRun, item: _Item, out: Any, now: float) -> None:
+    async def _advance(self, sr: _StageRun, item: Item, out: Any, now: float) -> None:
         """``item`` passed ``sr`` with result ``out``: move it on."""
         if sr.fan_out:
             await self._fan_out(sr, item, out, now)
@@ -900,7 +778,7 @@ class Runner:
         if not nxt.inq.put_nowait(item):
             await nxt.inq.put(item)
 
-    async def _fan_out(self, sr: _StageRun, item: _Item, out: Any, now: float) -> None:
+    async def _fan_out(self, sr: _StageRun, item: Item, out: Any, now: float) -> None:
         try:
             children = out if isinstance(out, list) else materialize(out)
         except Exception as exc:
@@ -932,7 +810,7 @@ class Runner:
     # -------------------------------------------------------------- workers
 
     async def _call_hooked(
-        self, sr: _StageRun, items: list[_Item], arg: Any, batch: bool
+        self, sr: _StageRun, items: list[Item], arg: Any, batch: bool
     ) -> Any:
         """A stage call wrapped in the hooks' started / carrier / ended.
 
@@ -1079,7 +957,7 @@ class Runner:
             ch.taken()
             if q and ch.getters:
                 ch.wake_getter()
-            batch: list[_Item] = []
+            batch: list[Item] = []
             now = loop.time()
             for item in picked:
                 root = item.root
@@ -1097,7 +975,7 @@ class Runner:
                 await asyncio.sleep(0)
 
     async def _run_batch(
-        self, sr: _StageRun, slot: int, batch: list[_Item], first: bool
+        self, sr: _StageRun, slot: int, batch: list[Item], first: bool
     ) -> None:
         m = sr.metrics
         n = len(batch)
