@@ -162,7 +162,7 @@ def test_serve_command_errors() -> None:
     r = run("no_such_module_xyz:p")
     assert r.returncode == 1 and "cannot import" in r.stderr
     r = run("http_pipelines:HOLD")
-    assert r.returncode == 1 and "serve a flowbatch.Pipeline" in r.stderr
+    assert r.returncode == 1 and "name a flowbatch.Pipeline, a dict" in r.stderr
     r = run("http_pipelines:echo_pipeline", "--api-key-env", "FLOWBATCH_TEST_UNSET_KEY")
     assert r.returncode == 2 and "FLOWBATCH_TEST_UNSET_KEY" in r.stderr
 

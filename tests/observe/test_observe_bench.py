@@ -78,7 +78,7 @@ def test_load_target_and_read_inputs(tmp_path: Path) -> None:
     for bad, msg in (
         ("observepipes", "expected module:attr"),
         ("observepipes:nothing", "no attribute"),
-        ("observepipes:CONTENT_TYPE", "not a flowbatch Pipeline"),
+        ("observepipes:CONTENT_TYPE", "name a flowbatch.Pipeline"),
     ):
         with pytest.raises((ValueError, TypeError), match=msg):
             load_target(bad)

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import json
 import logging
 import signal
-import sys
 from typing import Any
 
 import click
 
 from flowbatch.pipeline import Pipeline
 from flowbatch.retry import Retry
+from flowbatch.target import TargetError
+from flowbatch.target import load_pipeline as _load
 
 from .base import DEFAULT_MAX_MESSAGE_BYTES
 from .config import (
@@ -40,32 +40,11 @@ __all__ = ["load_pipeline", "worker"]
 
 
 def load_pipeline(target: str) -> Pipeline:
-    """Import ``module:attr``; the attribute is a Pipeline or a function returning one."""
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute, got {target!r}", param_hint="TARGET")
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # like `python -m`: the current directory's modules
+    """The pipeline ``target`` (``module:attr``) names; errors for click."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="TARGET") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise click.BadParameter(
-                f"module {module_name!r} has no attribute {attr!r}", param_hint="TARGET"
-            ) from None
-    if not isinstance(obj, Pipeline) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, Pipeline):
-        raise click.BadParameter(
-            f"{target} is a {type(obj).__name__}, not an fb.Pipeline (or a function returning one)",
-            param_hint="TARGET",
-        )
-    return obj
+        return _load(target)
+    except TargetError as exc:
+        raise click.BadParameter(str(exc), param_hint="TARGET") from exc
 
 
 @click.command()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,44 +21,17 @@ from .config import (
 __all__ = ["load_target", "serve"]
 
 
-def _takes_no_arguments(fn: Any) -> bool:
-    try:
-        inspect.signature(fn).bind()
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def load_target(target: str) -> Any:
-    """Import ``module:attr``; call it when it is a factory. Errors say what to fix."""
-    from flowbatch.pipeline import Pipeline
+    """The pipeline, or dict of pipelines, that ``target`` names; errors for click."""
+    from flowbatch.target import TargetError
+    from flowbatch.target import load_target as load
 
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise click.BadParameter(
-            f"{target!r} is not module:attr (for example myapp.pipelines:embed)",
-            param_hint="TARGET",
-        )
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.ClickException(f"cannot import {module_name!r}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise click.ClickException(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, Pipeline | Mapping) and callable(obj) and _takes_no_arguments(obj):
-        obj = obj()  # a factory
-    if isinstance(obj, Pipeline):
-        return obj
-    if isinstance(obj, Mapping) and obj and all(isinstance(p, Pipeline) for p in obj.values()):
-        return obj
-    raise click.ClickException(
-        f"{target} is a {type(obj).__name__}; serve a flowbatch.Pipeline, a dict of "
-        "name -> Pipeline, or a function that returns one"
-    )
+        return load(target, many=True)
+    except TargetError as exc:
+        if exc.usage:
+            raise click.BadParameter(str(exc), param_hint="TARGET") from exc
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 import flowbatch as fb
+from flowbatch.target import load_pipeline
 
 from .analysis import advise, stats_dict
 from .page import finite, report_page
@@ -46,28 +46,8 @@ __all__ = ["BenchResult", "bench", "load_target", "read_inputs", "run_bench", "w
 
 
 def load_target(spec: str) -> fb.Pipeline:
-    """The pipeline named by ``module:attr`` (``attr`` may be dotted, and may
-    be a function of no arguments that returns the pipeline). The current
-    directory is importable, as for ``python -m``."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"expected module:attr (e.g. myapp.pipelines:embed), got {spec!r}")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"{module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, fb.Pipeline) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, fb.Pipeline):
-        raise TypeError(
-            f"{spec} is a {type(obj).__name__}, not a flowbatch Pipeline "
-            "(or a function that returns one)"
-        )
-    return obj
+    """The pipeline named by ``module:attr`` (see :mod:`flowbatch.target`)."""
+    return load_pipeline(spec)
 
 
 def read_inputs(path: str | Path) -> list[Any]:
