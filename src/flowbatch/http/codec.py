@@ -139,3 +139,16 @@ def decode_body(body: bytes, msgpack_in: bool) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"the body is not valid JSON: {exc}") from None
+
+
+def decode_json_object(body: bytes, empty_hint: str, what: str = "the body") -> dict[str, Any]:
+    """Parse a body that must be one JSON object; a 400 that says what is wrong."""
+    if not body:
+        raise bad_request(f"{what} is empty; {empty_hint}")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise bad_request(f"{what} must be a JSON object")
+    return doc

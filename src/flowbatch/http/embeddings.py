@@ -14,13 +14,12 @@ import base64
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from .body import read_body
-from .codec import JSON, dump_json
+from .codec import JSON, decode_json_object, dump_json
 from .errors import ApiError, bad_request, from_engine
 from .service import outcome, parse_timeout
 
@@ -93,14 +92,9 @@ class EmbeddingRoutes:
         service = self.service
         timeout = parse_timeout(request.headers.get("x-request-timeout"), service.config.default_timeout)
         body = await read_body(request, service.config.max_body_bytes)
-        if not body:
-            raise bad_request("the request body is empty; send {\"model\": ..., \"input\": ...}")
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise bad_request("the body must be a JSON object")
+        doc = decode_json_object(
+            body, 'send {"model": ..., "input": ...}', what="the request body"
+        )
         unknown = sorted(str(k) for k in doc if k not in _KNOWN)
         if unknown:
             raise bad_request(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0])

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -30,7 +29,7 @@ from starlette.routing import Route
 from flowbatch import __version__
 
 from .body import read_body
-from .codec import JSON, dump_json
+from .codec import JSON, decode_json_object, dump_json
 from .errors import ApiError, bad_request, from_engine, not_found
 from .service import outcome, parse_timeout
 
@@ -311,14 +310,9 @@ class OIPRoutes:
                 )
             cut = int(header_len)
             body, binary = body[:cut], body[cut:]
-        if not body:
-            raise bad_request("the body is empty; send an inference request with \"inputs\"")
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request(f"the inference request is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise bad_request("the inference request must be a JSON object")
+        doc = decode_json_object(
+            body, 'send an inference request with "inputs"', what="the inference request"
+        )
         request_id = doc.get("id")
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):

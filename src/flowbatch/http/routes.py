@@ -24,7 +24,10 @@ from .openapi import openapi_schema
 from .service import outcome, parse_timeout, result_document
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .service import Endpoint, Service
+    from .stores import Job
 
 __all__ = ["NativeRoutes"]
 
@@ -102,17 +105,18 @@ class NativeRoutes:
         return Response(encode(codec, doc), 202, {"Location": url}, media_type=codec.media_type)
 
     async def get_job(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
-        job = await self.service.jobs.get(job_id)
-        if job is None:
-            raise not_found(f"no job {job_id!r}: it never existed, was deleted or has expired")
-        codec = pick_codec(None, request.headers.get("accept"))
-        doc = job_document(job, str(request.url_for("job", job_id=job.id)))
-        return Response(encode(codec, doc), media_type=codec.media_type)
+        return await self._job_answer(request, self.service.jobs.get)
 
     async def cancel_job(self, request: Request) -> Response:
+        return await self._job_answer(request, self.service.jobs.cancel)
+
+    @staticmethod
+    async def _job_answer(
+        request: Request, action: Callable[[str], Awaitable[Job | None]]
+    ) -> Response:
+        """Run ``action`` on the job in the path; its document, or 404."""
         job_id = request.path_params["job_id"]
-        job = await self.service.jobs.cancel(job_id)
+        job = await action(job_id)
         if job is None:
             raise not_found(f"no job {job_id!r}: it never existed, was deleted or has expired")
         codec = pick_codec(None, request.headers.get("accept"))
