@@ -13,7 +13,8 @@ from observehelpers import chromium, dump_dom
 import flowbatch as fb
 from flowbatch.metrics import PipelineStats, StageStats, Summary
 from flowbatch.observe.analysis import advise
-from flowbatch.observe.bench import bench, load_target, read_inputs
+from flowbatch.observe.bench import bench, read_inputs
+from flowbatch.target import load_pipeline as load_target
 
 
 def stage_stats(name: str, **kw: object) -> StageStats:

@@ -42,12 +42,7 @@ from flowbatch.target import load_pipeline
 from .analysis import advise, stats_dict
 from .page import finite, report_page
 
-__all__ = ["BenchResult", "bench", "load_target", "read_inputs", "run_bench", "write_report"]
-
-
-def load_target(spec: str) -> fb.Pipeline:
-    """The pipeline named by ``module:attr`` (see :mod:`flowbatch.target`)."""
-    return load_pipeline(spec)
+__all__ = ["BenchResult", "bench", "read_inputs", "run_bench", "write_report"]
 
 
 def read_inputs(path: str | Path) -> list[Any]:
@@ -393,7 +388,7 @@ def bench(
     report throughput, latency, per-stage utilization, the bottleneck and
     what to change."""
     try:
-        pipeline = load_target(target)
+        pipeline = load_pipeline(target)
         items = read_inputs(input_path)
     except (ValueError, TypeError, ImportError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
