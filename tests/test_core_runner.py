@@ -393,7 +393,14 @@ def test_leaving_the_block_drains_in_flight_items() -> None:
         async with pipe.open() as runner:
             tasks = [asyncio.create_task(runner.submit(i)) for i in range(10)]
             await until(lambda: runner.stats().submitted == 10)
-            threading.Timer(0.05, release.set).start()
+
+            async def release_once_draining() -> None:
+                await until(lambda: runner.closed)
+                assert not any(t.done() for t in tasks)  # all still in flight
+                release.set()
+
+            releaser = asyncio.create_task(release_once_draining())
+        await releaser
         return [t.result() for t in tasks]
 
     assert asyncio.run(main()) == list(range(1, 11))
