@@ -235,3 +235,145 @@ def test_pick_batch_respects_a_fair_share_limit() -> None:
     assert pick_batch(q, fb.Batch(max_size=8), limit=3) == [0, 1, 2]
     assert pick_batch(q, fb.Batch(max_size=4), limit=100) == [3, 4, 5, 6]
     assert list(q) == [7, 8, 9]
+
+
+class AsyncRecorder:
+    """An async batched stage; each call waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.releases: list[asyncio.Event] = []
+        self.hold = True
+
+    async def __call__(self, xs: list[int]) -> list[int]:
+        self.batches.append(list(xs))
+        release = asyncio.Event()
+        self.releases.append(release)
+        if self.hold:
+            await release.wait()
+        return [x * 10 for x in xs]
+
+    def release_all(self) -> None:
+        self.hold = False
+        for r in self.releases:
+            r.set()
+
+
+async def settle() -> None:
+    """Let every task that can run, run (loop turns, not time)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def _answer_a_batch_of_four(runner: fb.Runner, rec: AsyncRecorder) -> None:
+    """Leaves the stage's one worker free, its previous batch [1, 2, 3, 4]."""
+    first = asyncio.create_task(runner.submit(0))
+    await until(lambda: len(rec.batches) == 1)
+    four = [asyncio.create_task(runner.submit(i)) for i in range(1, 5)]
+    await until(lambda: runner.stats().stage("m").queued == 4)
+    rec.release_all()
+    assert await first == 0
+    assert await asyncio.gather(*four) == [10, 20, 30, 40]
+    assert rec.batches == [[0], [1, 2, 3, 4]]
+
+
+def test_under_load_a_free_worker_waits_for_the_burst_its_batch_answered() -> None:
+    rec = AsyncRecorder()
+    # A linger far longer than the test: only the burst can end the wait.
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=600))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            await _answer_a_batch_of_four(runner, rec)
+            tasks = []
+            for i in range(5, 9):  # the callers come back one at a time
+                tasks.append(asyncio.create_task(runner.submit(i)))
+                await settle()
+                if i < 8:  # fewer than its last batch: the worker keeps waiting
+                    assert runner.stats().stage("m").queued == i - 4
+            assert await asyncio.gather(*tasks) == [50, 60, 70, 80]
+
+    asyncio.run(main())
+    assert rec.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_a_lone_caller_never_waits_for_the_linger() -> None:
+    rec = AsyncRecorder()
+    rec.hold = False
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=600))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            for i in range(3):
+                assert await runner.submit(i) == i * 10
+
+    asyncio.run(main())
+    assert rec.batches == [[0], [1], [2]]
+
+
+def test_the_linger_ends_when_no_more_items_come() -> None:
+    rec = AsyncRecorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=0.02))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            await _answer_a_batch_of_four(runner, rec)
+            assert await runner.submit(5) == 50  # alone, once nothing else came
+
+    asyncio.run(main())
+    assert rec.batches == [[0], [1, 2, 3, 4], [5]]
+
+
+def test_drain_dispatches_a_lingering_batch_at_once() -> None:
+    rec = AsyncRecorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=600))])
+
+    async def main() -> int:
+        async with pipe.open() as runner:
+            await _answer_a_batch_of_four(runner, rec)
+            late = asyncio.create_task(runner.submit(5))
+            await settle()
+            assert runner.stats().stage("m").queued == 1  # held open by the linger
+        return await late  # leaving the block drained: the held batch ran
+
+    assert asyncio.run(main()) == 50
+    assert rec.batches == [[0], [1, 2, 3, 4], [5]]
+
+
+def test_linger_zero_dispatches_what_waits() -> None:
+    rec = AsyncRecorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=0))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            await _answer_a_batch_of_four(runner, rec)
+            first = asyncio.create_task(runner.submit(5))
+            await until(lambda: len(rec.batches) == 3)  # went out alone
+            assert await first == 50
+
+    asyncio.run(main())
+    assert rec.batches[2] == [5]
+
+
+def test_a_free_replica_takes_a_fair_share_of_the_work() -> None:
+    rec = AsyncRecorder()
+    stage = fb.stage(rec, name="m", batch=fb.Batch(max_size=16), concurrency=2)
+
+    async def main() -> None:
+        async with fb.Pipeline([stage]).open() as runner:
+            both = [asyncio.create_task(runner.submit(i)) for i in range(2)]
+            await until(lambda: len(rec.batches) == 2)  # one item each
+            rest = [asyncio.create_task(runner.submit(i)) for i in range(2, 12)]
+            await until(lambda: runner.stats().stage("m").queued == 10)
+            rec.releases[0].set()  # one replica comes free; the other holds 1 item
+            try:
+                await until(lambda: len(rec.batches) == 3)
+                # Half of the 11 items in the stage, not all 10 that wait.
+                assert len(rec.batches[2]) == 6
+                assert runner.stats().stage("m").queued == 4
+            finally:
+                rec.release_all()  # so that a failure does not hang the drain
+            assert await asyncio.gather(*both, *rest) == [i * 10 for i in range(12)]
+
+    asyncio.run(main())
+    assert sorted(x for b in rec.batches for x in b) == list(range(12))

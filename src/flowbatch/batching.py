@@ -3,8 +3,11 @@
 A batched stage takes whatever is waiting when one of its workers becomes
 free (up to ``max_size``), so an idle model adds no delay and a busy one sees
 its batches grow by themselves. ``max_wait`` holds a non-full batch open a
-little longer; ``cost``/``max_cost`` bound a batch by a budget such as tokens
-and group items of similar cost so that padding is small.
+little longer at any load. Under load (``linger``), a worker that comes free
+while the items its last batch answered are on their way back waits for
+them, briefly, instead of running a near-empty batch. ``cost``/``max_cost``
+bound a batch by a budget such as tokens and group items of similar cost so
+that padding is small.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["DEFAULT_MAX_SIZE", "Batch", "pick_batch"]
+__all__ = ["DEFAULT_MAX_SIZE", "LINGER_GAP", "LINGER_SHARE", "Batch", "pick_batch"]
 
 DEFAULT_MAX_SIZE = 32
+#: The automatic linger: this share of the stage's recent batch service time.
+LINGER_SHARE = 0.1
+#: A lingering worker dispatches once no item has arrived for this share of its linger.
+LINGER_GAP = 0.25
 
 # How far past the oldest item the cost-aware picker looks for similar items.
 _LOOKAHEAD_FACTOR = 4
@@ -28,7 +35,17 @@ class Batch:
 
     - ``max_size``: the most items in one call.
     - ``max_wait``: seconds to keep a non-full batch open once a worker is
-      free (0: dispatch at once; batches still grow under load).
+      free, at any load (0: dispatch at once; batches still grow under load).
+    - ``linger``: under load only, the most seconds a worker that comes free
+      waits for as many items as its previous batch held (callers answered
+      by a batch usually send their next item at once; a closed loop of
+      HTTP clients, say, returns in a burst). It dispatches as soon as it
+      has them, the batch is full, or no item has come for a quarter of the
+      linger. A worker whose previous batch held one item, or that finds as
+      many waiting as it last took, never waits: a lone request pays no
+      delay. ``None`` (default): 10% of the stage's recent batch service
+      time, so lingering costs at most that much latency; ``0``: never.
+      Ignored when ``max_wait`` is set.
     - ``cost``: ``item -> number`` (for example its token count);
       ``max_cost``: the most cost in one call, counted as a padded model
       computes it: the batch's size times its largest item's cost. Items of
@@ -42,12 +59,15 @@ class Batch:
     max_wait: float = 0.0
     cost: Callable[[Any], float] | None = None
     max_cost: float | None = None
+    linger: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_size, int) or self.max_size < 1:
             raise ValueError(f"Batch.max_size must be an int >= 1, got {self.max_size!r}")
         if self.max_wait < 0:
             raise ValueError(f"Batch.max_wait must be >= 0, got {self.max_wait!r}")
+        if self.linger is not None and not self.linger >= 0:  # also rejects nan
+            raise ValueError(f"Batch.linger must be None or >= 0, got {self.linger!r}")
         if self.max_cost is not None and self.cost is None:
             raise ValueError("Batch.max_cost needs a cost function (Batch.cost)")
         if self.cost is not None and not callable(self.cost):

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from .batching import pick_batch
+from .batching import LINGER_GAP, LINGER_SHARE, pick_batch
 from .channel import Channel, ChannelClosed
 from .envelope import Collector, FutureSink, Item
 from .errors import (
@@ -81,6 +81,7 @@ class _StageRun:
         "next",
         "retry",
         "spec",
+        "svc",
     )
 
     def __init__(self, spec: Stage, queue_size: int, hooks: Hooks | None) -> None:
@@ -90,6 +91,8 @@ class _StageRun:
         self.retry = spec.retry
         self.fan_out = spec.fan_out
         self.cost = spec.batch.cost if spec.batch is not None else None
+        # Recent batch service time (seconds, moving average): sizes the linger.
+        self.svc = 0.0
         size = queue_size
         if spec.batch is not None:
             # Room for every worker's next full batch, so batches can fill.
@@ -938,22 +941,32 @@ class Runner:
         assert opts is not None
         assert self._loop is not None
         loop = self._loop
+        last = 1  # this worker's previous batch: how many callers it just answered
         while True:
             if not q:
                 if not await ch.wait_nonempty():
                     return
-            if opts.max_wait > 0 and len(q) < opts.max_size and self._state == "open":
-                # Hold the batch open for more items; a drain flushes it at once.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(opts.max_wait):
-                        while len(q) < opts.max_size and self._state == "open":
-                            await ch.wait_put()
+            if opts.max_wait > 0:
+                if len(q) < opts.max_size and self._state == "open":
+                    # Hold the batch open for more items; a drain flushes it at once.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(opts.max_wait):
+                            while len(q) < opts.max_size and self._state == "open":
+                                await ch.wait_put()
+                    if not q:
+                        continue
+            elif len(q) < last and opts.linger != 0 and self._state == "open":
+                await self._linger(sr, min(last, opts.max_size))
                 if not q:
                     continue
-            # Share the backlog among the free workers (this one included), so
-            # that a burst of one batch's worth keeps every replica busy.
-            free = sum(1 for h in holding if not h)
-            picked = pick_batch(q, opts, -(-len(q) // free) if free > 1 else None)
+            # Take a fair share of the stage's work (what waits plus what the
+            # other workers hold), so that a burst keeps every replica busy and
+            # replicas run batches of similar size: taking everything would
+            # let one replica run huge batches while another cycles through
+            # tiny ones, the worst of both on a model's cost curve.
+            workers = len(holding)
+            share = -(-(len(q) + sum(holding)) // workers) if workers > 1 else None
+            picked = pick_batch(q, opts, share)
             ch.taken()
             if q and ch.getters:
                 ch.wake_getter()
@@ -968,11 +981,43 @@ class Runner:
                 else:
                     batch.append(item)
             if batch:
+                last = len(batch)
                 await self._run_batch(sr, slot, batch, first=True)
                 # Let the callers answered by this batch run (and submit their
                 # next items) before this worker forms its next batch; else a
                 # closed loop of callers sees a run of tiny batches.
                 await asyncio.sleep(0)
+
+    async def _linger(self, sr: _StageRun, want: int) -> None:
+        """Under load: wait (briefly) for ``want`` items before taking a batch.
+
+        The callers a batch answered usually send their next item at once, so
+        they arrive in a burst just after the worker comes free; taking the
+        one or two already waiting would run a near-empty batch (as costly as
+        a full one on most models) while the burst waits behind it. Returns
+        once ``want`` items wait, once no item has come for a gap, after the
+        linger's bound, or when a drain begins.
+        """
+        opts = sr.batch
+        assert opts is not None
+        bound = opts.linger if opts.linger is not None else LINGER_SHARE * sr.svc
+        if bound <= 0:
+            return
+        loop = self._loop
+        assert loop is not None
+        ch = sr.inq
+        q = ch.items
+        gap = bound * LINGER_GAP
+        end = loop.time() + bound
+        while len(q) < want and self._state == "open":
+            left = end - loop.time()
+            if left <= 0:
+                return
+            try:
+                async with asyncio.timeout(min(gap, left)):
+                    await ch.wait_put()
+            except TimeoutError:
+                return  # nothing came for a gap: the burst is over
 
     async def _run_batch(
         self, sr: _StageRun, slot: int, batch: list[Item], first: bool
@@ -1013,6 +1058,7 @@ class Runner:
             return
         t1 = perf_counter()
         m.served(slot, t0, t1)
+        sr.svc = t1 - t0 if not sr.svc else sr.svc + 0.2 * (t1 - t0 - sr.svc)
         results = self._check_batch(sr, outs, n)
         if isinstance(results, BatchContractError):
             for item in batch:
