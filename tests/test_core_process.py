@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import signal
 from typing import Any
 
 import pytest
 
 import flowbatch as fb
+from corehelpers import until
 
 
 def square(x: int) -> int:
@@ -52,6 +54,14 @@ def raise_picky(x: int) -> int:
 
 def returns_lambda(x: int) -> Any:
     return lambda: x
+
+
+def worker_pid(x: int) -> int:
+    return os.getpid()
+
+
+def echo_size(blob: bytes) -> bytes:
+    return bytes(reversed(blob)) + len(blob).to_bytes(8, "little")
 
 
 def test_process_stage_runs_in_other_processes_with_setup_each() -> None:
@@ -168,3 +178,42 @@ def test_process_stage_under_uvloop() -> None:
             return [y async for y in runner.map(range(50))]
 
     assert uvloop.run(main()) == [x * x for x in range(50)]
+
+
+def test_at_low_load_one_warm_worker_takes_every_call() -> None:
+    # The most recently used worker goes first: its model is warm in the caches.
+    pipe = fb.Pipeline([fb.stage(worker_pid, executor="process", concurrency=3)])
+
+    async def main() -> set[int]:
+        async with pipe.open() as runner:
+            return {await runner.submit(i) for i in range(20)}
+
+    pids = asyncio.run(main())
+    assert len(pids) == 1 and os.getpid() not in pids
+
+
+@pytest.mark.parametrize("size", [0, 1, 70_000, 6_000_000])
+def test_items_and_results_of_any_size_cross_the_pipes(size: int) -> None:
+    blob = bytes(i % 251 for i in range(size))
+    pipe = fb.Pipeline([fb.stage(echo_size, executor="process", concurrency=2)])
+
+    async def main() -> list[bytes]:
+        async with pipe.open() as runner:
+            return list(await asyncio.gather(*(runner.submit(blob) for _ in range(3))))
+
+    for out in asyncio.run(main()):
+        assert out[:-8] == blob[::-1] and int.from_bytes(out[-8:], "little") == size
+
+
+def test_a_worker_killed_while_idle_is_replaced() -> None:
+    pipe = fb.Pipeline([fb.stage(worker_pid, name="w", executor="process")])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            pid = await runner.submit(0)
+            os.kill(pid, signal.SIGKILL)
+            executor = runner._stages[0].executor
+            await until(lambda: executor.restarts == 1)  # type: ignore[attr-defined]
+            assert await runner.submit(1) not in (pid, os.getpid())
+
+    asyncio.run(main())

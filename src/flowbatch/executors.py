@@ -8,8 +8,10 @@ executor has workers, so nothing queues inside an executor.
 
 Thread workers are dedicated threads, each holding its own copy of a
 stateful stage object (a model replica). Process workers are spawned
-interpreters, one pipe each; a worker that dies fails only the call it
-held (``WorkerCrashed``) and is replaced.
+interpreters with a request pipe and an answer pipe each, both read and
+written by the event loop through asyncio transports; the idle worker used
+last takes the next call. A worker that dies fails only the call it held
+(``WorkerCrashed``) and is replaced.
 """
 
 from __future__ import annotations
@@ -307,14 +309,48 @@ def _encode_result(out: Any) -> bytes:
     return pickle.dumps((False, err))
 
 
+# A frame on a worker's pipes: 8-byte little-endian length, then a pickle.
+_HEADER = 8
+_STOP = b""  # an empty frame tells a worker process to finish (a pickle is never empty)
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(_HEADER, "little") + data
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    """``n`` bytes from a blocking ``fd``; None at end of file."""
+    chunks: list[bytes] = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _process_main(
-    conn: Connection,
+    requests: Connection,
+    answers: Connection,
     payload: bytes,
     post: Callable[[Any], Any] | None,
     activate: Activate | None,
 ) -> None:
-    """Body of a worker process: set up once, then answer calls until EOF."""
+    """Body of a worker process: set up once, then answer calls until told to stop.
+
+    Calls come as frames on ``requests``; each answer, a pickled
+    ``(ok, value)``, goes back as a frame on ``answers``. Plain blocking
+    reads and writes: this process does one thing at a time.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    rfd, wfd = requests.fileno(), answers.fileno()
     try:
         fn = pickle.loads(payload)
         setup = getattr(fn, "setup", None)
@@ -322,19 +358,20 @@ def _process_main(
             setup()
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            conn.send_bytes(pickle.dumps((False, _portable(exc))))
+            _write_all(wfd, _frame(pickle.dumps((False, _portable(exc)))))
         return
     try:
-        conn.send_bytes(pickle.dumps((True, os.getpid())))
+        _write_all(wfd, _frame(pickle.dumps((True, os.getpid()))))
     except OSError:
         return  # the parent stopped before we were ready
     while True:
         try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
+            head = _read_exactly(rfd, _HEADER)
+            data = _read_exactly(rfd, int.from_bytes(head, "little")) if head else None
+        except OSError:
             break
         if not data:
-            break  # the parent's "stop"
+            break  # end of file (the parent is gone) or the parent's "stop"
         try:
             arg, carrier = pickle.loads(data)
             with activated(activate, carrier):
@@ -347,37 +384,86 @@ def _process_main(
             msg = _encode_result(out)
         del data
         try:
-            conn.send_bytes(msg)
-        except (BrokenPipeError, OSError):
+            _write_all(wfd, _frame(msg))
+        except OSError:
             break
     teardown = getattr(fn, "teardown", None)
     if callable(teardown):
         teardown()
 
 
-class _Proc:
-    __slots__ = ("conn", "dead", "fut", "process", "ready")
+class _Answers(asyncio.Protocol):
+    """Reads a worker's answer frames on the event loop; notices its death.
 
-    def __init__(self, process: Any, conn: Connection, fut: asyncio.Future[Any]) -> None:
+    The worker's end of the answer pipe closes when it exits, is stopped or
+    dies, whatever the cause: ``connection_lost`` reports it.
+    """
+
+    def __init__(self, executor: ProcessExecutor, proc: _Proc) -> None:
+        self.executor = executor
+        self.proc = proc
+        self.chunks: list[bytes] = []
+        self.have = 0
+        self.need = -1  # the length of the frame being read; -1: its header first
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.have += len(data)
+        while True:
+            want = _HEADER if self.need < 0 else self.need
+            if self.have < want:
+                return
+            chunks = self.chunks
+            buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            rest = buf[want:]
+            self.chunks = [rest] if rest else []
+            self.have = len(rest)
+            if self.need < 0:
+                self.need = int.from_bytes(buf[:_HEADER], "little")
+                continue
+            self.need = -1
+            self.executor._answer(self.proc, buf[:want])
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.executor._died(self.proc)
+
+
+class _Requests(asyncio.BaseProtocol):
+    """The write side of a worker's request pipe (writes never block the loop)."""
+
+    def __init__(self, executor: ProcessExecutor, proc: _Proc) -> None:
+        self.executor = executor
+        self.proc = proc
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:  # the worker's end closed under a write: it died
+            self.executor._died(self.proc)
+
+
+class _Proc:
+    __slots__ = ("answers", "dead", "fut", "process", "ready", "requests")
+
+    def __init__(self, process: Any, fut: asyncio.Future[Any]) -> None:
         self.process = process
-        self.conn = conn
         self.fut = fut
         self.dead = False
         self.ready = False  # set once its setup() has succeeded
-
-
-_STOP = b""  # tells a worker process to finish (a pickle is never empty)
+        self.requests: asyncio.WriteTransport | None = None
+        self.answers: asyncio.ReadTransport | None = None
 
 
 class ProcessExecutor:
     """``workers`` spawned processes; a dead one is replaced, failing only its call.
 
-    Each worker has a pipe and a reader thread in this process that blocks on
-    it and hands answers to the event loop with ``call_soon_threadsafe``:
-    this works the same on any event loop (uvloop's ``add_reader`` delayed
-    answers by tens of milliseconds) and never blocks the loop on a large
-    answer. The reader thread owns the pipe and closes it when the worker's
-    end closes (the worker exited, was stopped, or died).
+    Each worker has two pipes: calls go out through an asyncio write
+    transport (a large item never blocks the event loop), answers come back
+    through a read transport, so the event loop itself is woken by an answer
+    (no thread in between: one wake-up less per call, which on an idle
+    machine is a good part of the hop's cost). The answer pipe closing tells
+    that the worker exited, was stopped or died.
     """
 
     def __init__(
@@ -400,16 +486,18 @@ class ProcessExecutor:
                 f"pickled ({type(exc).__name__}: {exc}); define it at module level"
             ) from exc
         self._ctx = mp.get_context("spawn")
-        self._idle: asyncio.Queue[_Proc] = asyncio.Queue()
+        # Last in, first out: at low load one warm worker (its model's
+        # weights in the CPU caches) takes every call; the others join in as
+        # the load grows.
+        self._idle: asyncio.LifoQueue[_Proc] = asyncio.LifoQueue()
         self._procs: set[_Proc] = set()
-        self._readers: list[threading.Thread] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._broken: BaseException | None = None
         self.restarts = 0
 
     async def start(self) -> None:
-        procs = [self._spawn() for _ in range(self.workers)]
+        procs = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
         results = await asyncio.gather(*(p.fut for p in procs), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
@@ -419,52 +507,47 @@ class ProcessExecutor:
             p.ready = True
             self._idle.put_nowait(p)
 
-    def _spawn(self) -> _Proc:
+    async def _spawn(self) -> _Proc:
         loop = asyncio.get_running_loop()
-        parent, child = self._ctx.Pipe(duplex=True)
+        req_r, req_w = self._ctx.Pipe(duplex=False)
+        ans_r, ans_w = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_process_main,
-            args=(child, self._payload, self.post, self.activate),
+            args=(req_r, ans_w, self._payload, self.post, self.activate),
             name=f"flowbatch-{self.stage}",
             daemon=True,
         )
-        process.start()
-        child.close()
-        proc = _Proc(process, parent, loop.create_future())
+        try:
+            process.start()
+        finally:
+            req_r.close()
+            ans_w.close()
+        proc = _Proc(process, loop.create_future())
         self._procs.add(proc)
-        reader = threading.Thread(
-            target=self._read, args=(loop, proc), name=f"flowbatch-{self.stage}-reader", daemon=True
+        # The transports own their pipes from here on (and close them).
+        proc.answers, _ = await loop.connect_read_pipe(
+            lambda: _Answers(self, proc), _own_file(ans_r, "rb")
         )
-        self._readers = [t for t in self._readers if t.is_alive()]
-        self._readers.append(reader)
-        reader.start()
+        proc.requests, _ = await loop.connect_write_pipe(
+            lambda: _Requests(self, proc), _own_file(req_w, "wb")
+        )
         return proc
 
-    def _read(self, loop: asyncio.AbstractEventLoop, proc: _Proc) -> None:
-        """Reader thread: answers from one worker, until its pipe closes."""
-        conn = proc.conn
+    def _answer(self, proc: _Proc, data: bytes) -> None:
         try:
-            while True:
-                try:
-                    data = conn.recv_bytes()
-                except (EOFError, OSError):
-                    break
-                try:
-                    ok, value = pickle.loads(data)
-                except Exception as exc:
-                    ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
-                loop.call_soon_threadsafe(_resolve, proc.fut, ok, value)
-                del data, value
-        finally:
-            conn.close()
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(self._died, proc)
+            ok, value = pickle.loads(data)
+        except Exception as exc:
+            ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
+        _resolve(proc.fut, ok, value)
 
     def _died(self, proc: _Proc) -> None:
         if proc.dead:
             return
         proc.dead = True
         self._procs.discard(proc)
+        for transport in (proc.requests, proc.answers):
+            if transport is not None:
+                transport.close()
         proc.process.join(1.0)  # its pipe closed: it is exiting now
         code = proc.process.exitcode
         how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
@@ -485,7 +568,7 @@ class ProcessExecutor:
             task.add_done_callback(self._tasks.discard)
 
     async def _replace(self) -> None:
-        proc = self._spawn()
+        proc = await self._spawn()
         try:
             await proc.fut
         except BaseException as exc:
@@ -505,19 +588,21 @@ class ProcessExecutor:
                 f"the item ({type(arg).__name__}) cannot be pickled to send it to "
                 f"worker processes: {type(exc).__name__}: {exc}"
             ) from exc
-        proc = await self._idle.get()
-        if self._broken is not None:
-            self._idle.put_nowait(proc)
-            raise WorkerCrashed(
-                f"stage {self.stage!r} has no worker: a replacement process failed "
-                f"its setup: {self._broken!r}"
-            )
+        while True:
+            proc = await self._idle.get()
+            if self._broken is not None:
+                self._idle.put_nowait(proc)
+                raise WorkerCrashed(
+                    f"stage {self.stage!r} has no worker: a replacement process failed "
+                    f"its setup: {self._broken!r}"
+                )
+            if not proc.dead:
+                break
+            # It died while idle; its replacement is (or will be) in the queue.
+        assert proc.requests is not None
         loop = asyncio.get_running_loop()
         proc.fut = fut = loop.create_future()
-        try:
-            proc.conn.send_bytes(data)
-        except (BrokenPipeError, OSError):
-            self._died(proc)
+        proc.requests.write(_frame(data))
         try:
             if timeout is None:
                 return await fut
@@ -544,16 +629,21 @@ class ProcessExecutor:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         procs = list(self._procs)
         for proc in procs:
-            with contextlib.suppress(OSError):
-                proc.conn.send_bytes(_STOP)
+            if proc.requests is not None and not proc.requests.is_closing():
+                proc.requests.write(_frame(_STOP))
         for proc in procs:
             await asyncio.to_thread(proc.process.join, 5.0)
             if proc.process.is_alive():
                 proc.process.kill()
                 await asyncio.to_thread(proc.process.join, 5.0)
-        for reader in self._readers:
-            await asyncio.to_thread(reader.join, 5.0)
-        self._readers.clear()
+            self._died(proc)  # closes its transports (a no-op if they closed already)
+
+
+def _own_file(conn: Connection, mode: str) -> Any:
+    """A file object on ``conn``'s pipe, for a transport; ``conn`` is closed."""
+    fd = os.dup(conn.fileno())
+    conn.close()
+    return os.fdopen(fd, mode, buffering=0)
 
 
 def make_executor(
