@@ -38,7 +38,7 @@ from .config import ServeConfig
 from .embeddings import EmbeddingRoutes, openai_error
 from .errors import ApiError, ClientGone
 from .oip import OIPRoutes, Signature, oip_error
-from .routes import NativeRoutes
+from .routes import InferEndpoint, NativeRoutes
 from .service import Service
 from .stores import JobStore
 from .stream import StreamEndpoint
@@ -60,12 +60,24 @@ def render_error(path: str, err: ApiError) -> Response:
     return Response(dump_json({"error": err.as_dict()}), err.status, err.headers, media_type=JSON)
 
 
+def _authorization(scope: Scope) -> bytes:
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            return bytes(value)
+    return b""
+
+
+def _key_matches(given: bytes, key: bytes) -> bool:
+    # Scheme names are case-insensitive; the key is compared in constant time.
+    return given[:7].lower() == b"bearer " and hmac.compare_digest(given[7:].strip(), key)
+
+
 class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <key>`` on every route but the probes."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,15 +87,8 @@ class ApiKeyMiddleware:
         if path in HEALTH_PATHS:
             await self.app(scope, receive, send)
             return
-        given = b""
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                given = value
-                break
-        # Scheme names are case-insensitive; the key is compared in constant time.
-        if given[:7].lower() == b"bearer " and hmac.compare_digest(
-            given[7:].strip(), self.expected[7:]
-        ):
+        given = _authorization(scope)
+        if _key_matches(given, self.key):
             await self.app(scope, receive, send)
             return
         message = (
@@ -134,10 +139,33 @@ class FlowbatchApp(Starlette):
     """
 
     service: Service
+    _infer: InferEndpoint
+    _api_key: bytes | None
 
     def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]:
         """The service's lifespan, for a host app: ``Starlette(lifespan=app.lifespan)``."""
         return self.service.lifespan(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The hot route goes straight to its handler (see InferEndpoint); a
+        # request without the right key, and every other route, goes through
+        # Starlette's middleware and router.
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = route_path(scope)
+            if path.startswith(_INFER_PREFIX):
+                name = path[len(_INFER_PREFIX):]
+                key = self._api_key
+                if (
+                    name
+                    and "/" not in name
+                    and (key is None or _key_matches(_authorization(scope), key))
+                ):
+                    await self._infer.serve(name, scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+
+_INFER_PREFIX = "/v1/pipelines/"
 
 
 def create_app(
@@ -164,8 +192,9 @@ def create_app(
         if unknown:
             raise ValueError(f"embedding_models {unknown} are not among the pipelines served")
         service.embedding_models = frozenset(embedding_models)
+    native = NativeRoutes(service)
     routes: list[Any] = [
-        *NativeRoutes(service).routes(),
+        *native.routes(),
         Route("/v1/pipelines/{name}/stream", StreamEndpoint(service), methods=["POST"],
               name="stream"),
         *EmbeddingRoutes(service).routes(),
@@ -186,4 +215,6 @@ def create_app(
         lifespan=service.lifespan,
     )
     app.service = service
+    app._infer = native.infer_endpoint
+    app._api_key = cfg.api_key.encode() if cfg.api_key else None
     return app

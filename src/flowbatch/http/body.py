@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
+from starlette.types import Receive
 
 from .errors import ClientGone, bad_request, too_large
 
-__all__ = ["parse_inputs", "read_body", "route_path"]
+__all__ = ["parse_inputs", "read_body", "receive_body", "route_path"]
 
 
 def route_path(scope: Any) -> str:
@@ -22,26 +23,33 @@ def route_path(scope: Any) -> str:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, or 413 as soon as it is known to exceed ``limit`` bytes."""
-    length = request.headers.get("content-length")
-    try:
-        if length is not None:
-            if not length.isdigit():
-                raise bad_request(f"Content-Length must be a whole number, got {length!r}")
-            if int(length) > limit:
-                raise too_large(
-                    f"the body is {int(length)} bytes; this server takes at most {limit}"
-                )
-            return await request.body()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(f"the body is over {limit} bytes, the most this server takes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except ClientDisconnect:
-        raise ClientGone from None
+    return await receive_body(request.receive, request.headers.get("content-length"), limit)
+
+
+async def receive_body(receive: Receive, length: str | None, limit: int) -> bytes:
+    """Read an ASGI request body (``Content-Length`` header value: ``length``).
+
+    413 before reading when ``length`` says the body is too large, or as soon
+    as what arrives is; :class:`ClientGone` if the client disconnects.
+    """
+    if length is not None:
+        if not length.isdigit():
+            raise bad_request(f"Content-Length must be a whole number, got {length!r}")
+        if int(length) > limit:
+            raise too_large(f"the body is {int(length)} bytes; this server takes at most {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"the body is over {limit} bytes, the most this server takes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _kind(value: Any) -> str:
