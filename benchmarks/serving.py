@@ -65,6 +65,7 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from time import perf_counter
 from typing import Any
@@ -531,6 +532,59 @@ class Model:
         self.reps.close()
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds used so far by the processes of process group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # the 5th field (pgrp), counted after the name
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def wait_idle(proc: subprocess.Popen[bytes], limit: float = 60.0) -> None:
+    """Wait until the server's processes use under 5% of a core (it may still be
+    working off a backlog after the load stopped), so that measuring the model
+    does not compete with it."""
+    end = perf_counter() + limit
+    last = group_cpu_seconds(proc.pid)
+    while perf_counter() < end:
+        time.sleep(0.5)
+        now = group_cpu_seconds(proc.pid)
+        if now - last < 0.025:
+            return
+        last = now
+
+
+async def paired_c1(port: int, requests: list[bytes], model: Model, n: int) -> dict[str, Any]:
+    """One request at a time, each followed by the model's own batch-of-1 call on
+    the same sentence: the medians compare like with like, whatever the
+    machine's speed does meanwhile."""
+    conn = await Conn.open(port)
+    served: list[float] = []
+    alone: list[float] = []
+    try:
+        for i in range(n):
+            t0 = perf_counter()
+            status = await conn.send(requests[i % len(requests)])
+            t1 = perf_counter()
+            if status != 200:
+                raise RuntimeError(f"c1 paired request {i} answered {status}")
+            served.append(t1 - t0)
+            alone.extend(model.reps.call_times([model.texts[i % len(model.texts)]]))
+    finally:
+        conn.close()
+    p50, b1 = statistics.median(served) * 1000, statistics.median(alone) * 1000
+    return {"p50_ms": p50, "batch1_ms": b1, "over_ms": p50 - b1, "n": n}
+
+
 def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namespace,
                  model: Model) -> dict[str, Any]:
     port = free_port()
@@ -557,15 +611,21 @@ def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namesp
         b1 += model.batch1_times()
         out["batch1_ms"] = statistics.median(b1) * 1000
         say("c1")
+        out["c1_paired"] = asyncio.run(paired_c1(port, requests, model, args.paired))
         out["c16"] = closed(16)
         say("c16")
+        wait_idle(proc)
         before = model.limit()
         out["c64"] = closed(64)
+        wait_idle(proc)
         after = model.limit()
         out["limit"] = (before + after) / 2
         say("c64")
-        print(f"  {kind}: model around c1: batch of 1 {out['batch1_ms']:.1f} ms; around c64: "
-              f"limit {before:.1f} -> {after:.1f} sentences/s", file=sys.stderr, flush=True)
+        paired = out["c1_paired"]
+        print(f"  {kind}: model around c1: batch of 1 {out['batch1_ms']:.1f} ms; c1 paired: "
+              f"p50 {paired['p50_ms']:.2f} ms vs {paired['batch1_ms']:.2f} ms alone "
+              f"(+{paired['over_ms']:.2f}); around c64: limit {before:.1f} -> {after:.1f} "
+              "sentences/s", file=sys.stderr, flush=True)
         out["overload"] = asyncio.run(open_loop(port, requests, 3 * out["limit"], args.duration))
         say("overload")
     finally:
@@ -581,6 +641,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted per phase")
     p.add_argument("--runs", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--paired", type=int, default=150,
+                   help="requests in the paired c1 comparison (each beside a model call)")
     p.add_argument("--python-client", action="store_true",
                    help="drive the closed loops with the asyncio client even where wrk exists")
     p.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
@@ -642,11 +704,16 @@ def main() -> None:
                                        "statuses": mix}
         figures[f"{k}_c1"]["over_batch1_ms"] = round(
             med(lambda r, k=k: r["servers"][k]["c1"]["p50_ms"] - r["servers"][k]["batch1_ms"]), 2)
+        figures[f"{k}_c1_paired"] = {
+            key: round(med(lambda r, k=k, key=key: r["servers"][k]["c1_paired"][key]), 2)
+            for key in ("p50_ms", "batch1_ms", "over_ms")
+        }
     notes = [
         (f"model: {REPLICAS} replicas x {TORCH_THREADS} torch thread; limit = its offline "
          "sentences/s at the run's best batch size, measured just before and after each "
          "server's c64 phase; batch of 1 = its median time just before and after each c1 "
-         f"phase; load {machine()['loadavg_1m']}"),
+         "phase; c1 paired = one request, then the model alone on the same sentence, "
+         f"{args.paired} times; load {machine()['loadavg_1m']}"),
         f"overload: open loop at 3x the limit for {args.duration:.0f} s",
     ]
     notes.extend(f"{k}: limit {figures[f'{k}_model']['limit_sps']} sentences/s, batch of 1 "
@@ -654,7 +721,9 @@ def main() -> None:
     if "flowbatch" in pythons:
         fb64 = figures["flowbatch_c64"]
         notes.append(f"targets: c64 >= 0.9x limit: {fb64['ratio']:.3f}x; c1 p50 within 2 ms of "
-                     f"batch-of-1: +{figures['flowbatch_c1']['over_batch1_ms']:.2f} ms; overload "
+                     f"batch-of-1: +{figures['flowbatch_c1_paired']['over_ms']:.2f} ms paired "
+                     f"(wrk c1 against the model around it: "
+                     f"+{figures['flowbatch_c1']['over_batch1_ms']:.2f} ms); overload "
                      f"p99 < 2x c64 p99: {figures['flowbatch_overload']['p99_ms'] / fb64['p99_ms']:.2f}x")
         if "mosec" in pythons:
             notes.append(f"flowbatch / mosec at c64: "
