@@ -549,24 +549,39 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / tick
 
 
-def wait_idle(proc: subprocess.Popen[bytes], limit: float = 60.0) -> None:
-    """Wait until the server's processes use under 5% of a core (it may still be
-    working off a backlog after the load stopped), so that measuring the model
-    does not compete with it."""
+def wait_idle(proc: subprocess.Popen[bytes], limit: float = 30.0) -> None:
+    """Wait until the server's processes use under 30% of a core: no longer working
+    off a backlog after the load stopped (a model at work uses a whole core;
+    workers that poll their queues while idle use less, and are frozen anyway)."""
     end = perf_counter() + limit
     last = group_cpu_seconds(proc.pid)
     while perf_counter() < end:
         time.sleep(0.5)
         now = group_cpu_seconds(proc.pid)
-        if now - last < 0.025:
+        if now - last < 0.15:
             return
         last = now
 
 
+@contextlib.contextmanager
+def frozen(proc: subprocess.Popen[bytes]) -> Any:
+    """The server's processes stopped (SIGSTOP) while the model alone is measured:
+    an idle server that still uses CPU (polling workers) would slow the model
+    and so lower the yardstick it is held to. It is idle first (no request in
+    flight, its backlog worked off)."""
+    wait_idle(proc)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
 async def paired_c1(port: int, requests: list[bytes], model: Model, n: int) -> dict[str, Any]:
     """One request at a time, each followed by the model's own batch-of-1 call on
-    the same sentence: the medians compare like with like, whatever the
-    machine's speed does meanwhile."""
+    the same sentence (``--paired N``; off by default). Unlike wrk's c1 this
+    leaves the server idle for a model call between requests, so every
+    wake-up is a cold one: a client with think time."""
     conn = await Conn.open(port)
     served: list[float] = []
     alone: list[float] = []
@@ -593,11 +608,10 @@ def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namesp
     out: dict[str, Any] = {}
     use_wrk = bool(shutil.which("wrk")) and not args.python_client
 
-    def closed(c: int) -> dict[str, Any]:
+    def closed(c: int, duration: float, warmup: float) -> dict[str, Any]:
         if use_wrk:
-            return wrk_closed_loop(port, PATHS[kind], texts, c, warmup=args.warmup,
-                                   duration=args.duration)
-        return asyncio.run(closed_loop(port, requests, c, args.warmup, args.duration))
+            return wrk_closed_loop(port, PATHS[kind], texts, c, warmup=warmup, duration=duration)
+        return asyncio.run(closed_loop(port, requests, c, warmup, duration))
 
     def say(phase: str) -> None:
         r = out[phase]
@@ -606,26 +620,45 @@ def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namesp
 
     try:
         asyncio.run(wait_ready(port, requests[0], proc))
-        b1 = model.batch1_times()
-        out["c1"] = closed(1)
-        b1 += model.batch1_times()
+        # c1: windows of wrk's closed loop, each followed by the model's own
+        # batch-of-1 calls, so that both are measured within a few seconds.
+        windows = max(1, args.c1_windows)
+        span = max(1.0, round(args.duration / windows))
+        b1: list[float] = []
+        parts = []
+        for w in range(windows):
+            parts.append(closed(1, span, args.warmup if w == 0 else 0.0))
+            with frozen(proc):
+                b1 += model.batch1_times(30)
+        out["c1"] = {
+            "rps": statistics.mean(p["rps"] for p in parts),
+            "p50_ms": statistics.median(p["p50_ms"] for p in parts),
+            "p99_ms": statistics.median(p["p99_ms"] for p in parts),
+            "ok": sum(p["ok"] for p in parts),
+            "statuses": dict(sum((Counter(p["statuses"]) for p in parts), Counter())),
+            "windows": [p["p50_ms"] for p in parts],
+        }
         out["batch1_ms"] = statistics.median(b1) * 1000
         say("c1")
-        out["c1_paired"] = asyncio.run(paired_c1(port, requests, model, args.paired))
-        out["c16"] = closed(16)
+        if args.paired:
+            out["c1_paired"] = asyncio.run(paired_c1(port, requests, model, args.paired))
+        out["c16"] = closed(16, args.duration, args.warmup)
         say("c16")
-        wait_idle(proc)
-        before = model.limit()
-        out["c64"] = closed(64)
-        wait_idle(proc)
-        after = model.limit()
+        with frozen(proc):
+            before = model.limit()
+        out["c64"] = closed(64, args.duration, args.warmup)
+        with frozen(proc):
+            after = model.limit()
         out["limit"] = (before + after) / 2
         say("c64")
-        paired = out["c1_paired"]
-        print(f"  {kind}: model around c1: batch of 1 {out['batch1_ms']:.1f} ms; c1 paired: "
-              f"p50 {paired['p50_ms']:.2f} ms vs {paired['batch1_ms']:.2f} ms alone "
-              f"(+{paired['over_ms']:.2f}); around c64: limit {before:.1f} -> {after:.1f} "
-              "sentences/s", file=sys.stderr, flush=True)
+        print(f"  {kind}: the model around c1: batch of 1 {out['batch1_ms']:.1f} ms (c1 p50 by "
+              f"window: {', '.join(f'{x:.1f}' for x in out['c1']['windows'])}); around c64: "
+              f"limit {before:.1f} -> {after:.1f} sentences/s", file=sys.stderr, flush=True)
+        if "c1_paired" in out:
+            paired = out["c1_paired"]
+            print(f"  {kind}: c1 paired: p50 {paired['p50_ms']:.2f} ms vs "
+                  f"{paired['batch1_ms']:.2f} ms alone (+{paired['over_ms']:.2f})",
+                  file=sys.stderr, flush=True)
         out["overload"] = asyncio.run(open_loop(port, requests, 3 * out["limit"], args.duration))
         say("overload")
     finally:
@@ -641,8 +674,10 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted per phase")
     p.add_argument("--runs", type=int, default=1, help="runs; figures are medians")
-    p.add_argument("--paired", type=int, default=150,
-                   help="requests in the paired c1 comparison (each beside a model call)")
+    p.add_argument("--c1-windows", type=int, default=4,
+                   help="c1 runs in this many wrk windows, the model measured after each")
+    p.add_argument("--paired", type=int, default=0,
+                   help="also N requests one at a time, each beside a model call (think time)")
     p.add_argument("--python-client", action="store_true",
                    help="drive the closed loops with the asyncio client even where wrk exists")
     p.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
@@ -704,16 +739,17 @@ def main() -> None:
                                        "statuses": mix}
         figures[f"{k}_c1"]["over_batch1_ms"] = round(
             med(lambda r, k=k: r["servers"][k]["c1"]["p50_ms"] - r["servers"][k]["batch1_ms"]), 2)
-        figures[f"{k}_c1_paired"] = {
-            key: round(med(lambda r, k=k, key=key: r["servers"][k]["c1_paired"][key]), 2)
-            for key in ("p50_ms", "batch1_ms", "over_ms")
-        }
+        if args.paired:
+            figures[f"{k}_c1_paired"] = {
+                key: round(med(lambda r, k=k, key=key: r["servers"][k]["c1_paired"][key]), 2)
+                for key in ("p50_ms", "batch1_ms", "over_ms")
+            }
     notes = [
         (f"model: {REPLICAS} replicas x {TORCH_THREADS} torch thread; limit = its offline "
          "sentences/s at the run's best batch size, measured just before and after each "
-         "server's c64 phase; batch of 1 = its median time just before and after each c1 "
-         "phase; c1 paired = one request, then the model alone on the same sentence, "
-         f"{args.paired} times; load {machine()['loadavg_1m']}"),
+         f"server's c64 phase; batch of 1 = its median time after each of the {args.c1_windows} "
+         "c1 windows (c1 p50 = the windows' median); the server is stopped (SIGSTOP) while "
+         f"the model is measured; load {machine()['loadavg_1m']}"),
         f"overload: open loop at 3x the limit for {args.duration:.0f} s",
     ]
     notes.extend(f"{k}: limit {figures[f'{k}_model']['limit_sps']} sentences/s, batch of 1 "
@@ -721,10 +757,11 @@ def main() -> None:
     if "flowbatch" in pythons:
         fb64 = figures["flowbatch_c64"]
         notes.append(f"targets: c64 >= 0.9x limit: {fb64['ratio']:.3f}x; c1 p50 within 2 ms of "
-                     f"batch-of-1: +{figures['flowbatch_c1_paired']['over_ms']:.2f} ms paired "
-                     f"(wrk c1 against the model around it: "
-                     f"+{figures['flowbatch_c1']['over_batch1_ms']:.2f} ms); overload "
+                     f"batch-of-1: +{figures['flowbatch_c1']['over_batch1_ms']:.2f} ms; overload "
                      f"p99 < 2x c64 p99: {figures['flowbatch_overload']['p99_ms'] / fb64['p99_ms']:.2f}x")
+        if args.paired:
+            notes.append(f"c1 with think time (--paired): "
+                         f"+{figures['flowbatch_c1_paired']['over_ms']:.2f} ms")
         if "mosec" in pythons:
             notes.append(f"flowbatch / mosec at c64: "
                          f"{fb64['rps'] / max(figures['mosec_c64']['rps'], 1e-9):.2f}x")

@@ -270,14 +270,25 @@ class Service:
             *futs, return_exceptions=True
         )
         watch = asyncio.ensure_future(_disconnected(receive))
+
+        def gone(w: asyncio.Future[None]) -> None:
+            if not w.cancelled():  # the client went away: drop its items
+                for fut in futs:
+                    fut.cancel()
+
+        watch.add_done_callback(gone)
+        # The futures are awaited directly (not through asyncio.wait), so that
+        # an answer wakes this handler one loop turn sooner.
         try:
-            await asyncio.wait((done, watch), return_when=asyncio.FIRST_COMPLETED)
+            await done
+        except asyncio.CancelledError:
+            if not (watch.done() and not watch.cancelled()):
+                raise  # this handler itself is being cancelled
+        except Exception:  # noqa: S110 - the item's error: read from its future
+            pass
         finally:
             watch.cancel()
-        if not done.done():
-            for fut in futs:
-                fut.cancel()
-            done.cancel()
+        if watch.done() and not watch.cancelled():
             raise ClientGone
 
 
