@@ -74,6 +74,8 @@ def parse_inputs(doc: Any) -> tuple[bool, list[Any]]:
         raise bad_request(
             f"the body must be an object with \"input\" or \"inputs\", got {_kind(doc)}"
         )
+    if len(doc) == 1 and "input" in doc:  # the common case, checked first
+        return True, [doc["input"]]
     extra = sorted(str(k) for k in doc if k not in ("input", "inputs"))
     if extra:
         raise bad_request(
