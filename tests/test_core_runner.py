@@ -481,6 +481,20 @@ def test_setup_runs_once_per_worker_on_its_own_replica() -> None:
     assert len({m.thread for m in Model.instances}) == 3
 
 
+def test_at_low_load_one_warm_thread_replica_takes_every_call() -> None:
+    Model.instances.clear()
+    pipe = fb.Pipeline([fb.stage(Model(), concurrency=3, batch=fb.Batch(max_size=4))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            for i in range(20):  # one at a time
+                assert await runner.submit(i) == i
+
+    asyncio.run(main())
+    # The most recently used idle replica goes first; the others stay cold.
+    assert sorted(m.calls for m in Model.instances) == [0, 0, 20]
+
+
 def test_setup_failure_is_a_pipeline_error() -> None:
     class Broken:
         def setup(self) -> None:

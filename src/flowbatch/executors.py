@@ -184,9 +184,11 @@ class ThreadExecutor:
         self.stage = stage
         self.post = post
         self.activate = activate
-        self._jobs: queue.SimpleQueue[tuple[asyncio.Future[Any], Any, Any] | None] = (
-            queue.SimpleQueue()
-        )
+        # One inbox per thread, and the idle ones last in, first out: at low
+        # load one warm replica (its weights in the CPU caches) takes every
+        # call instead of the calls going round the threads.
+        self._inboxes: list[queue.SimpleQueue[tuple[asyncio.Future[Any], Any, Any] | None]] = []
+        self._idle: asyncio.LifoQueue[int] = asyncio.LifoQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -198,9 +200,13 @@ class ThreadExecutor:
             fut: asyncio.Future[None] = loop.create_future()
             ready.append(fut)
             replica = copy.copy(self.fn) if has_setup and self.workers > 1 else self.fn
+            inbox: queue.SimpleQueue[tuple[asyncio.Future[Any], Any, Any] | None] = (
+                queue.SimpleQueue()
+            )
+            self._inboxes.append(inbox)
             t = threading.Thread(
                 target=self._main,
-                args=(loop, replica, has_setup, fut),
+                args=(loop, i, replica, has_setup, fut),
                 name=f"flowbatch-{self.stage}-{i}",
                 daemon=True,
             )
@@ -211,10 +217,18 @@ class ThreadExecutor:
             if isinstance(r, BaseException):
                 await self.stop()
                 raise _setup_error(self.stage, r) from r
+        for i in reversed(range(self.workers)):
+            self._idle.put_nowait(i)
+
+    def _finished(self, i: int, fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+        """On the loop: thread ``i`` finished a call (even one nobody waits for)."""
+        _resolve(fut, ok, value)
+        self._idle.put_nowait(i)
 
     def _main(
         self,
         loop: asyncio.AbstractEventLoop,
+        i: int,
         fn: Any,
         has_setup: bool,
         ready: asyncio.Future[None],
@@ -227,8 +241,9 @@ class ThreadExecutor:
                 return
         loop.call_soon_threadsafe(_resolve, ready, True, None)
         post = self.post
-        jobs = self._jobs
+        jobs = self._inboxes[i]
         activate = self.activate
+        finished = self._finished
         while True:
             job = jobs.get()
             if job is None:
@@ -243,9 +258,9 @@ class ThreadExecutor:
                 if post is not None:
                     out = post(out)
             except BaseException as exc:
-                loop.call_soon_threadsafe(_resolve, fut, False, exc)
+                loop.call_soon_threadsafe(finished, i, fut, False, exc)
             else:
-                loop.call_soon_threadsafe(_resolve, fut, True, out)
+                loop.call_soon_threadsafe(finished, i, fut, True, out)
             del job, fut, arg, carrier
         teardown = getattr(fn, "teardown", None)
         if callable(teardown):
@@ -253,8 +268,9 @@ class ThreadExecutor:
 
     async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
         assert self._loop is not None
+        i = await self._idle.get()  # at once: the runner never asks more than there are
         fut = self._loop.create_future()
-        self._jobs.put((fut, arg, carrier))
+        self._inboxes[i].put((fut, arg, carrier))
         if timeout is None:
             return await fut
         try:
@@ -266,8 +282,8 @@ class ThreadExecutor:
             ) from exc
 
     async def stop(self) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
+        for inbox in self._inboxes:
+            inbox.put(None)
         threads, self._threads = self._threads, []
         for t in threads:
             await asyncio.to_thread(t.join)
