@@ -271,6 +271,84 @@ class Replicas:
             t.join()
 
 
+def _replica_process(conn: Any, counter: Any, torch_threads: int) -> None:
+    """Body of one :class:`ProcessReplicas` worker: a model, then jobs until None."""
+    from flowbatch.models import SentenceEmbedder
+
+    emb = SentenceEmbedder(torch_threads=torch_threads)
+    emb.setup()
+    conn.send(None)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        kind, payload = job
+        if kind == "batches":  # pull batch numbers from the shared counter
+            while True:
+                with counter.get_lock():
+                    i = counter.value
+                    counter.value += 1
+                if i >= len(payload):
+                    break
+                emb(payload[i])
+            conn.send(None)
+        else:  # "times": each text alone, timed in this process
+            times = []
+            for t in payload:
+                t0 = perf_counter()
+                emb([t])
+                times.append(perf_counter() - t0)
+            conn.send(times)
+
+
+class ProcessReplicas:
+    """``n`` model replicas, each in a spawned process of its own (no shared GIL).
+
+    The same interface as :class:`Replicas`; the yardstick for servers whose
+    replicas are processes (flowbatch's ``executor="process"``, LitServe's
+    and mosec's workers). Batches are shared among the replicas as they come
+    free, through one counter.
+    """
+
+    def __init__(self, n: int, torch_threads: int) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.n = n
+        self._counter = ctx.Value("i", 0)
+        self._conns = []
+        self._procs = []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_replica_process, args=(child, self._counter, torch_threads),
+                               daemon=True)
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        for c in self._conns:
+            c.recv()
+
+    def throughput(self, texts: Sequence[str], batch_size: int) -> float:
+        batches = [list(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        self._counter.value = 0
+        t0 = perf_counter()
+        for c in self._conns:
+            c.send(("batches", batches))
+        for c in self._conns:
+            c.recv()
+        return len(texts) / (perf_counter() - t0)
+
+    def call_times(self, texts: Sequence[str], i: int = 0) -> list[float]:
+        self._conns[i].send(("times", list(texts)))
+        return list(self._conns[i].recv())
+
+    def close(self) -> None:
+        for c in self._conns:
+            c.send(None)
+        for p in self._procs:
+            p.join(10)
+
+
 def cycle(texts: Sequence[str], n: int, start: int = 0) -> list[str]:
     """``n`` texts taken round-robin from ``texts``, starting at ``start``."""
     return [texts[(start + i) % len(texts)] for i in range(n)]

@@ -22,14 +22,16 @@ with the asyncio client, an open loop at 3x the offline limit
 requests/s, p50 and p99 of the 200s, the ratio to the model's offline
 limit, and the status mix under overload.
 
-The model alone (``_common.Replicas``: the same replicas x threads, in this
-process) is the yardstick, and on a shared machine its speed drifts by tens
-of percent within minutes, so it is measured around each server's phases:
-each run first scans batch sizes 8-64 for the best one; then, per server,
-the model's batch-of-1 time just before and just after the c1 phase (c1's
-p50 is compared with their median) and its offline limit at the best batch
-size just before and just after the c64 phase (c64's requests/s is divided
-by their mean). The server is idle while the model is measured.
+The model alone (``_common.ProcessReplicas``: the same replicas x threads,
+each replica in a process of its own, as the servers run them; no engine) is
+the yardstick, and on a shared machine its speed drifts by tens of percent
+within minutes, so it is measured around each server's phases: each run
+first scans batch sizes 8-64 for the best one; then, per server, c1 runs in
+windows of wrk, each followed by the model's batch-of-1 calls (c1's p50, the
+windows' median, is compared with those calls' median), and the offline
+limit at the best batch size is measured just before and just after the c64
+phase (c64's requests/s is divided by their mean). The server is idle and
+frozen (SIGSTOP) while the model is measured.
 
 Peers need ``litserve`` and ``mosec``; give ``--peer-python`` a Python that
 has them (and the main venv's packages, e.g. a venv with a ``.pth`` file
@@ -41,21 +43,11 @@ Usage::
     .venv/bin/python benchmarks/serving.py --servers flowbatch --duration 5
 """
 
-# ruff: noqa: E402 - the standard imports follow the sys.path fix below
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# This file is named like the standard library's ``http`` package: take its
-# folder off the import path before anything imports ``http.client``.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -64,29 +56,16 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
 from time import perf_counter
 from typing import Any
 
-
-def _load_common() -> Any:
-    spec = importlib.util.spec_from_file_location("_common", _HERE / "_common.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_common"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_common = _load_common()
-Replicas = _common.Replicas
-load_sentences = _common.load_sentences
-machine = _common.machine
-quiet_model_loading = _common.quiet_model_loading
-report = _common.report
+# This folder is on the import path (it is the script's), so that the model's
+# worker processes (spawned) find _common too.
+from _common import ProcessReplicas, load_sentences, machine, quiet_model_loading, report
 
 REPLICAS = 2
 TORCH_THREADS = 1
@@ -503,7 +482,7 @@ end
 
 
 class Model:
-    """The model alone (``_common.Replicas``): the offline figures every server is held to.
+    """The model alone (``_common.ProcessReplicas``): the figures every server is held to.
 
     On a shared machine the model's own speed drifts by tens of percent from
     minute to minute, so each server's figures are compared with the model
@@ -514,7 +493,7 @@ class Model:
 
     def __init__(self, texts: list[str]) -> None:
         self.texts = texts
-        self.reps = Replicas(REPLICAS, TORCH_THREADS)
+        self.reps = ProcessReplicas(REPLICAS, TORCH_THREADS)
         self.reps.throughput(texts[:128], 16)  # warm up
         self.scan = {b: self.reps.throughput(texts[:1024], b) for b in (8, 16, 32, 64)}
         self.best_batch = max(self.scan, key=self.scan.__getitem__)
@@ -600,6 +579,19 @@ async def paired_c1(port: int, requests: list[bytes], model: Model, n: int) -> d
     return {"p50_ms": p50, "batch1_ms": b1, "over_ms": p50 - b1, "n": n}
 
 
+def merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Windows of one closed loop as one result (p50 and p99: the windows' medians)."""
+    return {
+        "rps": statistics.mean(p["rps"] for p in parts),
+        "p50_ms": statistics.median(p["p50_ms"] for p in parts),
+        "p99_ms": statistics.median(p["p99_ms"] for p in parts),
+        "ok": sum(p["ok"] for p in parts),
+        "statuses": dict(sum((Counter(p["statuses"]) for p in parts), Counter())),
+        "windows": [p["p50_ms"] for p in parts],
+        "windows_rps": [p["rps"] for p in parts],
+    }
+
+
 def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namespace,
                  model: Model) -> dict[str, Any]:
     port = free_port()
@@ -620,40 +612,43 @@ def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namesp
 
     try:
         asyncio.run(wait_ready(port, requests[0], proc))
-        # c1: windows of wrk's closed loop, each followed by the model's own
-        # batch-of-1 calls, so that both are measured within a few seconds.
-        windows = max(1, args.c1_windows)
+        # c1 and c64 run in windows of wrk's closed loop with the model measured
+        # before the first and after each (the server frozen): each window is
+        # compared with the model measured just around it, a few seconds apart.
+        windows = max(1, args.windows)
         span = max(1.0, round(args.duration / windows))
-        b1: list[float] = []
-        parts = []
-        for w in range(windows):
-            parts.append(closed(1, span, args.warmup if w == 0 else 0.0))
+
+        def windowed(c: int, measure: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+            parts: list[dict[str, Any]] = []
             with frozen(proc):
-                b1 += model.batch1_times(30)
-        out["c1"] = {
-            "rps": statistics.mean(p["rps"] for p in parts),
-            "p50_ms": statistics.median(p["p50_ms"] for p in parts),
-            "p99_ms": statistics.median(p["p99_ms"] for p in parts),
-            "ok": sum(p["ok"] for p in parts),
-            "statuses": dict(sum((Counter(p["statuses"]) for p in parts), Counter())),
-            "windows": [p["p50_ms"] for p in parts],
-        }
-        out["batch1_ms"] = statistics.median(b1) * 1000
+                marks = [measure()]
+            for _ in range(windows):
+                parts.append(closed(c, span, args.warmup))
+                with frozen(proc):
+                    marks.append(measure())
+            return parts, marks
+
+        parts, b1s = windowed(1, lambda: statistics.median(model.batch1_times(30)) * 1000)
+        out["c1"] = merged(parts)
+        out["c1"]["over_ms"] = statistics.median(
+            p["p50_ms"] - (b1s[w] + b1s[w + 1]) / 2 for w, p in enumerate(parts))
+        out["batch1_ms"] = statistics.median(b1s)
         say("c1")
         if args.paired:
             out["c1_paired"] = asyncio.run(paired_c1(port, requests, model, args.paired))
         out["c16"] = closed(16, args.duration, args.warmup)
         say("c16")
-        with frozen(proc):
-            before = model.limit()
-        out["c64"] = closed(64, args.duration, args.warmup)
-        with frozen(proc):
-            after = model.limit()
-        out["limit"] = (before + after) / 2
+        parts, limits = windowed(64, model.limit)
+        out["c64"] = merged(parts)
+        out["c64"]["ratio"] = statistics.median(
+            p["rps"] / ((limits[w] + limits[w + 1]) / 2) for w, p in enumerate(parts))
+        out["limit"] = statistics.mean(limits)
         say("c64")
-        print(f"  {kind}: the model around c1: batch of 1 {out['batch1_ms']:.1f} ms (c1 p50 by "
-              f"window: {', '.join(f'{x:.1f}' for x in out['c1']['windows'])}); around c64: "
-              f"limit {before:.1f} -> {after:.1f} sentences/s", file=sys.stderr, flush=True)
+        print(f"  {kind}: the model: batch of 1 {', '.join(f'{x:.1f}' for x in b1s)} ms around "
+              f"the c1 windows (p50 {', '.join(f'{p:.1f}' for p in out['c1']['windows'])}; "
+              f"+{out['c1']['over_ms']:.2f} ms); limit {', '.join(f'{x:.0f}' for x in limits)} "
+              f"sentences/s around the c64 windows (x{out['c64']['ratio']:.3f})",
+              file=sys.stderr, flush=True)
         if "c1_paired" in out:
             paired = out["c1_paired"]
             print(f"  {kind}: c1 paired: p50 {paired['p50_ms']:.2f} ms vs "
@@ -674,8 +669,9 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted per phase")
     p.add_argument("--runs", type=int, default=1, help="runs; figures are medians")
-    p.add_argument("--c1-windows", type=int, default=4,
-                   help="c1 runs in this many wrk windows, the model measured after each")
+    p.add_argument("--windows", type=int, default=4,
+                   help="c1 and c64 run in this many wrk windows of duration/windows s, "
+                        "the model measured before the first and after each")
     p.add_argument("--paired", type=int, default=0,
                    help="also N requests one at a time, each beside a model call (think time)")
     p.add_argument("--python-client", action="store_true",
@@ -729,8 +725,10 @@ def main() -> None:
             rps = med(lambda r, k=k, ph=phase: r["servers"][k][ph]["rps"])
             p50 = med(lambda r, k=k, ph=phase: r["servers"][k][ph]["p50_ms"])
             p99 = med(lambda r, k=k, ph=phase: r["servers"][k][ph]["p99_ms"])
-            # The ratio of each run to the limit measured around it, then the median.
-            ratio = med(lambda r, k=k, ph=phase: r["servers"][k][ph]["rps"] / r["servers"][k]["limit"])
+            # The ratio of each run to the limit measured around it (for c64, the
+            # median of its windows' ratios), then the median over runs.
+            ratio = med(lambda r, k=k, ph=phase: r["servers"][k][ph].get(
+                "ratio", r["servers"][k][ph]["rps"] / r["servers"][k]["limit"]))
             mix = runs[-1]["servers"][k][phase]["statuses"]
             rows.append([k, phase, rps, p50, p99, ratio,
                          ", ".join(f"{s}: {n}" for s, n in mix.items())])
@@ -738,18 +736,19 @@ def main() -> None:
                                        "p99_ms": round(p99, 2), "ratio": round(ratio, 3),
                                        "statuses": mix}
         figures[f"{k}_c1"]["over_batch1_ms"] = round(
-            med(lambda r, k=k: r["servers"][k]["c1"]["p50_ms"] - r["servers"][k]["batch1_ms"]), 2)
+            med(lambda r, k=k: r["servers"][k]["c1"]["over_ms"]), 2)
         if args.paired:
             figures[f"{k}_c1_paired"] = {
                 key: round(med(lambda r, k=k, key=key: r["servers"][k]["c1_paired"][key]), 2)
                 for key in ("p50_ms", "batch1_ms", "over_ms")
             }
     notes = [
-        (f"model: {REPLICAS} replicas x {TORCH_THREADS} torch thread; limit = its offline "
-         "sentences/s at the run's best batch size, measured just before and after each "
-         f"server's c64 phase; batch of 1 = its median time after each of the {args.c1_windows} "
-         "c1 windows (c1 p50 = the windows' median); the server is stopped (SIGSTOP) while "
-         f"the model is measured; load {machine()['loadavg_1m']}"),
+        (f"model: {REPLICAS} replicas x {TORCH_THREADS} torch thread, each in a process; "
+         "limit = its offline sentences/s at the run's best batch size; "
+         f"c1 and c64 ran in {args.windows} wrk windows each, the model measured before the "
+         "first and after each (batch of 1 for c1, the limit for c64; the server stopped by "
+         "SIGSTOP meanwhile); each window is compared with the model around it and the "
+         f"medians are reported; load {machine()['loadavg_1m']}"),
         f"overload: open loop at 3x the limit for {args.duration:.0f} s",
     ]
     notes.extend(f"{k}: limit {figures[f'{k}_model']['limit_sps']} sentences/s, batch of 1 "

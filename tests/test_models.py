@@ -129,3 +129,13 @@ def test_bad_arguments_are_rejected(embedder: SentenceEmbedder, tmp_path: Path) 
         embedder(["fine", 3])  # type: ignore[list-item]
     with pytest.raises(FileNotFoundError, match=r"missing config\.json, tokenizer\.json"):
         SentenceEmbedder(model_path=tmp_path).setup()
+
+
+def test_count_tokens_counts_what_the_model_sees() -> None:
+    counter = SentenceEmbedder(max_length=16)
+    # [CLS] a cat sat on the mat [SEP]; a long text is cut at max_length.
+    assert counter.count_tokens(["a cat sat on the mat", "word " * 100]) == [8, 16]
+    assert not counter.loaded  # only a tokenizer was loaded, not the model
+    clone = pickle.loads(pickle.dumps(counter))  # what a worker process gets
+    assert clone._counter is None
+    assert clone.count_tokens(["a cat sat on the mat"]) == [8]

@@ -205,6 +205,9 @@ def test_openai_embeddings(openai_client: object) -> None:
     one = c.embeddings.create(model="embed", input="a cat sat on the mat", encoding_format="float")
     assert np.allclose(one.data[0].embedding, vecs[0], atol=1e-5)
     assert res.model == "embed" and res.object == "list"
+    # Usage counts the tokens the model saw: [CLS] ... [SEP] per input.
+    assert res.usage.prompt_tokens == res.usage.total_tokens == 8 + 7 + 5
+    assert one.usage.prompt_tokens == 8
 
 
 def test_openai_errors(openai_client: object, server: ThreadServer) -> None:

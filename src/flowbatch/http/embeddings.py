@@ -3,14 +3,18 @@
 ``model`` names the pipeline; ``input`` is a string or a list of strings
 (each one item for the batcher). ``encoding_format`` ``"float"`` or
 ``"base64"`` (little-endian float32, what the ``openai`` client asks for).
-Token-id inputs are refused: the pipeline takes text. Token usage is not
-counted (reported as 0). Errors have OpenAI's shape:
+Token-id inputs are refused: the pipeline takes text. ``usage`` counts
+tokens when the pipeline's first stage can (a ``count_tokens(texts) ->
+list[int]`` method, as ``SentenceEmbedder`` has; run in a thread while the
+model works, so it adds no latency), else it reports 0. Errors have OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +28,11 @@ from .errors import ApiError, bad_request, from_engine
 from .service import outcome, parse_timeout
 
 if TYPE_CHECKING:
+    from flowbatch.pipeline import Pipeline
+
     from .service import Service
+
+log = logging.getLogger("flowbatch.http")
 
 __all__ = ["EmbeddingRoutes", "openai_error"]
 
@@ -75,6 +83,25 @@ def _vector(value: Any, model: str) -> np.ndarray[Any, np.dtype[np.float32]]:
     return arr
 
 
+def _count_tokens(pipeline: Pipeline, texts: list[str]) -> asyncio.Future[list[int]] | None:
+    """Start counting the texts' tokens in a thread, if the pipeline can."""
+    counter = getattr(pipeline.stages[0].fn, "count_tokens", None)
+    if not callable(counter):
+        return None
+    return asyncio.ensure_future(asyncio.to_thread(counter, texts))
+
+
+async def _counted(counting: asyncio.Future[list[int]] | None, model: str) -> int:
+    if counting is None:
+        return 0
+    try:
+        return int(sum(await counting))
+    except Exception:
+        # Usage is a report, not the answer: the embeddings still go out.
+        log.exception("counting the tokens of a request for %r failed; usage reports 0", model)
+        return 0
+
+
 class EmbeddingRoutes:
     """The ``/v1/embeddings`` handler, bound to one service."""
 
@@ -122,7 +149,13 @@ class EmbeddingRoutes:
             )
         service.check_count(ep, len(texts))
         futs = service.admit(ep, texts, timeout)
-        await service.wait(futs, request.receive)
+        counting = _count_tokens(ep.pipeline, texts)
+        try:
+            await service.wait(futs, request.receive)
+        except BaseException:
+            if counting is not None:
+                counting.cancel()
+            raise
         data = []
         for i, fut in enumerate(futs):
             value, error = outcome(fut)
@@ -143,10 +176,11 @@ class EmbeddingRoutes:
                 if fmt == "base64" else vec
             )
             data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = await _counted(counting, model)
         answer = {
             "object": "list",
             "data": data,
             "model": model,
-            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
         return Response(dump_json(answer), media_type=JSON)

@@ -52,6 +52,7 @@ _REQUIRED_FILES = ("config.json", "tokenizer.json")
 # safe to run from two threads at once ("cannot import name 'AutoModel'"):
 # thread workers load one at a time.
 _LOAD_LOCK = threading.Lock()
+_COUNT_LOCK = threading.Lock()
 
 #: One embedding: a float32 row of length ``EMBEDDING_DIMENSION``.
 Vector = npt.NDArray[np.float32]
@@ -135,6 +136,7 @@ class SentenceEmbedder:
         self.max_length = max_length
         self._tokenizer: Any = None
         self._model: Any = None
+        self._counter: Any = None  # a tokenizer of its own for count_tokens()
 
     def __repr__(self) -> str:
         return (
@@ -148,6 +150,7 @@ class SentenceEmbedder:
         state = self.__dict__.copy()
         state["_tokenizer"] = None
         state["_model"] = None
+        state["_counter"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -179,6 +182,31 @@ class SentenceEmbedder:
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)
         self._tokenizer, self._model = tokenizer, model
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """The number of tokens the model sees for each text (with its special
+        tokens, after truncation to ``max_length``).
+
+        For usage reports (the HTTP service's ``/v1/embeddings`` calls it
+        when a pipeline's first stage has it). It loads a tokenizer of its
+        own the first time (not the model), so it is cheap to call in a
+        process that does not run the model, and never shares the model's
+        tokenizer with a worker that is using it.
+        """
+        with _COUNT_LOCK:  # a fast tokenizer is not safe to call from two threads at once
+            if self._counter is None:
+                path = self.model_path if self.model_path is not None else default_model_path()
+                with _LOAD_LOCK:
+                    from transformers import AutoTokenizer
+
+                    self._counter = AutoTokenizer.from_pretrained(
+                        str(path), local_files_only=True
+                    )
+            encoded = self._counter(
+                list(texts), truncation=True, max_length=self.max_length,
+                return_attention_mask=False, return_token_type_ids=False,
+            )
+        return [len(ids) for ids in encoded["input_ids"]]
 
     def __call__(self, texts: Sequence[str]) -> list[Vector]:
         """Embed ``texts``; the result has the same length and order."""
