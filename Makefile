@@ -39,7 +39,7 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/flowbatch demo
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy src

@@ -95,6 +95,7 @@ def report(
     columns: Sequence[str],
     rows: Sequence[Sequence[Any]],
     figures: dict[str, Any],
+    *,
     notes: Sequence[str] = (),
 ) -> None:
     """Print a table (rich when available) and then the figures as one JSON line."""

@@ -210,9 +210,8 @@ def main() -> None:
 
     best_served = max(results, key=lambda r: r["served_items_per_s"])
     best_limit = max(r["limit_items_per_s"] for r in results)
-    rows = []
-    for r in results:
-        rows.append([
+    rows = [
+        [
             f"{r['config']} ({r['replicas']} replica x {r['torch_threads']} torch thr)",
             r["limit_items_per_s"],
             r["limit_batch_size"],
@@ -224,7 +223,9 @@ def main() -> None:
             r["lone_latency_ms"],
             r["lone_overhead_ms"],
             r["bare_handoff_ms"] - r["batch1_ms"],
-        ])
+        ]
+        for r in results
+    ]
     figures = {
         "config": best_served["config"],
         "callers": CALLERS,
@@ -248,11 +249,11 @@ def main() -> None:
         + "; ".join(f"{r['config']}: {r['limit_by_batch_size']}" for r in results),
         "served batch sizes: "
         + "; ".join(f"{r['config']}: {r['served_batch_sizes']}" for r in results),
-        f"headline config = {best_served['config']} (highest served throughput); "
+        (f"headline config = {best_served['config']} (highest served throughput); "
         f"ratio {best_served['ratio']} ({verdict(best_served['ratio'], TARGET_RATIO)}, "
         f"target >= {TARGET_RATIO}); lone overhead {best_served['lone_overhead_ms']} ms "
         f"({verdict(best_served['lone_overhead_ms'], TARGET_LATENCY_MS, False)}, "
-        f"target <= {TARGET_LATENCY_MS} ms)",
+        f"target <= {TARGET_LATENCY_MS} ms)"),
     ]
     report(
         "batching",
@@ -262,7 +263,7 @@ def main() -> None:
          "util", "b=1 ms", "lone ms", "lone-b1 ms", "bare handoff-b1 ms"],
         rows,
         figures,
-        notes,
+        notes=notes,
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import sys
 from pathlib import Path
 from time import perf_counter
@@ -63,7 +64,7 @@ async def bare_chain(n: int, hops: int, queue_size: int) -> float:
     t0 = perf_counter()
     async with asyncio.TaskGroup() as tg:
         tg.create_task(feeder())
-        for a, b in zip(queues, queues[1:], strict=False):
+        for a, b in itertools.pairwise(queues):
             tg.create_task(hop(a, b))
         last = queues[-1]
         while True:

@@ -185,8 +185,8 @@ def main() -> None:
         f,
         notes=[
             f"limits by batch size: {f['limit_by_batch_size']}",
-            f"embed utilization {f['embed_utilization']}, mean batch {f['embed_mean_batch_size']}, "
-            f"bottleneck {f['bottleneck']}",
+            (f"embed utilization {f['embed_utilization']}, "
+             f"mean batch {f['embed_mean_batch_size']}, bottleneck {f['bottleneck']}"),
         ],
     )
 

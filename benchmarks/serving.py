@@ -646,13 +646,13 @@ def bench_server(kind: str, python: str, texts: list[str], args: argparse.Namesp
         say("c64")
         print(f"  {kind}: the model: batch of 1 {', '.join(f'{x:.1f}' for x in b1s)} ms around "
               f"the c1 windows (p50 {', '.join(f'{p:.1f}' for p in out['c1']['windows'])}; "
-              f"+{out['c1']['over_ms']:.2f} ms); limit {', '.join(f'{x:.0f}' for x in limits)} "
+              f"{out['c1']['over_ms']:+.2f} ms); limit {', '.join(f'{x:.0f}' for x in limits)} "
               f"sentences/s around the c64 windows (x{out['c64']['ratio']:.3f})",
               file=sys.stderr, flush=True)
         if "c1_paired" in out:
             paired = out["c1_paired"]
             print(f"  {kind}: c1 paired: p50 {paired['p50_ms']:.2f} ms vs "
-                  f"{paired['batch1_ms']:.2f} ms alone (+{paired['over_ms']:.2f})",
+                  f"{paired['batch1_ms']:.2f} ms alone ({paired['over_ms']:+.2f})",
                   file=sys.stderr, flush=True)
         out["overload"] = asyncio.run(open_loop(port, requests, 3 * out["limit"], args.duration))
         say("overload")
@@ -729,7 +729,9 @@ def main() -> None:
             # median of its windows' ratios), then the median over runs.
             ratio = med(lambda r, k=k, ph=phase: r["servers"][k][ph].get(
                 "ratio", r["servers"][k][ph]["rps"] / r["servers"][k]["limit"]))
-            mix = runs[-1]["servers"][k][phase]["statuses"]
+            # The error mix: every run's answers together.
+            mix = dict(sum((Counter(r["servers"][k][phase]["statuses"]) for r in runs),
+                           Counter()))
             rows.append([k, phase, rps, p50, p99, ratio,
                          ", ".join(f"{s}: {n}" for s, n in mix.items())])
             figures[f"{k}_{phase}"] = {"rps": round(rps, 1), "p50_ms": round(p50, 2),
@@ -750,17 +752,18 @@ def main() -> None:
          "SIGSTOP meanwhile); each window is compared with the model around it and the "
          f"medians are reported; load {machine()['loadavg_1m']}"),
         f"overload: open loop at 3x the limit for {args.duration:.0f} s",
+        f"statuses: the answers of all {len(runs)} runs together",
     ]
     notes.extend(f"{k}: limit {figures[f'{k}_model']['limit_sps']} sentences/s, batch of 1 "
                  f"{figures[f'{k}_model']['batch1_ms']} ms" for k in pythons)
     if "flowbatch" in pythons:
         fb64 = figures["flowbatch_c64"]
         notes.append(f"targets: c64 >= 0.9x limit: {fb64['ratio']:.3f}x; c1 p50 within 2 ms of "
-                     f"batch-of-1: +{figures['flowbatch_c1']['over_batch1_ms']:.2f} ms; overload "
+                     f"batch-of-1: {figures['flowbatch_c1']['over_batch1_ms']:+.2f} ms; overload "
                      f"p99 < 2x c64 p99: {figures['flowbatch_overload']['p99_ms'] / fb64['p99_ms']:.2f}x")
         if args.paired:
             notes.append(f"c1 with think time (--paired): "
-                         f"+{figures['flowbatch_c1_paired']['over_ms']:.2f} ms")
+                         f"{figures['flowbatch_c1_paired']['over_ms']:+.2f} ms")
         if "mosec" in pythons:
             notes.append(f"flowbatch / mosec at c64: "
                          f"{fb64['rps'] / max(figures['mosec_c64']['rps'], 1e-9):.2f}x")
@@ -768,7 +771,7 @@ def main() -> None:
         notes.append(f"skipped (not installed for --peer-python): {', '.join(skipped)}")
     report("http", "HTTP serving: all-MiniLM-L6-v2, one sentence per request",
            ["server", "load", "req/s", "p50 ms", "p99 ms", "x limit", "statuses"],
-           rows, figures, notes)
+           rows, figures, notes=notes)
 
 
 if __name__ == "__main__":
