@@ -165,6 +165,62 @@ def test_stream_answers_before_the_input_ends() -> None:
         asyncio.run(asyncio.wait_for(main(srv.port), 60))
 
 
+def test_stream_stops_reading_lines_while_its_answers_cannot_be_sent() -> None:
+    """Backpressure: a client that reads no answers holds the stream to its window.
+
+    The app is driven as ASGI (a real server's send blocks the same way once
+    the socket's buffers fill, but when that happens depends on the kernel).
+    """
+    window, total = 4, 50
+    app = create_app(make_echo(), config=ServeConfig(stream_window=window))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/pipelines/echo/stream",
+        "raw_path": b"/v1/pipelines/echo/stream", "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"t"), (b"content-type", b"application/x-ndjson")],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+    }
+
+    async def main() -> None:
+        taken = 0  # input messages the app has asked for, one line each
+        client_reads = asyncio.Event()
+        received: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal taken
+            if taken == total:
+                await asyncio.Future()  # no disconnect: the client waits for its answers
+            taken += 1
+            return {"type": "http.request", "body": b"%d\n" % (taken - 1),
+                    "more_body": taken < total}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                await client_reads.wait()
+                received.append(message["body"])
+
+        async with app.lifespan(app):
+            runner = app.service.endpoints["echo"].runner
+            assert runner is not None
+            served = asyncio.ensure_future(app(scope, receive, send))
+            await until(lambda: runner.stats().stage("echo").done == window,
+                        what="a window of items answered")
+            await until(lambda: taken == window + 1, what="the next line read")
+            for _ in range(50):  # loop turns, not a clock: nothing more may be read
+                await asyncio.sleep(0)
+            assert taken == window + 1  # the line past the window waits for room
+            assert runner.stats().stage("echo").done == window
+            assert not received
+            client_reads.set()
+            await asyncio.wait_for(served, 60)
+        got = [orjson.loads(line) for line in b"".join(received).splitlines()]
+        assert sorted(d["index"] for d in got) == list(range(total))
+        assert all(d["output"] == d["index"] for d in got)
+        assert taken == total
+
+    asyncio.run(main())
+
+
 def test_mounted_in_a_starlette_app() -> None:
     fb_app = create_app(make_echo())
 
