@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -36,7 +35,7 @@ from .body import route_path
 from .codec import JSON, dump_json
 from .config import ServeConfig
 from .embeddings import EmbeddingRoutes, openai_error
-from .errors import ApiError, ClientGone
+from .errors import ApiError, ClientGone, internal_error, log_answer
 from .oip import OIPRoutes, Signature, oip_error
 from .routes import InferEndpoint, NativeRoutes
 from .service import Service
@@ -45,7 +44,6 @@ from .stream import StreamEndpoint
 
 __all__ = ["HEALTH_PATHS", "FlowbatchApp", "create_app"]
 
-log = logging.getLogger("flowbatch.http")
 
 #: Routes open without an API key (probes).
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -101,8 +99,7 @@ class ApiKeyMiddleware:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if exc.status == 500:  # 503 and 504 are expected under load: not logged one by one
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    log_answer(request.method, request.url.path, exc)
     return render_error(route_path(request.scope), exc)
 
 
@@ -127,8 +124,10 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _internal(request: Request, exc: Exception) -> Response:
     # The server logs the traceback (Starlette re-raises after this answer).
-    err = ApiError(500, "internal", "internal server error; the server log has the details")
-    return render_error(route_path(request.scope), err)
+    return render_error(route_path(request.scope), internal_error())
+
+
+_INFER_PREFIX = "/v1/pipelines/"
 
 
 class FlowbatchApp(Starlette):
@@ -163,9 +162,6 @@ class FlowbatchApp(Starlette):
                     await self._infer.serve(name, scope, receive, send)
                     return
         await super().__call__(scope, receive, send)
-
-
-_INFER_PREFIX = "/v1/pipelines/"
 
 
 def create_app(

@@ -23,6 +23,7 @@ stack trace. Each route family renders it in its protocol's shape (see
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from flowbatch.errors import (
@@ -33,7 +34,9 @@ from flowbatch.errors import (
     PipelineClosed,
 )
 
-__all__ = ["INPUT_ERRORS", "ApiError", "ClientGone", "from_engine"]
+__all__ = ["INPUT_ERRORS", "ApiError", "ClientGone", "from_engine", "internal_error", "log_answer"]
+
+log = logging.getLogger("flowbatch.http")
 
 #: Exceptions a stage raises when the input itself is wrong: a client's mistake.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (
@@ -75,6 +78,21 @@ def not_found(message: str) -> ApiError:
 
 def too_large(message: str) -> ApiError:
     return ApiError(413, "too_large", message)
+
+
+def internal_error() -> ApiError:
+    """The answer to a server fault: no detail (the server log has the traceback)."""
+    return ApiError(500, "internal", "internal server error; the server log has the details")
+
+
+def log_answer(method: str, path: str, err: ApiError) -> None:
+    """Log an error answer that is the server's fault (a 500).
+
+    503 and 504 are expected under load and not logged one by one; 4xx are
+    the client's to read.
+    """
+    if err.status == 500:
+        log.warning("%s %s -> %d: %s", method, path, err.status, err.message)
 
 
 def overloaded(message: str, retry_after: int) -> ApiError:

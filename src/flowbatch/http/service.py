@@ -270,9 +270,12 @@ class Service:
             *futs, return_exceptions=True
         )
         watch = asyncio.ensure_future(_disconnected(receive))
+        left = False
 
         def gone(w: asyncio.Future[None]) -> None:
+            nonlocal left
             if not w.cancelled():  # the client went away: drop its items
+                left = True
                 for fut in futs:
                     fut.cancel()
 
@@ -282,13 +285,13 @@ class Service:
         try:
             await done
         except asyncio.CancelledError:
-            if not (watch.done() and not watch.cancelled()):
+            if not left:
                 raise  # this handler itself is being cancelled
         except Exception:  # noqa: S110 - the item's error: read from its future
             pass
         finally:
             watch.cancel()
-        if watch.done() and not watch.cancelled():
+        if left:
             raise ClientGone
 
 
