@@ -305,7 +305,10 @@ def test_a_lone_caller_never_waits_for_the_linger() -> None:
     async def main() -> None:
         async with pipe.open() as runner:
             for i in range(3):
-                assert await runner.submit(i) == i * 10
+                call = asyncio.create_task(runner.submit(i))
+                await settle()
+                assert len(rec.batches) == i + 1  # dispatched at once, not after a linger
+                assert await call == i * 10
 
     asyncio.run(main())
     assert rec.batches == [[0], [1], [2]]
@@ -347,8 +350,11 @@ def test_linger_zero_dispatches_what_waits() -> None:
     async def main() -> None:
         async with pipe.open() as runner:
             await _answer_a_batch_of_four(runner, rec)
+            # As if batches took 10 minutes: the automatic linger would be 1.
+            runner._stages[0].svc = 600.0
             first = asyncio.create_task(runner.submit(5))
-            await until(lambda: len(rec.batches) == 3)  # went out alone
+            await settle()
+            assert len(rec.batches) == 3  # went out alone, at once
             assert await first == 50
 
     asyncio.run(main())
