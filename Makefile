@@ -1,6 +1,6 @@
 # flowbatch: `make demo` and `make test` work on a fresh clone with only python3 (>= 3.11).
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck unit clean
+.PHONY: help install demo test test-fast lint typecheck unit clean
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,6 +17,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 help:
 	@echo "make demo   create $(VENV), install, run the embedding demo"
 	@echo "make test   create $(VENV), install, run ruff, mypy and pytest"
+	@echo "make test-fast  the unit tests only (no brokers, servers or model; under a minute)"
 	@echo "make clean  remove $(VENV), caches and build outputs"
 
 # torch goes in first and pinned: this machine's pip finds the 2.13.0 CPU
@@ -48,6 +49,9 @@ unit: $(VENV)/.installed-test
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/pytest -m "not integration" -q
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache flowbatch-demo.db*
