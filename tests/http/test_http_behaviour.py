@@ -282,3 +282,40 @@ def test_not_ready_while_draining() -> None:
         r = c.post("/v1/pipelines/echo", json={"input": 1})
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
         assert "retry-after" in r.headers
+
+
+def test_a_users_middleware_sees_every_route() -> None:
+    """``app.add_middleware`` wraps the hot inference route too, before the API-key check."""
+    seen: list[str] = []
+
+    class Tag:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            seen.append(f"{scope['method']} {scope['path']}")
+
+            async def tagged(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message["headers"], (b"x-tag", b"1")]}
+                await send(message)
+
+            await self.app(scope, receive, tagged)
+
+    app = create_app(make_echo(), config=ServeConfig(api_key="k"))
+    app.add_middleware(Tag)
+    auth = {"Authorization": "Bearer k"}
+    with serve_in_thread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/v1/pipelines/echo", json={"input": 1}, headers=auth)
+        assert r.json() == {"output": 1} and r.headers.get("x-tag") == "1"
+        r = c.post("/v1/pipelines/echo", json={"input": 1})  # no key: 401, tagged too
+        assert r.status_code == 401 and r.headers.get("x-tag") == "1"
+        r = c.post("/v1/pipelines/echo", json={"nope": 1}, headers=auth)
+        assert r.status_code == 400 and r.headers.get("x-tag") == "1"
+        assert c.get("/healthz").headers.get("x-tag") == "1"
+        r = c.post("/v1/pipelines/echo/jobs", json={"input": 1}, headers=auth)
+        assert r.status_code == 202 and r.headers.get("x-tag") == "1"
+    assert seen.count("POST /v1/pipelines/echo") == 3

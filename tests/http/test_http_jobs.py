@@ -53,7 +53,7 @@ def test_job_lifecycle_in_memory() -> None:
         r = c.post("/v1/pipelines/echo/jobs", json={"input": "boom"})
         doc = poll_job(c, r.json()["status_url"])
         assert doc["status"] == "failed" and doc["result"] is None
-        assert doc["error"]["status"] == 500 and "broke" in doc["error"]["message"]
+        assert doc["error"]["status"] == 500 and "internal error" in doc["error"]["message"]
 
         # DELETE of a finished job removes it
         assert c.delete(job["status_url"]).json()["status"] == "succeeded"

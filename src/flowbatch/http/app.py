@@ -1,8 +1,10 @@
 """``create_app``: one ASGI application that serves pipelines over HTTP.
 
 It composes a router (native, jobs, stream, OIP v2 and OpenAI routes), a
-pure-ASGI API-key check, and error handlers that answer every failure in
-the calling protocol's shape, with no stack trace. The service's lifespan
+pure-ASGI API-key check, the hot route's fast path as the innermost
+middleware (so every middleware, a user's too, sees every request), and
+error handlers that answer every failure in the calling protocol's shape,
+with no stack trace. The service's lifespan
 opens the pipelines and drains them on the way out.
 
 Usage::
@@ -35,7 +37,7 @@ from .body import route_path
 from .codec import JSON, dump_json
 from .config import ServeConfig
 from .embeddings import EmbeddingRoutes, openai_error
-from .errors import ApiError, ClientGone, internal_error, log_answer
+from .errors import ApiError, ClientGone, Faults, internal_error
 from .oip import OIPRoutes, Signature, oip_error
 from .routes import InferEndpoint, NativeRoutes
 from .service import Service
@@ -97,10 +99,15 @@ class ApiKeyMiddleware:
         await render_error(path, err)(scope, receive, send)
 
 
+def _faults(request: Request) -> Faults:
+    app = request.scope.get("app")  # this app: Starlette sets it, also when mounted
+    return app.service.faults if isinstance(app, FlowbatchApp) else Faults(expose=False)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    log_answer(request.method, request.url.path, exc)
-    return render_error(route_path(request.scope), exc)
+    err = _faults(request).conceal(exc, f"{request.method} {request.url.path}")
+    return render_error(route_path(request.scope), err)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -123,8 +130,10 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
-    # The server logs the traceback (Starlette re-raises after this answer).
-    return render_error(route_path(request.scope), internal_error())
+    # Logged under a request id here; Starlette re-raises after this answer,
+    # so the server logs the traceback once more.
+    err = _faults(request).conceal(internal_error(exc), f"{request.method} {request.url.path}")
+    return render_error(route_path(request.scope), err)
 
 
 _INFER_PREFIX = "/v1/pipelines/"
@@ -138,30 +147,35 @@ class FlowbatchApp(Starlette):
     """
 
     service: Service
-    _infer: InferEndpoint
-    _api_key: bytes | None
 
     def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]:
         """The service's lifespan, for a host app: ``Starlette(lifespan=app.lifespan)``."""
         return self.service.lifespan(app)
 
+
+class InferFastPath:
+    """The innermost middleware: ``POST /v1/pipelines/{name}`` straight to its handler.
+
+    It sits inside every other middleware (the API-key check and whatever
+    the user adds with ``app.add_middleware``), so they all see this route
+    too; only Starlette's router and request objects are skipped (see
+    :class:`InferEndpoint` for what that saves). Every other request goes on
+    to the router.
+    """
+
+    def __init__(self, app: ASGIApp, infer: InferEndpoint) -> None:
+        self.app = app
+        self.infer = infer
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The hot route goes straight to its handler (see InferEndpoint); a
-        # request without the right key, and every other route, goes through
-        # Starlette's middleware and router.
         if scope["type"] == "http" and scope["method"] == "POST":
             path = route_path(scope)
             if path.startswith(_INFER_PREFIX):
                 name = path[len(_INFER_PREFIX):]
-                key = self._api_key
-                if (
-                    name
-                    and "/" not in name
-                    and (key is None or _key_matches(_authorization(scope), key))
-                ):
-                    await self._infer.serve(name, scope, receive, send)
+                if name and "/" not in name:
+                    await self.infer.serve(name, scope, receive, send)
                     return
-        await super().__call__(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(
@@ -198,7 +212,9 @@ def create_app(
         # The live dashboard (same charts as `flowbatch bench`'s report).
         *dashboard_routes(service.open_runners),
     ]
+    # add_middleware puts a user's middleware outside these: it sees every request.
     middleware = [Middleware(ApiKeyMiddleware, api_key=cfg.api_key)] if cfg.api_key else []
+    middleware.append(Middleware(InferFastPath, infer=native.infer_endpoint))
     app = FlowbatchApp(
         routes=routes,
         middleware=middleware,
@@ -211,6 +227,4 @@ def create_app(
         lifespan=service.lifespan,
     )
     app.service = service
-    app._infer = native.infer_endpoint
-    app._api_key = cfg.api_key.encode() if cfg.api_key else None
     return app

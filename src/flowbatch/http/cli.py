@@ -57,6 +57,9 @@ def load_target(target: str) -> Any:
               type=click.FloatRange(min=0, min_open=True), help="Seconds a job result is kept.")
 @click.option("--graceful-timeout", default=DEFAULT_GRACEFUL_TIMEOUT, show_default=True,
               type=click.IntRange(min=0), help="Seconds to wait for open requests on SIGTERM.")
+@click.option("--expose-errors", is_flag=True,
+              help="Put the message of a server fault (500) in the answer, for development. "
+                   "[default: 'internal error' and a request id; the log has the details]")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
@@ -67,7 +70,7 @@ def serve(  # noqa: PLR0917 - click passes each option as an argument
     target: str, host: str, port: int, api_key_env: str | None, max_body_size: int,
     max_in_flight: int | None, max_inputs: int, default_timeout: float | None,
     retry_after: int, jobs_db: Path | None, job_ttl: float, graceful_timeout: int,
-    log_level: str, access_log: bool, app_dir: Path,
+    expose_errors: bool, log_level: str, access_log: bool, app_dir: Path,
 ) -> None:
     """Serve TARGET (module:attr, a Pipeline or a dict of them) over HTTP.
 
@@ -93,7 +96,7 @@ def serve(  # noqa: PLR0917 - click passes each option as an argument
     config = ServeConfig(
         api_key=api_key, max_in_flight=max_in_flight, max_body_bytes=max_body_size,
         max_inputs=max_inputs, default_timeout=default_timeout, retry_after=retry_after,
-        job_ttl=job_ttl,
+        job_ttl=job_ttl, expose_errors=expose_errors,
     )
     store = SQLiteJobStore(jobs_db) if jobs_db is not None else None
     app = create_app(pipelines, config=config, job_store=store)

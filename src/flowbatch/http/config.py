@@ -61,6 +61,12 @@ class ServeConfig:
     - ``max_pending_jobs``: unfinished jobs accepted before new ones get 503.
     - ``stream_window``: items one stream keeps in flight; a client that
       sends faster is slowed down (TCP backpressure).
+    - ``expose_errors``: tell clients what a server fault (a 5xx other than
+      503 and 504: a stage that broke, an output that cannot be sent) was.
+      Off (the default), the answer says "internal error" with a request
+      id, and the server log has that id with the full message and the
+      traceback; turn it on in development (``flowbatch serve
+      --expose-errors``). 4xx messages always say what is wrong.
     """
 
     api_key: str | None = None
@@ -72,6 +78,7 @@ class ServeConfig:
     job_ttl: float = DEFAULT_JOB_TTL
     max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS
     stream_window: int = DEFAULT_STREAM_WINDOW
+    expose_errors: bool = False
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:
@@ -88,6 +95,8 @@ class ServeConfig:
             raise ValueError(f"retry_after must be an int >= 0, got {self.retry_after!r}")
         if self.default_timeout is not None and not self.default_timeout > 0:
             raise ValueError(f"default_timeout must be > 0 or None, got {self.default_timeout!r}")
+        if not isinstance(self.expose_errors, bool):
+            raise TypeError(f"expose_errors must be True or False, got {self.expose_errors!r}")
         if not self.job_ttl > 0:
             raise ValueError(f"job_ttl must be > 0, got {self.job_ttl!r}")
 

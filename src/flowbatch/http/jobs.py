@@ -144,7 +144,10 @@ class JobManager:
                 await self.store.put(job.replace(status="running"))
                 if futs:
                     await asyncio.wait(futs)
-                status, doc = result_document(futs, job.single, service.config.retry_after)
+                status, doc = result_document(
+                    futs, job.single, service.config.retry_after, faults=service.faults,
+                    where=f"job {job.id}", request_id=job.id,
+                )
                 if status == 200:
                     final = job.replace(status="succeeded", result=dump_msgpack(doc))
                 else:
@@ -161,10 +164,11 @@ class JobManager:
                 task.uncancel()  # we asked for this cancellation: the job ends here
                 final = job.replace(status="cancelled")
             except ApiError as err:
-                final = job.replace(status="failed", error=err.as_dict())
+                told = service.faults.conceal(err, f"job {job.id}", job.id)
+                final = job.replace(status="failed", error=told.as_dict())
             except Exception as exc:  # encoding a result, the store: not the client's fault
-                log.exception("job %s failed", job.id)
-                final = job.replace(status="failed", error=from_engine(exc).as_dict())
+                told = service.faults.conceal(from_engine(exc), f"job {job.id}", job.id)
+                final = job.replace(status="failed", error=told.as_dict())
             now = time.time()
             await self.store.put(
                 final.replace(payload=None, finished_at=now, expires_at=now + self.ttl)

@@ -22,7 +22,18 @@ from flowbatch.runner import DEFAULT_QUEUE_SIZE, Runner
 
 from .admission import Admission
 from .config import ServeConfig
-from .errors import ApiError, ClientGone, bad_request, from_engine, not_found, overloaded, too_large
+from .errors import (
+    ApiError,
+    ClientGone,
+    Faults,
+    bad_request,
+    from_engine,
+    is_fault,
+    new_request_id,
+    not_found,
+    overloaded,
+    too_large,
+)
 
 if TYPE_CHECKING:
     from starlette.types import Receive
@@ -125,6 +136,8 @@ class Service:
         from .jobs import JobManager, MemoryJobStore
 
         self.config = config
+        #: How server faults are logged and answered (``config.expose_errors``).
+        self.faults = Faults(config.expose_errors)
         self.endpoints: dict[str, Endpoint] = {
             name: Endpoint(name, pipe, config.max_in_flight or default_in_flight(pipe))
             for name, pipe in normalize_pipelines(pipelines).items()
@@ -255,7 +268,7 @@ class Service:
                 fut.cancel()
             gate.release(len(values) - len(futs))
             if isinstance(exc, FlowbatchError):
-                raise from_engine(exc, self.config.retry_after) from None
+                raise from_engine(exc, self.config.retry_after) from exc
             raise
         return futs
 
@@ -318,19 +331,37 @@ def outcome(fut: asyncio.Future[Any]) -> tuple[Any, BaseException | None]:
 
 
 def result_document(
-    futs: Sequence[asyncio.Future[Any]], single: bool, retry_after: int
+    futs: Sequence[asyncio.Future[Any]],
+    single: bool,
+    retry_after: int,
+    *,
+    faults: Faults,
+    where: str,
+    request_id: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """The status and body for done futures: ``{"output"}`` or ``{"outputs", "errors"}``.
 
     In a multi-input answer each failed input has ``null`` in ``outputs`` and
     an entry in ``errors``; the status is 200 unless every input failed the
     same way, in which case it is that failure's status (and ``error`` says it).
+    Faults go through ``faults`` (logged as ``where``), all under one request
+    id: ``request_id`` or a new one.
     """
+    rid = request_id
+
+    def told(exc: BaseException) -> ApiError:
+        nonlocal rid
+        err = from_engine(exc, retry_after)
+        if is_fault(err.status):
+            rid = rid or new_request_id()
+            err = faults.conceal(err, where, rid)
+        return err
+
     if single:
         value, exc = outcome(futs[0])
         if exc is None:
             return 200, {"output": value}
-        err = from_engine(exc, retry_after)
+        err = told(exc)
         return err.status, {"error": err.as_dict()}
     outputs: list[Any] = []
     errors: list[dict[str, Any]] = []
@@ -338,7 +369,7 @@ def result_document(
         value, exc = outcome(fut)
         outputs.append(value)
         if exc is not None:
-            errors.append({"index": i, **from_engine(exc, retry_after).as_dict()})
+            errors.append({"index": i, **told(exc).as_dict()})
     doc: dict[str, Any] = {"outputs": outputs}
     status = 200
     if errors:
@@ -352,4 +383,6 @@ def result_document(
                 "type": first["type"],
                 "message": f"every input failed; the first: {first['message']}",
             }
+            if "request_id" in first:
+                doc["error"]["request_id"] = first["request_id"]
     return status, doc

@@ -25,7 +25,7 @@ from starlette.datastructures import Headers
 from flowbatch.errors import FlowbatchError
 
 from .codec import NDJSON, Unencodable, dump_json
-from .errors import ApiError, bad_request, from_engine
+from .errors import ApiError, bad_request, from_engine, is_fault, new_request_id
 from .service import outcome, parse_timeout
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class _Stream:
         self.index = 0
         self.input_done = False
         self.gone = False
+        self.request_id: str | None = None  # one for every fault of this stream
 
     async def serve(self, receive: Receive, send: Send) -> None:
         await send({
@@ -113,6 +114,14 @@ class _Stream:
         self.out.append(line)
         self.wake.set()
 
+    def _emit_error(self, index: int, err: ApiError) -> None:
+        if is_fault(err.status):
+            self.request_id = self.request_id or new_request_id()
+            err = self.service.faults.conceal(
+                err, f"stream of pipeline {self.ep.name!r}, line {index}", self.request_id
+            )
+        self._emit(_error_line(index, err))
+
     def _done(self, index: int, fut: asyncio.Future[Any]) -> None:
         self.ep.gate.release(1)
         self.pending.discard(fut)
@@ -120,15 +129,18 @@ class _Stream:
             return
         value, exc = outcome(fut)
         if exc is not None:
-            self._emit(_error_line(index, from_engine(exc, self.service.config.retry_after)))
+            self._emit_error(index, from_engine(exc, self.service.config.retry_after))
             return
         try:
             line = dump_json({"index": index, "output": value}) + b"\n"
-        except Unencodable as err:
-            line = _error_line(index, ApiError(
+        except Unencodable as exc:
+            err = ApiError(
                 500, "unencodable_output",
-                f"pipeline {self.ep.name!r} returned a value that cannot be sent as JSON: {err}",
-            ))
+                f"pipeline {self.ep.name!r} returned a value that cannot be sent as JSON: {exc}",
+            )
+            err.__cause__ = exc
+            self._emit_error(index, err)
+            return
         self._emit(line)
 
     async def _write(self, send: Send) -> None:
@@ -215,7 +227,7 @@ class _Stream:
             fut = self.runner.submit_nowait(value, self.timeout)
         except FlowbatchError as exc:
             gate.release(1)
-            self._emit(_error_line(index, from_engine(exc, self.service.config.retry_after)))
+            self._emit_error(index, from_engine(exc, self.service.config.retry_after))
             return
         self.pending.add(fut)
         fut.add_done_callback(lambda f: self._done(index, f))
