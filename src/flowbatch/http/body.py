@@ -33,7 +33,7 @@ async def receive_body(receive: Receive, length: str | None, limit: int) -> byte
     as what arrives is; :class:`ClientGone` if the client disconnects.
     """
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):  # isdigit alone takes "²"
             raise bad_request(f"Content-Length must be a whole number, got {length!r}")
         if int(length) > limit:
             raise too_large(f"the body is {int(length)} bytes; this server takes at most {limit}")

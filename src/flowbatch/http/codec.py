@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "decode_body",
     "dump_json",
     "dump_msgpack",
+    "loads_json",
     "pick_codec",
 ]
 
@@ -126,6 +128,46 @@ def pick_codec(content_type: str | None, accept: str | None) -> Codec:
     return Codec(msgpack_in, msgpack_out)
 
 
+#: A run of digits as long as the shortest integer that orjson reads as a float.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+_INT_MIN = -(1 << 63)
+_INT_MAX = (1 << 64) - 1
+
+
+class _TooBig(ValueError):
+    pass
+
+
+def _exact_int(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise _TooBig(text)
+    return value
+
+
+def loads_json(body: bytes, what: str = "the body") -> Any:
+    """``orjson.loads``, except that an integer beyond 64 bits is a 400, not a float.
+
+    orjson reads integers past the 64-bit range as floats, silently losing
+    digits (an id of 2**70 would reach the stage rounded). Raises
+    ``orjson.JSONDecodeError`` for text that is not JSON.
+    """
+    doc = orjson.loads(body)
+    if _LONG_NUMBER.search(body) is not None:  # rare: look again, exactly
+        try:
+            json.loads(body, parse_int=_exact_int)
+        except _TooBig as exc:
+            digits = str(exc)
+            shown = digits if len(digits) <= 40 else f"{digits[:20]}...{digits[-8:]}"
+            raise bad_request(
+                f"{what} holds the integer {shown}, which does not fit in 64 bits "
+                f"({_INT_MIN} to {_INT_MAX}); send it as a string"
+            ) from None
+        except RecursionError:
+            raise bad_request(f"{what} is nested too deeply") from None
+    return doc
+
+
 def decode_body(body: bytes, msgpack_in: bool) -> Any:
     """Parse a request body; a 400 that says what is wrong when it cannot."""
     if not body:
@@ -136,7 +178,7 @@ def decode_body(body: bytes, msgpack_in: bool) -> Any:
         except msgspec.DecodeError as exc:
             raise bad_request(f"the body is not valid msgpack: {exc}") from None
     try:
-        return orjson.loads(body)
+        return loads_json(body)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"the body is not valid JSON: {exc}") from None
 
@@ -146,7 +188,7 @@ def decode_json_object(body: bytes, empty_hint: str, what: str = "the body") -> 
     if not body:
         raise bad_request(f"{what} is empty; {empty_hint}")
     try:
-        doc = orjson.loads(body)
+        doc = loads_json(body, what)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):

@@ -138,7 +138,10 @@ def _decode_input(spec: Any, binary: bytes, offset: int) -> tuple[str, npt.NDArr
         raise bad_request(f"input {name!r}: \"parameters\" must be an object")
     size = params.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if (
+            not isinstance(size, int) or isinstance(size, bool)
+            or size < 0 or offset + size > len(binary)
+        ):
             raise bad_request(
                 f"input {name!r}: binary_data_size {size!r} does not fit the "
                 f"{len(binary) - offset} bytes of binary data left"
@@ -146,8 +149,10 @@ def _decode_input(spec: Any, binary: bytes, offset: int) -> tuple[str, npt.NDArr
         raw = binary[offset:offset + size]
         offset += size
         if datatype == "BYTES":
+            # Split first: the elements prove the shape before anything is allocated for it.
+            texts = [_text(b) for b in _split_bytes(raw, count, name)]
             arr = np.empty(count, dtype=object)
-            arr[:] = [_text(b) for b in _split_bytes(raw, count, name)]
+            arr[:] = texts
             return name, arr.reshape(shape), offset
         dtype = np.dtype(_NUMERIC[datatype])
         if size != count * dtype.itemsize:
@@ -168,13 +173,17 @@ def _decode_input(spec: Any, binary: bytes, offset: int) -> tuple[str, npt.NDArr
         arr = np.empty(count, dtype=object)
         arr[:] = flat
         return name, arr.reshape(shape), offset
-    if not all(isinstance(x, int | float) for x in flat) or (
-        datatype != "BOOL" and datatype[0] in "IU" and not all(isinstance(x, int) for x in flat)
+    if datatype == "BOOL":
+        if not all(isinstance(x, bool) for x in flat):
+            raise bad_request(f"input {name!r}: BOOL data must be true or false")
+    elif any(isinstance(x, bool) for x in flat) or not all(
+        isinstance(x, int if datatype[0] in "IU" else int | float) for x in flat
     ):
         raise bad_request(f"input {name!r}: data must be {datatype} numbers")
-    try:
-        arr = np.asarray(flat, dtype=_NUMERIC[datatype])
-    except (ValueError, TypeError, OverflowError) as exc:
+    try:  # a number too large for FP16/FP32 raises instead of becoming inf
+        with np.errstate(over="raise", invalid="raise"):
+            arr = np.asarray(flat, dtype=_NUMERIC[datatype])
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise bad_request(f"input {name!r}: data does not fit {datatype}: {exc}") from None
     return name, arr.reshape(shape), offset
 
@@ -303,7 +312,7 @@ class OIPRoutes:
         header_len = request.headers.get("inference-header-content-length")
         binary = b""
         if header_len is not None:
-            if not header_len.isdigit() or not 0 < int(header_len) <= len(body):
+            if not _is_count(header_len) or not 0 < int(header_len) <= len(body):
                 raise bad_request(
                     f"Inference-Header-Content-Length {header_len!r} does not fit a body of "
                     f"{len(body)} bytes"
@@ -397,6 +406,11 @@ class OIPRoutes:
             headers={"Inference-Header-Content-Length": str(len(header))},
             media_type="application/octet-stream",
         )
+
+
+def _is_count(text: str) -> bool:
+    # str.isdigit alone also holds for digits int() refuses, such as "²"
+    return text.isascii() and text.isdigit()
 
 
 def _min_timeout(timeout: float | None, micros: Any) -> float | None:

@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 
 from flowbatch.errors import FlowbatchError
 
-from .codec import NDJSON, Unencodable, dump_json
+from .codec import NDJSON, Unencodable, dump_json, loads_json
 from .errors import ApiError, bad_request, from_engine, is_fault, new_request_id
 from .service import outcome, parse_timeout
 
@@ -214,9 +214,12 @@ class _Stream:
             await self._reject(too_long(self.limit))
             return
         try:
-            value = orjson.loads(line)
+            value = loads_json(line, "the line")
         except orjson.JSONDecodeError as exc:
             await self._reject(bad_request(f"the line is not valid JSON: {exc}"))
+            return
+        except ApiError as err:
+            await self._reject(err)
             return
         await self.window.acquire()
         index = self.index
