@@ -101,3 +101,40 @@ def test_serve_metrics_answers_scrapes_on_the_event_loop() -> None:
             assert status == "HTTP/1.1 404 Not Found"
 
     asyncio.run(main())
+
+
+def test_label_values_with_quotes_backslashes_and_newlines_are_escaped() -> None:
+    pipeline, stage = 'say "hi"\\n\nnow', 'st"a\\ge\nx'
+    pipe = fb.Pipeline([fb.stage(double, name=stage)], name="p")
+
+    async def main() -> bytes:
+        async with pipe.open() as runner:
+            assert await runner.submit("ab") == "abab"
+            return render({pipeline: runner})
+
+    text = asyncio.run(main()).decode()
+    # The text format's escapes: \\ for a backslash, \" for a quote, \n for a newline.
+    assert 'pipeline="say \\"hi\\"\\\\n\\nnow"' in text
+    assert 'stage="st\\"a\\\\ge\\nx"' in text
+    assert all(line.startswith(("#", "flowbatch_")) for line in text.splitlines() if line)
+    got = samples(text)
+    assert got[("flowbatch_pipeline_submitted_total", (("pipeline", pipeline),))] == 1
+    key = ("flowbatch_stage_items_total", (("outcome", "ok"), ("pipeline", pipeline), ("stage", stage)))
+    assert got[key] == 1
+
+
+def test_http_series_are_written_by_the_same_writer() -> None:
+    from flowbatch.http.config import ServeConfig
+    from flowbatch.http.metrics import render_metrics
+    from flowbatch.http.service import Service
+
+    service = Service({"a.b-c_1": fb.Pipeline([fb.stage(double)], name="p")}, ServeConfig())
+    text = render_metrics(service).decode()
+    families = {fam.name: fam for fam in text_string_to_metric_families(text)}
+    assert families["flowbatch_http_rejected"].type == "counter"
+    assert families["flowbatch_http_ready"].samples[0].value == 0  # not started
+    labelled = [
+        s for fam in families.values() if fam.name.startswith("flowbatch_http_") for s in fam.samples
+        if "pipeline" in s.labels
+    ]
+    assert labelled and {s.labels["pipeline"] for s in labelled} == {"a.b-c_1"}

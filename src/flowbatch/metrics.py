@@ -3,55 +3,70 @@
 The runner updates a :class:`StageMetrics` per stage on its hot path with
 the cheapest operations there are: integer increments and one
 ``list.append`` per timing sample. The samples are folded into log-linear
-histograms (8 buckets per octave, so about 6% resolution) in bulk with
+histograms (4 buckets per octave, each at most 25% wide) in bulk with
 numpy, off the hot path: periodically, and whenever statistics are read.
 :meth:`Runner.stats` turns the accumulators into immutable records that
-every exporter (Prometheus, the live view, reports) reads.
+every exporter (Prometheus, the live view, reports) reads. Quantiles
+(:func:`quantile`), utilization (:func:`utilization`) and the bottleneck
+(:func:`find_bottleneck`) are computed here and nowhere else.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "PER_OCTAVE",
     "Histogram",
     "PipelineStats",
     "StageMetrics",
     "StageStats",
     "Summary",
     "find_bottleneck",
+    "format_seconds",
+    "quantile",
+    "utilization",
 ]
 
-_SUB = 8  # buckets per octave
+#: Buckets per octave of the duration histograms. Each bucket is at most 25%
+#: wide, and a quantile is interpolated inside its bucket. Prometheus gets the
+#: same buckets, so that ``stats()``, ``flowbatch top`` and
+#: ``histogram_quantile`` give the same figure for the same observations.
+PER_OCTAVE = 4
 
 
 class Histogram:
     """Counts of positive numbers in log-linear buckets, fed through ``buf``.
 
     Bucket 0 holds values below ``2 ** (min_exp - 1)`` (and zeros), the last
-    bucket values of ``2 ** max_exp`` and more; in between each octave
-    ``[2**(e-1), 2**e)`` is cut in 8 equal parts. Producers append to
-    ``buf``; :meth:`fold` moves the samples into ``counts``.
+    values of ``2 ** (max_exp - 1)`` and more; in between each octave
+    ``[2**(e-1), 2**e)`` is cut in ``per_octave`` equal parts. Producers
+    append to ``buf``; :meth:`fold` moves the samples into ``counts``.
     """
 
-    __slots__ = ("buf", "counts", "max_exp", "min_exp", "n", "total", "uppers")
+    __slots__ = ("buf", "counts", "max_exp", "min_exp", "n", "per_octave", "total", "uppers")
 
-    def __init__(self, min_exp: int = -20, max_exp: int = 8) -> None:
+    def __init__(self, min_exp: int = -17, max_exp: int = 8, per_octave: int = PER_OCTAVE) -> None:
         self.min_exp = min_exp
         self.max_exp = max_exp
-        size = (max_exp - min_exp) * _SUB + 2
+        self.per_octave = per_octave
+        size = (max_exp - min_exp) * per_octave + 2
         self.buf: list[float] = []
         self.counts: npt.NDArray[np.int64] = np.zeros(size, dtype=np.int64)
         self.n = 0
         self.total = 0.0
         k = np.arange(1, size - 1)
-        e = (k - 1) // _SUB + min_exp
-        sub = (k - 1) % _SUB
-        inner = (0.5 + (sub + 1) / (2 * _SUB)) * np.exp2(e.astype(np.float64))
+        e = (k - 1) // per_octave + min_exp
+        sub = (k - 1) % per_octave
+        inner = (0.5 + (sub + 1) / (2 * per_octave)) * np.exp2(e.astype(np.float64))
         self.uppers: npt.NDArray[np.float64] = np.concatenate(
             ([2.0 ** (min_exp - 1)], inner, [math.inf])
         )
@@ -66,55 +81,81 @@ class Histogram:
         self.n += int(a.size)
         self.total += float(a.sum())
         m, e = np.frexp(a)
-        idx = (e - self.min_exp) * _SUB + ((m - 0.5) * (2 * _SUB)).astype(np.int64) + 1
+        p = self.per_octave
+        idx = (e - self.min_exp) * p + ((m - 0.5) * (2 * p)).astype(np.int64) + 1
         idx[a <= 0] = 0
         np.clip(idx, 0, self.counts.size - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.counts.size)
 
-    def quantile(self, q: float) -> float:
-        """The ``q`` quantile, as the middle of the bucket it falls in."""
-        if not self.n:
-            return 0.0
-        cum = np.cumsum(self.counts)
-        k = int(np.searchsorted(cum, q * self.n, side="left"))
-        k = min(k, self.counts.size - 1)
-        if k == 0:
-            return 0.0
-        upper = float(self.uppers[k])
-        lower = float(self.uppers[k - 1])
-        return lower if math.isinf(upper) else (lower + upper) / 2
-
     def buckets(self) -> tuple[tuple[float, int], ...]:
-        """Cumulative counts at each octave boundary ``2**e``, then ``+Inf``."""
-        cum = np.cumsum(self.counts)
-        out: list[tuple[float, int]] = []
-        for e in range(self.min_exp, self.max_exp):
-            k = (e - self.min_exp) * _SUB + _SUB  # the bucket whose upper bound is 2**e
-            out.append((2.0**e, int(cum[k])))
-        out.append((math.inf, int(cum[-1])))
-        return tuple(out)
+        """Cumulative counts at every bucket's upper bound, the last ``+Inf``."""
+        return tuple(zip(self.uppers.tolist(), np.cumsum(self.counts).tolist(), strict=True))
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile of the folded samples (see :func:`quantile`)."""
+        return quantile(self.buckets(), q)
 
     def summary(self) -> Summary:
         self.fold()
         if not self.n:
             return Summary()
-        return Summary(
-            count=self.n,
-            total=self.total,
-            mean=self.total / self.n,
-            p50=self.quantile(0.50),
-            p99=self.quantile(0.99),
-            buckets=self.buckets(),
-        )
+        return Summary.of(self.buckets(), self.total)
+
+
+def quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
+    """The ``q`` quantile of cumulative ``(upper bound, count)`` buckets.
+
+    The one quantile method of flowbatch: :meth:`Runner.stats`, ``flowbatch
+    top``, ``flowbatch bench`` and the dashboard all read figures through it.
+    It interpolates linearly inside the bucket the quantile falls in, as
+    Prometheus' ``histogram_quantile`` does (the first bucket starts at 0;
+    in the open ``+Inf`` bucket the answer is its lower bound). 0.0 when
+    there are no observations.
+    """
+    if not buckets:
+        return 0.0
+    total = buckets[-1][1]
+    if total <= 0:
+        return 0.0
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, cum in buckets:
+        if cum >= rank and cum > below:
+            if math.isinf(upper):
+                return lower
+            return lower + (upper - lower) * (rank - below) / (cum - below)
+        if not math.isinf(upper):
+            lower = upper
+        below = cum
+    return lower
+
+
+def utilization(busy_seconds: float, workers: int | float, seconds: float) -> float:
+    """The fraction of ``workers``' time over ``seconds`` that was busy, in [0, 1].
+
+    The one utilization formula: the runner's since-start figure, and the
+    recent figures of ``top``, ``bench`` and the dashboard
+    (:meth:`PipelineStats.since`), all come from here.
+    """
+    capacity = workers * seconds
+    if capacity <= 0:
+        return 0.0
+    return min(1.0, max(0.0, busy_seconds / capacity))
+
+
+def _increase(cur: float, prev: float) -> float:
+    """A counter's increase; a counter that went down was reset (a restart)."""
+    return cur - prev if cur >= prev else cur
 
 
 @dataclass(frozen=True, slots=True)
 class Summary:
     """Count, sum, mean and percentiles of a measure (seconds for durations).
 
-    Percentiles come from the histogram (within about 6%); ``buckets`` are
-    cumulative counts at each octave boundary, ready for a Prometheus
-    histogram.
+    ``buckets`` are the histogram's cumulative counts at every bucket's
+    upper bound (the last is ``+Inf``), exactly as Prometheus gets them;
+    ``p50``, ``p99`` and :meth:`quantile` read them through
+    :func:`quantile`.
     """
 
     count: int = 0
@@ -123,6 +164,55 @@ class Summary:
     p50: float = 0.0
     p99: float = 0.0
     buckets: tuple[tuple[float, int], ...] = ()
+
+    @classmethod
+    def of(cls, buckets: Sequence[tuple[float, float]], total: float) -> Summary:
+        """The summary of cumulative ``buckets`` whose observations sum to ``total``."""
+        count = int(buckets[-1][1]) if buckets else 0
+        if count <= 0:
+            return cls()
+        cum = tuple((float(b), int(c)) for b, c in buckets)
+        return cls(
+            count=count,
+            total=total,
+            mean=total / count,
+            p50=quantile(cum, 0.50),
+            p99=quantile(cum, 0.99),
+            buckets=cum,
+        )
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0.9 for p90), by :func:`quantile`."""
+        return quantile(self.buckets, q)
+
+    def since(self, prev: Summary) -> Summary:
+        """The summary of the observations made after ``prev`` was taken.
+
+        Both must come from the same histogram; one whose counts went down was
+        reset (a restart), and then this one is the answer.
+        """
+        if not prev.count or not self.buckets:
+            return self
+        bounds = [b for b, _ in prev.buckets]
+        out: list[tuple[float, int]] = []
+        for b, c in self.buckets:
+            i = bisect.bisect_right(bounds, b)  # prev's count at b: its last bound <= b
+            d = c - (prev.buckets[i - 1][1] if i else 0)
+            if d < 0:
+                return self
+            out.append((b, d))
+        return Summary.of(out, max(0.0, self.total - prev.total))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready data: buckets as ``[upper, cumulative]``, ``+Inf`` as None."""
+        return {
+            "count": self.count,
+            "total": self.total,
+            "mean": self.mean,
+            "p50": self.p50,
+            "p99": self.p99,
+            "buckets": [[None if math.isinf(b) else b, c] for b, c in self.buckets],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +250,57 @@ class StageStats:
     batch_cost: Summary = field(default_factory=Summary)
     padding_waste: float = 0.0
 
+    def since(self, prev: StageStats, seconds: float) -> StageStats:
+        """What the stage did in the ``seconds`` after ``prev`` was taken.
+
+        Counters, busy time, histograms and batches become increases (a
+        counter that went down was reset: a restart), utilization is over
+        ``seconds``; gauges (``queued``, ``in_flight``, ``workers``) and
+        ``padding_waste`` are as of this snapshot.
+        """
+        busy = _increase(self.busy_seconds, prev.busy_seconds)
+        if self.batches >= prev.batches:
+            batches = self.batches - prev.batches
+            items = self.mean_batch_size * self.batches - prev.mean_batch_size * prev.batches
+            sizes = {k: v - prev.batch_sizes.get(k, 0) for k, v in self.batch_sizes.items()}
+        else:
+            batches, items, sizes = self.batches, self.mean_batch_size * self.batches, {}
+        return dataclasses.replace(
+            self,
+            done=int(_increase(self.done, prev.done)),
+            failed=int(_increase(self.failed, prev.failed)),
+            retried=int(_increase(self.retried, prev.retried)),
+            expired=int(_increase(self.expired, prev.expired)),
+            dropped=int(_increase(self.dropped, prev.dropped)),
+            utilization=utilization(busy, self.workers, seconds),
+            busy_seconds=busy,
+            service_time=self.service_time.since(prev.service_time),
+            queue_wait=self.queue_wait.since(prev.queue_wait),
+            batches=batches,
+            mean_batch_size=items / batches if batches else 0.0,
+            batch_sizes={k: v for k, v in sizes.items() if v > 0},
+            batch_cost=self.batch_cost.since(prev.batch_cost),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready data, keyed by field name (``batch_sizes``
+        as ``[size, count]`` pairs, summaries as :meth:`Summary.to_dict`)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def __str__(self) -> str:
+        batch = "-"
+        if self.batches:
+            batch = f"{self.mean_batch_size:.1f}" + (
+                f"/{self.batch_max_size}" if self.batch_max_size else ""
+            )
+        return (
+            f"stage {self.name} ({self.executor} x{self.workers}): {self.done} done, "
+            f"{self.failed} failed, {self.utilization:.0%} busy, batch {batch}, "
+            f"call p50 {format_seconds(self.service_time.p50)} "
+            f"p99 {format_seconds(self.service_time.p99)}, "
+            f"wait p50 {format_seconds(self.queue_wait.p50)}"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class PipelineStats:
@@ -188,6 +329,86 @@ class PipelineStats:
             if s.name == name:
                 return s
         raise KeyError(f"no stage named {name!r}; stages: {[s.name for s in self.stages]}")
+
+    def since(self, prev: PipelineStats, seconds: float | None = None) -> PipelineStats:
+        """What happened between ``prev`` and this snapshot of the same pipeline.
+
+        The recent figures of ``flowbatch top``, the bench timeline and the
+        dashboard: counters and histograms become increases, ``items_per_s``
+        and each stage's utilization are over the interval, and
+        ``bottleneck`` is the busiest stage in it. ``seconds`` defaults to
+        the difference of the two snapshots' ``elapsed``.
+
+        Usage::
+
+            before = runner.stats(); ...; recent = runner.stats().since(before)
+        """
+        dt = self.elapsed - prev.elapsed if seconds is None else seconds
+        if dt <= 0:
+            dt = self.elapsed if seconds is None else 0.0
+        before = {s.name: s for s in prev.stages}
+        stages = tuple(
+            s.since(before[s.name], dt) if s.name in before else s.since(_unused(s), dt)
+            for s in self.stages
+        )
+        completed = int(_increase(self.completed, prev.completed))
+        return dataclasses.replace(
+            self,
+            elapsed=dt,
+            submitted=int(_increase(self.submitted, prev.submitted)),
+            completed=completed,
+            failed=int(_increase(self.failed, prev.failed)),
+            expired=int(_increase(self.expired, prev.expired)),
+            cancelled=int(_increase(self.cancelled, prev.cancelled)),
+            items_per_s=completed / dt if dt > 0 else 0.0,
+            latency=self.latency.since(prev.latency),
+            stages=stages,
+            bottleneck=find_bottleneck(stages),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready data, keyed by field name; ``stages`` as a
+        list of :meth:`StageStats.to_dict`."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def __str__(self) -> str:
+        head = (
+            f"pipeline {self.name}: {self.submitted} submitted, {self.completed} completed, "
+            f"{self.failed} failed, {self.expired} expired, {self.cancelled} cancelled, "
+            f"{self.in_flight} in flight\n"
+            f"{self.items_per_s:,.1f} items/s over {self.elapsed:.2f} s; latency "
+            f"p50 {format_seconds(self.latency.p50)} p99 {format_seconds(self.latency.p99)}; "
+            f"bottleneck: {self.bottleneck or '-'}"
+        )
+        rows = [["  stage", "executor", "workers", "done", "failed", "busy", "batch",
+                 "call p50", "call p99", "wait p50"]]
+        for s in self.stages:
+            batch = "-"
+            if s.batches:
+                batch = f"{s.mean_batch_size:.1f}" + (
+                    f"/{s.batch_max_size}" if s.batch_max_size else ""
+                )
+            rows.append([
+                ("> " if s.name == self.bottleneck else "  ") + s.name,
+                s.executor,
+                str(s.workers),
+                str(s.done),
+                str(s.failed),
+                f"{s.utilization:.0%}",
+                batch,
+                format_seconds(s.service_time.p50),
+                format_seconds(s.service_time.p99),
+                format_seconds(s.queue_wait.p50),
+            ])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+            for r in rows
+        ]
+        return head + "\n" + "\n".join(lines)
 
 
 class StageMetrics:
@@ -236,7 +457,7 @@ class StageMetrics:
         self.batches = 0
         self.batched_items = 0
         self.batch_sizes: dict[int, int] = {}
-        self.batch_cost = Histogram(min_exp=0, max_exp=24)
+        self.batch_cost = Histogram(min_exp=0, max_exp=24, per_octave=1)
         self.padded_cost = 0.0
 
     def served(self, slot: int, started: float, now: float) -> None:
@@ -261,7 +482,6 @@ class StageMetrics:
     def snapshot(self, now: float, elapsed: float, queued: int) -> StageStats:
         service = self.service.summary()
         busy = service.total + sum(now - t for t in self.running if t)
-        capacity = self.workers * elapsed
         cost = self.batch_cost.summary()
         return StageStats(
             name=self.name,
@@ -275,7 +495,7 @@ class StageMetrics:
             dropped=self.dropped,
             queued=queued,
             in_flight=sum(self.holding),
-            utilization=min(1.0, busy / capacity) if capacity > 0 else 0.0,
+            utilization=utilization(busy, self.workers, elapsed),
             busy_seconds=busy,
             service_time=service,
             queue_wait=self.wait.summary(),
@@ -287,9 +507,55 @@ class StageMetrics:
         )
 
 
-def find_bottleneck(stages: tuple[StageStats, ...]) -> str | None:
-    """The stage with the highest utilization; queue length breaks ties."""
+def find_bottleneck(
+    stages: Sequence[StageStats], util: Mapping[str, float] | None = None
+) -> str | None:
+    """The stage with the highest utilization; queue length breaks ties.
+
+    Only stages that worked count (``None`` before any work). ``util``
+    overrides some stages' utilization (recent figures, say). The one
+    bottleneck rule: ``stats()``, Prometheus, ``top``, ``bench``, the
+    dashboard and the advice all name the stage it names.
+    """
     worked = [s for s in stages if s.busy_seconds > 0]
     if not worked:
         return None
-    return max(worked, key=lambda s: (round(s.utilization, 2), s.queued)).name
+
+    def load(s: StageStats) -> tuple[float, int]:
+        u = util.get(s.name, s.utilization) if util else s.utilization
+        return round(u, 2), s.queued
+
+    return max(worked, key=load).name
+
+
+def format_seconds(s: float) -> str:
+    """A duration for people: ``"850 us"``, ``"12.3 ms"``, ``"1.25 s"``."""
+    if s < 1e-6:
+        return f"{s * 1e9:.0f} ns" if s > 0 else "0"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1.0:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def _unused(s: StageStats) -> StageStats:
+    """``s`` before it did anything: the base of a stage a snapshot lacks."""
+    return dataclasses.replace(
+        s, done=0, failed=0, retried=0, expired=0, dropped=0, busy_seconds=0.0,
+        service_time=Summary(), queue_wait=Summary(), batches=0, mean_batch_size=0.0,
+        batch_sizes={}, batch_cost=Summary(),
+    )
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as JSON-ready data (see the ``to_dict`` methods)."""
+    if isinstance(v, Summary | StageStats):
+        return v.to_dict()
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return [[k, x] for k, x in v.items()]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

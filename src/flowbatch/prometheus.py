@@ -28,6 +28,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .metrics import PipelineStats, Summary
@@ -44,14 +45,12 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(bound)
 
 
-# Durations are exported from about 30 us up: finer bounds only add series.
-_MIN_LE = 2.0**-15
-
-
-def _hist_buckets(s: Summary, min_le: float = _MIN_LE) -> list[tuple[str, float]]:
+def _hist_buckets(s: Summary) -> list[tuple[str, float]]:
+    # Every bucket of the engine's histogram, so that histogram_quantile and
+    # `flowbatch top` read the same figure as Runner.stats().
     if not s.buckets:
         return [("+Inf", 0.0)]
-    return [(_le(b), float(c)) for b, c in s.buckets if b >= min_le]
+    return [(_le(b), float(c)) for b, c in s.buckets]
 
 
 def _size_buckets(sizes: Mapping[int, int]) -> tuple[list[tuple[str, float]], float]:
@@ -94,6 +93,11 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
     )
     in_flight_p = GaugeMetricFamily(
         "flowbatch_pipeline_in_flight", "Items admitted and not yet answered.", labels=ps
+    )
+    uptime = GaugeMetricFamily(
+        "flowbatch_pipeline_uptime_seconds",
+        "Seconds since the runner opened, on the clock that times the stages.",
+        labels=ps,
     )
     latency = HistogramMetricFamily(
         "flowbatch_pipeline_latency_seconds", "End-to-end latency of completed items.", labels=ps
@@ -159,6 +163,7 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         ):
             outcomes.add_metric([name, outcome], n)
         in_flight_p.add_metric([name], s.in_flight)
+        uptime.add_metric([name], s.elapsed)
         latency.add_metric([name], _hist_buckets(s.latency), s.latency.total)
         for st in s.stages:
             lab = [name, st.name]
@@ -182,19 +187,27 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
                 buckets, total = _size_buckets(st.batch_sizes)
                 bsize.add_metric(lab, buckets, total)
             if st.batch_cost.count:
-                bcost.add_metric(lab, _hist_buckets(st.batch_cost, 1.0), st.batch_cost.total)
+                bcost.add_metric(lab, _hist_buckets(st.batch_cost), st.batch_cost.total)
                 waste.add_metric(lab, st.padding_waste)
             bottleneck.add_metric(lab, 1.0 if st.name == s.bottleneck else 0.0)
     yield from (
-        submitted, outcomes, in_flight_p, latency, items, retries, info, depth, in_flight, workers,
+        submitted, outcomes, in_flight_p, uptime, latency, items, retries, info, depth, in_flight, workers,
         busy, busy_ratio, wait, service, bsize, bcost, waste, bottleneck,
     )
 
 
-def render(runners: Runners) -> bytes:
-    """The Prometheus text exposition of the named runners' statistics."""
+def render(runners: Runners, *more: Collector) -> bytes:
+    """The Prometheus text exposition of the named runners' statistics.
+
+    ``more`` are further collectors (the HTTP service's own figures) written
+    into the same page. prometheus_client writes every page: names, label
+    values (quotes, backslashes, newlines) and help texts are escaped there,
+    and nowhere in flowbatch.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RunnerCollector(runners))
+    for collector in more:
+        registry.register(collector)
     return generate_latest(registry)
 
 

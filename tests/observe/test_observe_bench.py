@@ -125,7 +125,7 @@ def test_bench_reports_throughput_latency_bottleneck_and_writes_a_page(tmp_path:
     stages = figures["stages"]
     assert isinstance(stages, list)
     assert [s["name"] for s in stages] == ["prep", "embed", "store"]
-    assert stages[1]["max_batch_size"] == 64 and stages[1]["batch_sizes"]
+    assert stages[1]["batch_max_size"] == 64 and stages[1]["batch_sizes"]
     assert figures["timeline"]  # at least the final sample
 
     page = report.read_text()

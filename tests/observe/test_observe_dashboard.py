@@ -56,7 +56,7 @@ def test_dashboard_page_and_figures_under_a_prefix() -> None:
     p = data["pipelines"]["main"]
     assert (p["completed"], p["failed"]) == (9, 1)
     assert [s["name"] for s in p["stages"]] == ["prep", "embed"]
-    assert p["stages"][1]["max_batch_size"] == 16
+    assert p["stages"][1]["batch_max_size"] == 16
     assert p["latency"]["buckets"][-1] == [None, 9]  # +Inf as null
     assert any("failed 1 item" in a for a in p["advice"])
     assert empty.json()["pipelines"] == {}

@@ -15,7 +15,7 @@ from observehelpers import PYTHON, env_with_helpers, live_server, wait_for_scree
 from rich.console import Console
 
 import flowbatch as fb
-from flowbatch.observe.analysis import bucket_quantile
+from flowbatch.metrics import quantile
 from flowbatch.observe.top import compute, metrics_url, parse, render, top
 from flowbatch.prometheus import render as exposition
 
@@ -28,14 +28,14 @@ def model(xs: list[int]) -> list[Any]:
     return [ValueError("odd one") if x == 13 else x for x in xs]
 
 
-def test_bucket_quantile_interpolates_like_prometheus() -> None:
+def test_quantile_interpolates_like_prometheus() -> None:
     buckets = [(1.0, 0.0), (2.0, 50.0), (4.0, 100.0), (math.inf, 100.0)]
-    assert bucket_quantile(buckets, 0.5) == 2.0
-    assert bucket_quantile(buckets, 0.25) == 1.5
-    assert bucket_quantile(buckets, 0.99) == pytest.approx(3.96)
-    assert bucket_quantile([(1.0, 0.0), (math.inf, 5.0)], 0.5) == 1.0  # open top: its lower bound
-    assert bucket_quantile([(1.0, 0.0), (math.inf, 0.0)], 0.5) == 0.0
-    assert bucket_quantile([], 0.5) == 0.0
+    assert quantile(buckets, 0.5) == 2.0
+    assert quantile(buckets, 0.25) == 1.5
+    assert quantile(buckets, 0.99) == pytest.approx(3.96)
+    assert quantile([(1.0, 0.0), (math.inf, 5.0)], 0.5) == 1.0  # open top: its lower bound
+    assert quantile([(1.0, 0.0), (math.inf, 0.0)], 0.5) == 0.0
+    assert quantile([], 0.5) == 0.0
 
 
 def test_figures_between_two_scrapes_of_a_real_runner() -> None:
@@ -53,9 +53,10 @@ def test_figures_between_two_scrapes_of_a_real_runner() -> None:
 
     a_text, b_text = asyncio.run(main())
     a, b = parse(a_text), parse(b_text)
-    assert set(b) == {"p"} and list(b["p"].stages) == ["prep", "embed"]
+    assert set(b) == {"p"} and [s.name for s in b["p"].stages] == ["prep", "embed"]
     assert b["p"].completed == 29 and b["p"].failed == 1
-    assert b["p"].stages["embed"].batched and not b["p"].stages["prep"].batched
+    assert b["p"].stage("embed").batch_max_size == 4 and b["p"].stage("prep").batch_max_size == 0
+    assert b["p"].stage("embed").executor == "thread" and b["p"].elapsed > 0
 
     (view,) = compute(a, b, 2.0)  # 20 items in "2 seconds"
     assert view.items_per_s == pytest.approx(19 / 2)  # item 13 failed

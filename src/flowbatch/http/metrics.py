@@ -1,12 +1,17 @@
 """``/metrics``: the engine's figures (``flowbatch.prometheus``) plus the gate's.
 
 The HTTP layer adds only what the engine cannot see: requests turned away
-at admission, and the places taken in each pipeline's gate.
+at admission, and the places taken in each pipeline's gate. Its series are
+prometheus_client metric families written by the same writer as the
+engine's (:func:`flowbatch.prometheus.render`), so escaping is done once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from flowbatch.prometheus import CONTENT_TYPE, render
 
@@ -15,11 +20,50 @@ if TYPE_CHECKING:
 
     from .service import Service
 
-__all__ = ["CONTENT_TYPE", "render_metrics"]
+__all__ = ["CONTENT_TYPE", "ServiceCollector", "render_metrics"]
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class ServiceCollector:
+    """The HTTP service's own series, as a prometheus_client collector."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def describe(self) -> list[Metric]:
+        return []  # the series depend on the pipelines served: describe nothing up front
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._service
+        rejected = CounterMetricFamily(
+            "flowbatch_http_rejected",
+            "Requests answered 503 at admission: the pipeline was at capacity.",
+            labels=["pipeline"],
+        )
+        admitted = GaugeMetricFamily(
+            "flowbatch_http_admitted_items",
+            "Items admitted by the HTTP service and not finished.",
+            labels=["pipeline"],
+        )
+        capacity = GaugeMetricFamily(
+            "flowbatch_http_admission_capacity",
+            "The most items admitted at once (max_in_flight).",
+            labels=["pipeline"],
+        )
+        for name, ep in service.endpoints.items():
+            rejected.add_metric([name], ep.gate.rejected)
+            admitted.add_metric([name], ep.gate.used)
+            capacity.add_metric([name], ep.gate.capacity)
+        yield rejected
+        yield admitted
+        yield capacity
+        yield GaugeMetricFamily(
+            "flowbatch_http_jobs_pending", "Jobs accepted and not finished.",
+            value=service.jobs.pending,
+        )
+        yield GaugeMetricFamily(
+            "flowbatch_http_ready", "Whether the service is ready (1) or not (0).",
+            value=int(service.ready),
+        )
 
 
 def render_metrics(service: Service) -> bytes:
@@ -27,32 +71,4 @@ def render_metrics(service: Service) -> bytes:
     runners: dict[str, Runner] = {
         name: ep.runner for name, ep in service.endpoints.items() if ep.runner is not None
     }
-    lines = [
-        "# HELP flowbatch_http_rejected_total Requests answered 503 at admission: the pipeline was at capacity.",
-        "# TYPE flowbatch_http_rejected_total counter",
-    ]
-    eps = service.endpoints.items()
-    lines += [f'flowbatch_http_rejected_total{{pipeline="{_label(n)}"}} {ep.gate.rejected}' for n, ep in eps]
-    lines += [
-        "# HELP flowbatch_http_admitted_items Items admitted by the HTTP service and not finished.",
-        "# TYPE flowbatch_http_admitted_items gauge",
-    ]
-    lines += [f'flowbatch_http_admitted_items{{pipeline="{_label(n)}"}} {ep.gate.used}' for n, ep in eps]
-    lines += [
-        "# HELP flowbatch_http_admission_capacity The most items admitted at once (max_in_flight).",
-        "# TYPE flowbatch_http_admission_capacity gauge",
-    ]
-    lines += [
-        f'flowbatch_http_admission_capacity{{pipeline="{_label(n)}"}} {ep.gate.capacity}'
-        for n, ep in eps
-    ]
-    lines += [
-        "# HELP flowbatch_http_jobs_pending Jobs accepted and not finished.",
-        "# TYPE flowbatch_http_jobs_pending gauge",
-        f"flowbatch_http_jobs_pending {service.jobs.pending}",
-        "# HELP flowbatch_http_ready Whether the service is ready (1) or not (0).",
-        "# TYPE flowbatch_http_ready gauge",
-        f"flowbatch_http_ready {int(service.ready)}",
-        "",
-    ]
-    return render(runners) + "\n".join(lines).encode()
+    return render(runners, ServiceCollector(service))

@@ -1,30 +1,24 @@
-"""Reading the engine's statistics: JSON records, recent figures, and advice.
+"""Advice about a pipeline's limits, worded from its statistics.
 
 Shared by the bench report, the live dashboard and ``flowbatch top``, so the
-three say the same thing about the same figures. Everything here is pure
-(no I/O, no clock): it turns :class:`~flowbatch.PipelineStats` into JSON-safe
-dicts, computes rates and percentiles over the difference of two snapshots,
-and words the advice about the bottleneck.
+three say the same thing about the same figures. Everything here is pure (no
+I/O, no clock). The figures themselves (quantiles, utilization, the
+bottleneck, recent figures from two snapshots, JSON) come from
+:mod:`flowbatch.metrics`; this module only reads them.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from flowbatch.metrics import find_bottleneck
 
 if TYPE_CHECKING:
-    from flowbatch.metrics import PipelineStats, StageStats, Summary
+    from flowbatch.metrics import PipelineStats
     from flowbatch.pipeline import Pipeline
 
-__all__ = [
-    "BUSY",
-    "advise",
-    "bucket_quantile",
-    "max_batch_sizes",
-    "stats_dict",
-    "summary_dict",
-]
+__all__ = ["BUSY", "IDLE", "advise"]
 
 #: A stage whose workers are busy at least this fraction of the time limits throughput.
 BUSY = 0.8
@@ -32,90 +26,11 @@ BUSY = 0.8
 IDLE = 0.5
 
 
-def summary_dict(s: Summary) -> dict[str, Any]:
-    """A :class:`~flowbatch.Summary` as JSON: buckets as ``[upper, cumulative]``
-    pairs, ``+Inf`` written as ``null``."""
-    return {
-        "count": s.count,
-        "total": s.total,
-        "mean": s.mean,
-        "p50": s.p50,
-        "p99": s.p99,
-        "buckets": [[None if math.isinf(b) else b, c] for b, c in s.buckets],
-    }
-
-
-def max_batch_sizes(pipeline: Pipeline | None) -> dict[str, int]:
-    """``max_size`` of each batched stage of ``pipeline``."""
-    if pipeline is None:
-        return {}
-    return {s.name: s.batch.max_size for s in pipeline.stages if s.batch is not None}
-
-
-def _stage_dict(st: StageStats, max_batch: int | None) -> dict[str, Any]:
-    return {
-        "name": st.name,
-        "executor": st.executor,
-        "workers": st.workers,
-        "done": st.done,
-        "failed": st.failed,
-        "retried": st.retried,
-        "expired": st.expired,
-        "dropped": st.dropped,
-        "queued": st.queued,
-        "in_flight": st.in_flight,
-        "utilization": st.utilization,
-        "busy_seconds": st.busy_seconds,
-        "service": summary_dict(st.service_time),
-        "wait": summary_dict(st.queue_wait),
-        "batches": st.batches,
-        "mean_batch_size": st.mean_batch_size,
-        "max_batch_size": max_batch,
-        "batch_sizes": [[k, v] for k, v in st.batch_sizes.items()],
-        "padding_waste": st.padding_waste,
-    }
-
-
-def stats_dict(stats: PipelineStats, pipeline: Pipeline | None = None) -> dict[str, Any]:
-    """The pipeline's figures as a JSON-safe dict (what the dashboard serves)."""
-    maxes = max_batch_sizes(pipeline)
-    return {
-        "name": stats.name,
-        "elapsed": stats.elapsed,
-        "submitted": stats.submitted,
-        "completed": stats.completed,
-        "failed": stats.failed,
-        "expired": stats.expired,
-        "cancelled": stats.cancelled,
-        "in_flight": stats.in_flight,
-        "items_per_s": stats.items_per_s,
-        "latency": summary_dict(stats.latency),
-        "bottleneck": stats.bottleneck,
-        "stages": [_stage_dict(st, maxes.get(st.name)) for st in stats.stages],
-    }
-
-
-def bucket_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
-    """The ``q`` quantile from cumulative ``(upper bound, count)`` buckets, by
-    linear interpolation inside the bucket it falls in (as Prometheus'
-    ``histogram_quantile``). Feed it the difference of two scrapes for a
-    recent figure. 0.0 when there are no observations."""
-    if not buckets:
-        return 0.0
-    total = buckets[-1][1]
-    if total <= 0:
-        return 0.0
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for upper, cum in buckets:
-        if cum >= rank and cum > below:
-            if math.isinf(upper):
-                return lower  # the open top bucket: its lower bound is all we know
-            return lower + (upper - lower) * (rank - below) / (cum - below)
-        if not math.isinf(upper):
-            lower = upper
-        below = cum
-    return lower
+def _max_size(pipeline: Pipeline | None, name: str) -> int | None:
+    for s in pipeline.stages if pipeline is not None else ():
+        if s.name == name and s.batch is not None:
+            return s.batch.max_size
+    return None
 
 
 def _pct(x: float) -> str:
@@ -141,13 +56,12 @@ def advise(
     util = {s.name: s.utilization for s in stats.stages}
     if utilization:
         util.update(utilization)
-    maxes = max_batch_sizes(pipeline)
     out: list[str] = []
-    worked = [s for s in stats.stages if s.busy_seconds > 0 or s.done or s.failed]
-    if worked:
-        top = max(worked, key=lambda s: (round(util[s.name], 2), s.queued))
+    neck = find_bottleneck(stats.stages, util)
+    if neck is not None:
+        top = stats.stage(neck)
         u = util[top.name]
-        max_size = maxes.get(top.name)
+        max_size = top.batch_max_size or _max_size(pipeline, top.name)
         if u >= BUSY:
             if top.batches and max_size:
                 mean = top.mean_batch_size

@@ -3,10 +3,12 @@
 ``--concurrency`` callers each submit one input at a time (a closed loop),
 cycling through the input file, for ``--duration`` seconds (0: one pass over
 the input) or until ``--requests`` inputs were sent. Sixty times in a run (every
-0.25 to 1 s) it samples throughput, latency and each stage's utilization. The
-report says the throughput, the latency percentiles (measured at the
-caller), each stage's utilization and batch sizes, the bottleneck and what
-to change; ``--report`` writes it as a self-contained HTML page of charts.
+0.25 to 1 s) it samples throughput, latency and each stage's utilization
+(:meth:`~flowbatch.PipelineStats.since` between two ``runner.stats()``).
+The report says the throughput, the latency percentiles, each stage's
+utilization and batch sizes, the bottleneck and what to change, all read from
+``runner.stats()`` (the figures ``flowbatch top`` and ``/metrics`` show);
+``--report`` writes it as a self-contained HTML page of charts.
 
 Input: one item per line (``.txt`` and anything else: the line's text,
 without its newline); ``.jsonl``: one JSON value per line; ``.json``: a list.
@@ -31,15 +33,15 @@ from time import perf_counter
 from typing import Any
 
 import click
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 import flowbatch as fb
+from flowbatch.metrics import format_seconds
 from flowbatch.target import load_pipeline
 
-from .analysis import advise, stats_dict
+from .analysis import advise
 from .page import finite, report_page
 
 __all__ = ["BenchResult", "bench", "read_inputs", "run_bench", "write_report"]
@@ -81,7 +83,6 @@ class BenchResult:
     seconds: float
     ok: int
     failed: int
-    latencies: list[float]
     stats: fb.PipelineStats
     timeline: list[dict[str, Any]]
     advice: list[str]
@@ -94,9 +95,10 @@ class BenchResult:
         return self.ok / self.seconds if self.seconds > 0 else 0.0
 
     def latency(self, q: float) -> float | None:
-        if not self.latencies:
+        """The ``q`` quantile of the completed items' latency (``stats().latency``)."""
+        if not self.stats.latency.count:
             return None
-        return float(np.percentile(np.asarray(self.latencies), q * 100))
+        return self.stats.latency.quantile(q)
 
 
 class _Load:
@@ -109,9 +111,6 @@ class _Load:
         self.sent = 0
         self.ok = 0
         self.failed = 0
-        self.latencies: list[float] = []
-        self.window: list[float] = []  # latencies since the last sample
-        self.window_failed = 0
         self.errors: dict[str, int] = {}
 
     def next(self, now: float) -> Any:
@@ -149,12 +148,10 @@ async def run_bench(
                     x = load.next(perf_counter())
                 except StopIteration:
                     return
-                t0 = perf_counter()
                 try:
                     await runner.submit(x, timeout=timeout)
                 except (fb.ItemFailed, fb.DeadlineExceeded) as exc:
                     load.failed += 1
-                    load.window_failed += 1
                     key = (
                         f"{exc.stage}: {type(exc.error).__name__}"
                         if isinstance(exc, fb.ItemFailed)
@@ -162,10 +159,7 @@ async def run_bench(
                     )
                     load.errors[key] = load.errors.get(key, 0) + 1
                 else:
-                    dt = perf_counter() - t0
                     load.ok += 1
-                    load.latencies.append(dt)
-                    load.window.append(dt)
 
         async def sampler() -> None:
             last_t = t_start
@@ -177,7 +171,7 @@ async def run_bench(
                 if done.is_set() and timeline and now - last_t < every / 2:
                     break  # a sliver at the end: its rates would only be noise
                 cur = runner.stats()
-                timeline.append(_sample(now - t_start, now - last_t, last, cur, load))
+                timeline.append(_sample(now - t_start, last, cur))
                 last, last_t = cur, now
 
         async with asyncio.TaskGroup() as tg:
@@ -195,7 +189,6 @@ async def run_bench(
         seconds=seconds,
         ok=load.ok,
         failed=load.failed,
-        latencies=load.latencies,
         stats=stats,
         timeline=timeline,
         advice=advise(
@@ -213,26 +206,19 @@ async def run_bench(
     )
 
 
-def _sample(
-    t: float, dt: float, last: fb.PipelineStats, cur: fb.PipelineStats, load: _Load
-) -> dict[str, Any]:
-    window, load.window = load.window, []
-    failed, load.window_failed = load.window_failed, 0
-    dt = max(dt, 1e-9)
-    util: dict[str, float] = {}
-    queued: dict[str, int] = {}
-    for a, b in zip(last.stages, cur.stages, strict=True):
-        util[b.name] = min(1.0, max(0.0, (b.busy_seconds - a.busy_seconds) / (dt * b.workers)))
-        queued[b.name] = b.queued
-    arr = np.asarray(window) if window else None
+def _sample(t: float, last: fb.PipelineStats, cur: fb.PipelineStats) -> dict[str, Any]:
+    """One point of the timeline: the figures between two snapshots."""
+    w = cur.since(last)
+    dt = max(w.elapsed, 1e-9)
     return {
         "t": t,
-        "items_per_s": len(window) / dt,
-        "errors_per_s": failed / dt,
-        "p50": None if arr is None else float(np.percentile(arr, 50)),
-        "p99": None if arr is None else float(np.percentile(arr, 99)),
-        "util": util,
-        "queued": queued,
+        "items_per_s": w.completed / dt,
+        "errors_per_s": (w.failed + w.expired) / dt,
+        "p50": w.latency.p50 if w.latency.count else None,
+        "p99": w.latency.p99 if w.latency.count else None,
+        "util": {s.name: s.utilization for s in w.stages},
+        "queued": {s.name: s.queued for s in w.stages},
+        "bottleneck": w.bottleneck,
     }
 
 
@@ -240,22 +226,13 @@ def _sample(
 
 
 def _dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 1e-6:
-        return "<1 us"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} us"
-    if s < 1.0:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
+    return "-" if s is None else format_seconds(s)
 
 
 def report_data(result: BenchResult) -> dict[str, Any]:
     """The report as the chart script draws it (also what ``--json`` writes)."""
-    sd = stats_dict(result.stats)
+    sd = result.stats.to_dict()
     for st in sd["stages"]:
-        st["max_batch_size"] = result.max_batch.get(st["name"])
         # The queue at the end of a run is empty (it drained): show the run's mean.
         depths = [p["queued"][st["name"]] for p in result.timeline if st["name"] in p["queued"]]
         st["queued"] = round(sum(depths) / len(depths), 1) if depths else 0
@@ -318,7 +295,7 @@ def print_report(result: BenchResult, console: Console) -> None:
             f"{result.items_per_s:,.1f} items/s   ",
             ("latency ", "bold"),
             f"p50 {_dur(result.latency(0.5))}  p90 {_dur(result.latency(0.9))}  "
-            f"p99 {_dur(result.latency(0.99))}  max {_dur(max(result.latencies, default=None))}",
+            f"p99 {_dur(result.latency(0.99))}",
         )
     )
     table = Table(header_style="bold", box=None, pad_edge=False)

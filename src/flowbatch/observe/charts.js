@@ -140,11 +140,11 @@
     var h = ["stage", "executor", "workers", "items", "failed", "busy", "mean batch", "call p50", "call p99", "wait p50"];
     var out = ['<table class="stages"><thead><tr>' + h.map(function (x) { return "<th>" + x + "</th>"; }).join("") + "</tr></thead><tbody>"];
     stages.forEach(function (s) {
-      var batch = s.max_batch_size ? fmt(s.mean_batch_size) + " / " + s.max_batch_size : s.batches ? fmt(s.mean_batch_size) : "-";
+      var batch = s.batch_max_size ? fmt(s.mean_batch_size) + " / " + s.batch_max_size : s.batches ? fmt(s.mean_batch_size) : "-";
       out.push("<tr" + (s.name === neck ? ' class="neck"' : "") + "><td>" + esc(s.name) + (s.name === neck ? " &#9664; bottleneck" : "") +
         "</td><td>" + esc(s.executor) + "</td><td>" + s.workers + "</td><td>" + s.done + "</td><td>" + s.failed +
-        "</td><td>" + (100 * s.utilization).toFixed(0) + "%</td><td>" + batch + "</td><td>" + dur(s.service.p50) +
-        "</td><td>" + dur(s.service.p99) + "</td><td>" + dur(s.wait.p50) + "</td></tr>");
+        "</td><td>" + (100 * s.utilization).toFixed(0) + "%</td><td>" + batch + "</td><td>" + dur(s.service_time.p50) +
+        "</td><td>" + dur(s.service_time.p99) + "</td><td>" + dur(s.queue_wait.p50) + "</td></tr>");
     });
     out.push("</tbody></table>");
     return out.join("");
@@ -182,7 +182,7 @@
       return { label: s.name, value: s.utilization, hot: s.name === r.bottleneck, note: s.workers + " worker" + (s.workers === 1 ? "" : "s") + ", " + fmt(s.queued) + " " + (r.queue_note || "queued") };
     })));
     r.stages.forEach(function (s) {
-      if (s.batches) grid.push(histogram("Batch sizes: " + s.name + " (mean " + fmt(s.mean_batch_size) + ")", s.batch_sizes, s.max_batch_size));
+      if (s.batches) grid.push(histogram("Batch sizes: " + s.name + " (mean " + fmt(s.mean_batch_size) + ")", s.batch_sizes, s.batch_max_size));
     });
     html.push('<div class="grid">' + grid.map(function (g) { return '<div class="cell">' + g + "</div>"; }).join("") + "</div>");
     html.push(stageTable(r.stages, r.bottleneck));
@@ -190,30 +190,11 @@
     el.innerHTML = html.join("");
   }
 
-  /* The difference of two cumulative bucket lists [[upper|null, count], ...]
-   * and its q quantile, interpolated as Prometheus' histogram_quantile. */
-  function bucketQuantile(cur, prev, q) {
-    var d = cur.map(function (b, i) { return [b[0], b[1] - (prev && prev[i] ? prev[i][1] : 0)]; });
-    if (d.some(function (b) { return b[1] < 0; })) d = cur;
-    if (!d.length) return null;
-    var total = d[d.length - 1][1];
-    if (!(total > 0)) return null;
-    var rank = q * total, lower = 0, below = 0;
-    for (var i = 0; i < d.length; i++) {
-      var up = d[i][0], c = d[i][1];
-      if (c >= rank && c > below) {
-        if (up === null) return lower;
-        return lower + (up - lower) * (rank - below) / (c - below);
-      }
-      if (up !== null) lower = up;
-      below = c;
-    }
-    return lower;
-  }
-
   var KEEP = 300;
 
-  /* Poll url (the dashboard's JSON) every ms; keep a timeline per pipeline. */
+  /* Poll url (the dashboard's JSON) every ms; keep a timeline per pipeline.
+   * Every figure (rates, quantiles, utilization, the bottleneck) comes computed
+   * in the JSON (its "recent" part: since the previous poll); this only draws. */
   function live(el, url, ms) {
     var state = {};
     function tick() {
@@ -221,32 +202,23 @@
         var names = Object.keys(data.pipelines);
         names.forEach(function (name) {
           var cur = data.pipelines[name], st = state[name];
-          if (!st) st = state[name] = { prev: null, t0: data.t, tl: [], util: {} };
-          var prev = st.prev, dt = prev ? data.t - st.t : 0;
-          if (prev && dt > 0) {
-            var util = {};
-            cur.stages.forEach(function (s, i) {
-              var ps = prev.stages[i];
-              util[s.name] = ps && s.workers ? Math.max(0, Math.min(1, (s.busy_seconds - ps.busy_seconds) / (dt * s.workers))) : 0;
-            });
-            st.util = util;
+          if (!st) st = state[name] = { t0: data.t, tl: [], util: {}, neck: null };
+          var rec = cur.recent;
+          if (rec) {
+            st.util = rec.utilization;
+            st.neck = rec.bottleneck;
             st.tl.push({
               t: data.t - st.t0,
-              items_per_s: Math.max(0, cur.completed - prev.completed) / dt,
-              errors_per_s: Math.max(0, cur.failed - prev.failed) / dt,
-              p50: bucketQuantile(cur.latency.buckets, prev.latency.buckets, 0.5),
-              p99: bucketQuantile(cur.latency.buckets, prev.latency.buckets, 0.99),
-              util: util
+              items_per_s: rec.items_per_s,
+              errors_per_s: rec.errors_per_s,
+              p50: rec.p50,
+              p99: rec.p99,
+              util: rec.utilization
             });
             if (st.tl.length > KEEP) st.tl.shift();
           }
-          st.prev = cur; st.t = data.t;
           var last = st.tl.length ? st.tl[st.tl.length - 1] : null;
-          var neck = null, best = -1;
-          cur.stages.forEach(function (s) {
-            var u = st.util[s.name];
-            if (u !== undefined && u > 0 && u > best) { best = u; neck = s.name; }
-          });
+          var neck = st.neck;
           var stages = cur.stages.map(function (s) {
             var c = {}; for (var k in s) c[k] = s[k];
             if (st.util[s.name] !== undefined) c.utilization = st.util[s.name];
@@ -286,5 +258,5 @@
     tick();
   }
 
-  window.FB = { renderReport: renderReport, live: live, bucketQuantile: bucketQuantile, fmt: fmt, dur: dur };
+  window.FB = { renderReport: renderReport, live: live, fmt: fmt, dur: dur };
 })();

@@ -6,9 +6,9 @@ per stage: throughput, queue depth, in-flight items, utilization (as a bar),
 mean batch size, recent p50/p99 of the stage call, and errors. The stage whose
 workers were busiest in the last interval, the bottleneck, is highlighted.
 
-Percentiles come from the exported histogram buckets (powers of two), by
-interpolation as Prometheus' ``histogram_quantile`` does: read them as a
-scale, not to the millisecond.
+A scrape is read back into :class:`~flowbatch.PipelineStats` and the interval
+is :meth:`~flowbatch.PipelineStats.since`: the same quantiles, utilization and
+bottleneck as ``runner.stats()``, from the same histogram buckets.
 
 Usage::
 
@@ -33,12 +33,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import bucket_quantile
+from flowbatch.metrics import PipelineStats, StageStats, Summary
 
 __all__ = [
-    "PipelineSample",
     "PipelineView",
-    "StageSample",
     "StageView",
     "compute",
     "main",
@@ -55,56 +53,119 @@ Buckets = list[tuple[float, float]]
 
 
 @dataclass
-class StageSample:
-    """One stage's figures in one scrape (counters since the runner opened)."""
+class _Histogram:
+    buckets: Buckets = field(default_factory=list)
+    total: float = 0.0
 
-    ok: float = 0.0
-    failed: float = 0.0
-    retried: float = 0.0
-    expired: float = 0.0
-    dropped: float = 0.0
-    queued: float = 0.0
-    in_flight: float = 0.0
-    workers: float = 0.0
-    busy_seconds: float = 0.0
-    service: Buckets = field(default_factory=list)
-    wait: Buckets = field(default_factory=list)
-    batch_count: float = 0.0
-    batch_sum: float = 0.0
-    batched: bool = False
+    def summary(self) -> Summary:
+        return Summary.of(sorted(self.buckets), self.total)
 
 
 @dataclass
-class PipelineSample:
-    """One pipeline's figures in one scrape, with its stages in order."""
+class _Stage:
+    """One stage's series in one scrape, as read."""
 
-    submitted: float = 0.0
-    completed: float = 0.0
-    failed: float = 0.0
-    expired: float = 0.0
-    cancelled: float = 0.0
-    in_flight: float = 0.0
-    latency: Buckets = field(default_factory=list)
-    stages: dict[str, StageSample] = field(default_factory=dict)
+    executor: str = ""
+    batch_max_size: int = 0
+    counts: dict[str, float] = field(default_factory=dict)
+    service: _Histogram = field(default_factory=_Histogram)
+    wait: _Histogram = field(default_factory=_Histogram)
+    cost: _Histogram = field(default_factory=_Histogram)
+    batch_count: float = 0.0
+    batch_sum: float = 0.0
+
+    def stats(self, name: str) -> StageStats:
+        c = self.counts.get
+        batches = int(self.batch_count)
+        return StageStats(
+            name=name,
+            executor=self.executor,
+            workers=int(c("workers", 0)),
+            batch_max_size=self.batch_max_size,
+            done=int(c("ok", 0)),
+            failed=int(c("failed", 0)),
+            retried=int(c("retried", 0)),
+            expired=int(c("expired", 0)),
+            dropped=int(c("dropped", 0)),
+            queued=int(c("queued", 0)),
+            in_flight=int(c("in_flight", 0)),
+            utilization=c("utilization", 0.0),
+            busy_seconds=c("busy_seconds", 0.0),
+            service_time=self.service.summary(),
+            queue_wait=self.wait.summary(),
+            batches=batches,
+            mean_batch_size=self.batch_sum / batches if batches else 0.0,
+            batch_cost=self.cost.summary(),
+            padding_waste=c("padding_waste", 0.0),
+        )
+
+
+@dataclass
+class _Pipeline:
+    """One pipeline's series in one scrape, as read."""
+
+    counts: dict[str, float] = field(default_factory=dict)
+    latency: _Histogram = field(default_factory=_Histogram)
+    stages: dict[str, _Stage] = field(default_factory=dict)
+    bottleneck: str | None = None
+
+    def stats(self, name: str) -> PipelineStats:
+        c = self.counts.get
+        elapsed = c("elapsed", 0.0)
+        return PipelineStats(
+            name=name,
+            elapsed=elapsed,
+            submitted=int(c("submitted", 0)),
+            completed=int(c("completed", 0)),
+            failed=int(c("failed", 0)),
+            expired=int(c("expired", 0)),
+            cancelled=int(c("cancelled", 0)),
+            in_flight=int(c("in_flight", 0)),
+            items_per_s=c("completed", 0) / elapsed if elapsed > 0 else 0.0,
+            latency=self.latency.summary(),
+            stages=tuple(st.stats(n) for n, st in self.stages.items()),
+            bottleneck=self.bottleneck,
+        )
 
 
 _STAGE_OUTCOMES = {"ok", "failed", "expired", "dropped"}
 _PIPELINE_OUTCOMES = {"completed", "failed", "expired", "cancelled"}
+_PIPELINE_GAUGES = {
+    "flowbatch_pipeline_submitted_total": "submitted",
+    "flowbatch_pipeline_in_flight": "in_flight",
+    "flowbatch_pipeline_uptime_seconds": "elapsed",
+}
+_STAGE_GAUGES = {
+    "flowbatch_stage_retries_total": "retried",
+    "flowbatch_stage_queue_depth": "queued",
+    "flowbatch_stage_in_flight": "in_flight",
+    "flowbatch_stage_workers": "workers",
+    "flowbatch_stage_busy_seconds_total": "busy_seconds",
+    "flowbatch_stage_busy_ratio": "utilization",
+    "flowbatch_stage_padding_waste_ratio": "padding_waste",
+}
+_STAGE_HISTOGRAMS = {
+    "flowbatch_stage_service_seconds": "service",
+    "flowbatch_stage_queue_wait_seconds": "wait",
+    "flowbatch_stage_batch_cost": "cost",
+}
 
 
-def parse(text: str) -> dict[str, PipelineSample]:
-    """flowbatch's figures from a Prometheus text exposition, per pipeline.
+def parse(text: str) -> dict[str, PipelineStats]:
+    """flowbatch's figures from a Prometheus text exposition, per pipeline,
+    read back into the records :meth:`Runner.stats` returns (batch sizes
+    come back as a count and a mean only).
 
     Other metrics in the page (process, Python, the service's own) are
     ignored, so any ``/metrics`` that includes flowbatch's will do.
     """
-    out: dict[str, PipelineSample] = {}
+    out: dict[str, _Pipeline] = {}
 
-    def pipe(labels: dict[str, str]) -> PipelineSample:
-        return out.setdefault(labels.get("pipeline", ""), PipelineSample())
+    def pipe(labels: dict[str, str]) -> _Pipeline:
+        return out.setdefault(labels["pipeline"], _Pipeline())
 
-    def stage(labels: dict[str, str]) -> StageSample:
-        return pipe(labels).stages.setdefault(labels.get("stage", ""), StageSample())
+    def stage(labels: dict[str, str]) -> _Stage:
+        return pipe(labels).stages.setdefault(labels["stage"], _Stage())
 
     for fam in text_string_to_metric_families(text):
         if not fam.name.startswith("flowbatch_"):
@@ -113,47 +174,47 @@ def parse(text: str) -> dict[str, PipelineSample]:
             name, labels, v = s.name, s.labels, float(s.value)
             if "pipeline" not in labels:
                 continue
-            if name == "flowbatch_pipeline_submitted_total":
-                pipe(labels).submitted = v
+            if name in _PIPELINE_GAUGES:
+                pipe(labels).counts[_PIPELINE_GAUGES[name]] = v
             elif name == "flowbatch_pipeline_items_total":
                 outcome = labels.get("outcome", "")
                 if outcome in _PIPELINE_OUTCOMES:
-                    setattr(pipe(labels), outcome, v)
-            elif name == "flowbatch_pipeline_in_flight":
-                pipe(labels).in_flight = v
+                    pipe(labels).counts[outcome] = v
             elif name == "flowbatch_pipeline_latency_seconds_bucket":
-                pipe(labels).latency.append((float(labels["le"]), v))
+                pipe(labels).latency.buckets.append((float(labels["le"]), v))
+            elif name == "flowbatch_pipeline_latency_seconds_sum":
+                pipe(labels).latency.total = v
             elif "stage" not in labels:
                 continue
             elif name == "flowbatch_stage_items_total":
                 outcome = labels.get("outcome", "")
                 if outcome in _STAGE_OUTCOMES:
-                    setattr(stage(labels), outcome, v)
-            elif name == "flowbatch_stage_retries_total":
-                stage(labels).retried = v
-            elif name == "flowbatch_stage_queue_depth":
-                stage(labels).queued = v
-            elif name == "flowbatch_stage_in_flight":
-                stage(labels).in_flight = v
-            elif name == "flowbatch_stage_workers":
-                stage(labels).workers = v
-            elif name == "flowbatch_stage_busy_seconds_total":
-                stage(labels).busy_seconds = v
-            elif name == "flowbatch_stage_service_seconds_bucket":
-                stage(labels).service.append((float(labels["le"]), v))
-            elif name == "flowbatch_stage_queue_wait_seconds_bucket":
-                stage(labels).wait.append((float(labels["le"]), v))
-            elif name == "flowbatch_stage_batch_size_count":
+                    stage(labels).counts[outcome] = v
+            elif name in _STAGE_GAUGES:
+                stage(labels).counts[_STAGE_GAUGES[name]] = v
+            elif name == "flowbatch_stage_info":
                 st = stage(labels)
-                st.batch_count, st.batched = v, True
+                st.executor = labels.get("executor", "")
+                st.batch_max_size = int(labels.get("batch_max_size", "0") or 0)
+            elif name == "flowbatch_stage_bottleneck":
+                if v:
+                    pipe(labels).bottleneck = labels["stage"]
+                else:
+                    stage(labels)  # keeps the stages in their order
+            elif name == "flowbatch_stage_batch_size_count":
+                stage(labels).batch_count = v
             elif name == "flowbatch_stage_batch_size_sum":
                 stage(labels).batch_sum = v
-    for p in out.values():
-        p.latency.sort()
-        for st in p.stages.values():
-            st.service.sort()
-            st.wait.sort()
-    return out
+            else:
+                base, _, part = name.rpartition("_")
+                kind = _STAGE_HISTOGRAMS.get(base)
+                if kind is not None:
+                    h: _Histogram = getattr(stage(labels), kind)
+                    if part == "bucket":
+                        h.buckets.append((float(labels["le"]), v))
+                    elif part == "sum":
+                        h.total = v
+    return {name: p.stats(name) for name, p in out.items()}
 
 
 def scrape(url: str, timeout: float = 5.0) -> str:
@@ -212,79 +273,52 @@ class PipelineView:
     bottleneck: str | None
 
 
-def _d(cur: float, prev: float) -> float:
-    """A counter's increase; a counter that went down was reset (a restart)."""
-    return cur - prev if cur >= prev else cur
-
-
-def _d_buckets(cur: Buckets, prev: Buckets) -> Buckets:
-    p = dict(prev)
-    if any(c < p.get(le, 0.0) for le, c in cur):
-        return list(cur)
-    return [(le, c - p.get(le, 0.0)) for le, c in cur]
-
-
-def _quantiles(cur: Buckets, prev: Buckets) -> tuple[float | None, float | None]:
-    d = _d_buckets(cur, prev)
-    if not d or d[-1][1] <= 0:
-        return None, None
-    return bucket_quantile(d, 0.5), bucket_quantile(d, 0.99)
+def _nothing(name: str) -> PipelineStats:
+    return PipelineStats(
+        name=name, elapsed=0.0, submitted=0, completed=0, failed=0, expired=0, cancelled=0,
+        in_flight=0, items_per_s=0.0, latency=Summary(), stages=(), bottleneck=None,
+    )
 
 
 def compute(
-    prev: dict[str, PipelineSample], cur: dict[str, PipelineSample], dt: float
+    prev: dict[str, PipelineStats], cur: dict[str, PipelineStats], dt: float | None = None
 ) -> list[PipelineView]:
-    """What happened between two scrapes ``dt`` seconds apart."""
-    dt = max(dt, 1e-9)
+    """What happened between two scrapes, over ``dt`` seconds (default: the
+    runner's own clock, from its uptime series), by :meth:`PipelineStats.since`."""
     views: list[PipelineView] = []
     for name, p in cur.items():
-        q = prev.get(name, PipelineSample())
+        w = p.since(prev.get(name) or _nothing(name), dt)
+        secs = max(w.elapsed, 1e-9)
         stages: list[StageView] = []
-        for sname, s in p.stages.items():
-            r = q.stages.get(sname, StageSample())
-            nb = _d(s.batch_count, r.batch_count)
-            p50, p99 = _quantiles(s.service, r.service)
-            wait50, _ = _quantiles(s.wait, r.wait)
-            util = _d(s.busy_seconds, r.busy_seconds) / (dt * s.workers) if s.workers else 0.0
+        for s, total in zip(w.stages, p.stages, strict=True):
             stages.append(
                 StageView(
-                    name=sname,
-                    items_per_s=_d(s.ok, r.ok) / dt,
-                    errors_per_s=_d(s.failed, r.failed) / dt,
-                    failed=s.failed,
+                    name=s.name,
+                    items_per_s=s.done / secs,
+                    errors_per_s=s.failed / secs,
+                    failed=total.failed,
                     queued=s.queued,
                     in_flight=s.in_flight,
                     workers=s.workers,
-                    utilization=min(1.0, max(0.0, util)),
-                    mean_batch=(_d(s.batch_sum, r.batch_sum) / nb if nb else None)
-                    if s.batched
-                    else None,
-                    p50=p50,
-                    p99=p99,
-                    wait_p50=wait50,
+                    utilization=s.utilization,
+                    mean_batch=s.mean_batch_size if s.batch_max_size and s.batches else None,
+                    p50=s.service_time.p50 if s.service_time.count else None,
+                    p99=s.service_time.p99 if s.service_time.count else None,
+                    wait_p50=s.queue_wait.p50 if s.queue_wait.count else None,
+                    bottleneck=s.name == w.bottleneck,
                 )
             )
-        worked = [st for st in stages if st.utilization > 0]
-        neck = (
-            max(worked, key=lambda st: (round(st.utilization, 2), st.queued)).name
-            if worked
-            else None
-        )
-        stages = [
-            StageView(**{**st.__dict__, "bottleneck": st.name == neck}) for st in stages
-        ]
-        lat50, lat99 = _quantiles(p.latency, q.latency)
         views.append(
             PipelineView(
                 name=name,
-                items_per_s=_d(p.completed, q.completed) / dt,
-                errors_per_s=_d(p.failed, q.failed) / dt,
+                items_per_s=w.completed / secs,
+                errors_per_s=w.failed / secs,
                 failed=p.failed,
                 in_flight=p.in_flight,
-                p50=lat50,
-                p99=lat99,
+                p50=w.latency.p50 if w.latency.count else None,
+                p99=w.latency.p99 if w.latency.count else None,
                 stages=tuple(stages),
-                bottleneck=neck,
+                bottleneck=w.bottleneck,
             )
         )
     return views
@@ -398,7 +432,7 @@ class _Watcher:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.prev: dict[str, PipelineSample] | None = None
+        self.prev: dict[str, PipelineStats] | None = None
         self.t_prev = 0.0
 
     def step(self, interval: float) -> RenderableType:
@@ -415,7 +449,9 @@ class _Watcher:
         dt, self.t_prev = now - self.t_prev, now
         if prev is None:
             return render(compute(cur, cur, 1.0), self.url, "(first scrape; rates next)")
-        return render(compute(prev, cur, dt), self.url, f"every {interval:g}s, ctrl-c quits")
+        # The runner's own clock (its uptime series) times the interval when it has one.
+        clock = None if cur and all(p.elapsed > 0 for p in cur.values()) else dt
+        return render(compute(prev, cur, clock), self.url, f"every {interval:g}s, ctrl-c quits")
 
 
 @click.command(name="top", context_settings={"help_option_names": ["-h", "--help"]})
