@@ -10,14 +10,23 @@ dict gives one output per key. Tensors: BOOL, INT8-64, UINT8-64, FP16, FP32,
 FP64 and BYTES, as JSON ``data`` or in the binary tensor extension
 (``Inference-Header-Content-Length``). The ``timeout`` request parameter is
 in microseconds, as in Triton. Errors are ``{"error": "message"}``.
+
+Model metadata reports what inference does: a pipeline served without the
+outputs of its :class:`Signature` is probed, once, on the first metadata
+request: one row made from the input specs (a word for BYTES, zeros for
+numbers) goes through the pipeline, and its result gives the outputs'
+names, datatypes and shapes, so a client that builds its requests from the
+metadata gets what it was told.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +41,8 @@ from .body import read_body
 from .codec import JSON, decode_json_object, dump_json
 from .errors import ApiError, bad_request, from_engine, not_found
 from .service import outcome, parse_timeout
+
+log = logging.getLogger("flowbatch.http")
 
 if TYPE_CHECKING:
     from .service import Endpoint, Service
@@ -58,19 +69,43 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...] = (-1,)
 
+    def __post_init__(self) -> None:
+        if self.datatype not in _DATATYPES:
+            raise ValueError(
+                f"TensorSpec {self.name!r}: datatype {self.datatype!r} is not one of {list(_DATATYPES)}"
+            )
+        if not self.shape or not all(isinstance(d, int) and d >= -1 for d in self.shape):
+            raise ValueError(
+                f"TensorSpec {self.name!r}: shape must be sizes (-1: any), the batch first, "
+                f"got {self.shape!r}"
+            )
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True, slots=True)
 class Signature:
-    """What ``GET /v2/models/{name}`` reports; the first output names a plain result."""
+    """What ``GET /v2/models/{name}`` reports; the first output names a plain result.
+
+    ``outputs=None`` (the default): learned from one probe row made from
+    ``inputs`` (see the module docstring). Give the outputs to skip the
+    probe, e.g. for a pipeline whose calls have side effects::
+
+        Signature(inputs=(TensorSpec("text", "BYTES"),),
+                  outputs=(TensorSpec("embedding", "FP32", (-1, 384)),))
+    """
 
     inputs: tuple[TensorSpec, ...] = (TensorSpec("input", "BYTES"),)
-    outputs: tuple[TensorSpec, ...] = field(default=(TensorSpec("output", "BYTES"),))
+    outputs: tuple[TensorSpec, ...] | None = None
 
 
 DEFAULT_SIGNATURE = Signature()
+#: What metadata reports for the outputs when a probe cannot tell.
+_UNKNOWN_OUTPUTS = (TensorSpec("output", "BYTES"),)
+#: Seconds a probe may take when ``ServeConfig.default_timeout`` is not set.
+_PROBE_TIMEOUT = 60.0
+_PROBE_TEXT = "flowbatch"
 
 
 def oip_error(err: ApiError) -> Response:
@@ -250,6 +285,7 @@ class OIPRoutes:
     def __init__(self, service: Service, signatures: dict[str, Signature] | None = None) -> None:
         self.service = service
         self.signatures = signatures or {}
+        self._probing: dict[str, asyncio.Lock] = {}
 
     def routes(self) -> list[Route]:
         m = "/v2/models/{name}"
@@ -289,7 +325,8 @@ class OIPRoutes:
 
     async def model_metadata(self, request: Request) -> Response:
         ep = self._endpoint(request)
-        sig = self.signatures.get(ep.name, DEFAULT_SIGNATURE)
+        sig = await self._signature(ep, request)
+        assert sig.outputs is not None
         doc = {
             "name": ep.name,
             "versions": ["1"],
@@ -298,6 +335,50 @@ class OIPRoutes:
             "outputs": [t.as_dict() for t in sig.outputs],
         }
         return Response(dump_json(doc), media_type=JSON)
+
+    async def _signature(self, ep: Endpoint, request: Request) -> Signature:
+        """``ep``'s signature, its outputs learned by a probe the first time."""
+        sig = self.signatures.get(ep.name, DEFAULT_SIGNATURE)
+        if sig.outputs is not None:
+            return sig
+        async with self._probing.setdefault(ep.name, asyncio.Lock()):
+            sig = self.signatures.get(ep.name, DEFAULT_SIGNATURE)
+            if sig.outputs is not None:
+                return sig  # learned while this request waited
+            outputs = await self._probe(ep, sig, request)
+            if outputs is None:
+                return replace(sig, outputs=_UNKNOWN_OUTPUTS)  # try again next time
+            learned = replace(sig, outputs=outputs)
+            self.signatures[ep.name] = learned
+            log.info("model %r: outputs %s, learned from a probe",
+                     ep.name, [t.as_dict() for t in outputs])
+            return learned
+
+    async def _probe(
+        self, ep: Endpoint, sig: Signature, request: Request
+    ) -> tuple[TensorSpec, ...] | None:
+        """The output specs of two probe rows' results (sizes that differ are -1); None: unknown."""
+        service = self.service
+        rows = [_probe_row(sig.inputs, 1, _PROBE_TEXT), _probe_row(sig.inputs, 2, _PROBE_TEXT_2)]
+        futs = service.admit(ep, rows, service.config.default_timeout or _PROBE_TIMEOUT)
+        await service.wait(futs, request.receive)
+        try:
+            results = []
+            for fut in futs:
+                value, error = outcome(fut)
+                if error is not None:
+                    raise error
+                results.append(value)
+            first, second = (_output_specs(r, sig) for r in results)
+        except Exception as exc:  # whatever failed, the answer is "cannot tell"
+            log.warning(
+                "model %r: the metadata probe failed (%s: %s), so its outputs show as BYTES [-1]; "
+                "give them with create_app(signatures={%r: Signature(inputs=..., outputs=...)})",
+                ep.name, type(exc).__name__, exc, ep.name,
+            )
+            return None
+        others = {spec.name: spec for spec in second}
+        return tuple(_merge_specs(spec, others.get(spec.name, spec)) for spec in first)
 
     async def model_ready(self, request: Request) -> Response:
         ep = self._endpoint(request)
@@ -411,6 +492,45 @@ class OIPRoutes:
 def _is_count(text: str) -> bool:
     # str.isdigit alone also holds for digits int() refuses, such as "²"
     return text.isascii() and text.isdigit()
+
+
+_PROBE_TEXT_2 = "a longer probe text, to tell fixed sizes from varying ones"
+
+
+def _probe_row(inputs: Sequence[TensorSpec], size: int, text: str) -> Any:
+    """One row as ``infer`` would make it from the input specs (``-1`` sizes: ``size``)."""
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for spec in inputs:
+        shape = (1, *(size if d < 0 else d for d in spec.shape[1:]))
+        if spec.datatype == "BYTES":
+            arr = np.empty(shape, dtype=object)
+            arr.fill(text)
+        else:
+            arr = np.zeros(shape, dtype=_NUMERIC[spec.datatype])
+        tensors[spec.name] = arr
+    if len(tensors) == 1:
+        return _row(next(iter(tensors.values())), 0)
+    return {k: _row(a, 0) for k, a in tensors.items()}
+
+
+def _output_specs(result: Any, sig: Signature) -> list[TensorSpec]:
+    """The outputs ``_answer`` makes of ``result`` (one row), the batch size as -1."""
+    if isinstance(result, dict):
+        columns = {str(k): [v] for k, v in result.items()}
+    else:
+        columns = {sig.outputs[0].name if sig.outputs else "output": [result]}
+    specs = []
+    for name, values in columns.items():
+        datatype, arr = _tensor(values, name)
+        specs.append(TensorSpec(name, datatype, (-1, *arr.shape[1:])))
+    return specs
+
+
+def _merge_specs(a: TensorSpec, b: TensorSpec) -> TensorSpec:
+    """``a``, with -1 for every size where ``b`` differs."""
+    if len(a.shape) != len(b.shape):
+        return replace(a, shape=(-1,) * len(a.shape))
+    return replace(a, shape=tuple(x if x == y else -1 for x, y in zip(a.shape, b.shape, strict=True)))
 
 
 def _min_timeout(timeout: float | None, micros: Any) -> float | None:
