@@ -9,6 +9,10 @@ numpy, off the hot path: periodically, and whenever statistics are read.
 every exporter (Prometheus, the live view, reports) reads. Quantiles
 (:func:`quantile`), utilization (:func:`utilization`) and the bottleneck
 (:func:`find_bottleneck`) are computed here and nowhere else.
+
+(Over 500 lines on purpose: the records, their accumulators and every formula
+that derives a figure from them stay in one module, the one place to read
+how a figure is made.)
 """
 
 from __future__ import annotations
