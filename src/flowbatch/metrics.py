@@ -171,11 +171,18 @@ class Summary:
 
     @classmethod
     def of(cls, buckets: Sequence[tuple[float, float]], total: float) -> Summary:
-        """The summary of cumulative ``buckets`` whose observations sum to ``total``."""
+        """The summary of cumulative ``buckets`` whose observations sum to ``total``.
+
+        Empty buckets below the lowest observation are left out but one (its
+        bound is where that observation's bucket starts): quantiles are the
+        same, and the Prometheus page is shorter. Summing such pages across
+        processes stays exact, since a bucket left out counts 0 there too.
+        """
         count = int(buckets[-1][1]) if buckets else 0
         if count <= 0:
             return cls()
-        cum = tuple((float(b), int(c)) for b, c in buckets)
+        first = next(i for i, (_, c) in enumerate(buckets) if c > 0)
+        cum = tuple((float(b), int(c)) for b, c in buckets[max(0, first - 1):])
         return cls(
             count=count,
             total=total,
