@@ -104,11 +104,15 @@ _RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
 class ServerProcess:
-    """``python -m flowbatch.http TARGET --port 0 ...`` as a child process."""
+    """``python -m flowbatch.http TARGET --port 0 ...`` as a child process.
+
+    ``--shutdown-grace 0`` unless ``args`` give one: SIGTERM closes at once.
+    """
 
     def __init__(self, target: str, *args: str, env: dict[str, str] | None = None) -> None:
+        grace = () if "--shutdown-grace" in args else ("--shutdown-grace", "0")
         cmd = [sys.executable, "-m", "flowbatch.http", target, "--port", "0",
-               "--app-dir", str(HERE), "--log-level", "info", *args]
+               "--app-dir", str(HERE), "--log-level", "info", *grace, *args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from http_pipelines import COUNT, HOLD, make_batched, make_echo, make_hold
 from httphelpers import serve_in_thread, until
 from starlette.applications import Starlette
@@ -282,6 +283,28 @@ def test_not_ready_while_draining() -> None:
         r = c.post("/v1/pipelines/echo", json={"input": 1})
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
         assert "retry-after" in r.headers
+
+
+def test_not_ready_but_serving_in_the_shutdown_grace_period() -> None:
+    app = create_app(make_echo())
+    with serve_in_thread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        app.service.begin_grace()  # what SIGTERM does first under run()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "stopping"
+        assert c.get("/v2/health/ready").status_code == 503
+        assert c.post("/v1/pipelines/echo", json={"input": 1}).json() == {"output": 1}
+        assert c.post("/v1/pipelines/echo/jobs", json={"input": 1}).status_code == 202
+        r = c.post("/v1/pipelines/echo/stream", content=b"1\n")
+        assert orjson.loads(r.content) == {"index": 0, "output": 1}
+        app.service.begin_drain()  # the grace period is over
+        assert c.post("/v1/pipelines/echo", json={"input": 1}).status_code == 503
+
+
+def test_shutdown_grace_is_checked() -> None:
+    with pytest.raises(ValueError, match="shutdown_grace"):
+        ServeConfig(shutdown_grace=-1)
+    with pytest.raises(ValueError, match="shutdown_grace"):
+        ServeConfig(shutdown_grace=float("nan"))
 
 
 def test_a_users_middleware_sees_every_route() -> None:

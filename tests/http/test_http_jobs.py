@@ -152,6 +152,61 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server_process: Start) 
     assert "draining" in log and "Traceback" not in log
 
 
+def test_sigterm_keeps_serving_with_readyz_503_through_the_grace_period(
+    server_process: Start,
+) -> None:
+    srv = server_process("http_pipelines:all_pipelines", "--shutdown-grace", "600")
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+            in_flight = asyncio.ensure_future(
+                c.post("/v1/pipelines/hold", json={"inputs": ["p", "q"]})
+            )
+            assert (await c.get("/readyz")).status_code == 200
+            srv.proc.send_signal(signal.SIGTERM)
+
+            async def not_ready() -> bool:
+                return (await c.get("/readyz")).status_code == 503
+
+            await eventually(not_ready)  # answered, not refused
+            r = await c.get("/readyz")
+            assert r.json()["status"] == "stopping" and "retry-after" in r.headers
+            assert (await c.get("/v2/health/ready")).status_code == 503
+            assert (await c.get("/healthz")).status_code == 200
+            # a load balancer that has not seen it yet still gets answers, on new connections too
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as fresh:
+                r = await fresh.post("/v1/pipelines/echo", json={"input": 1})
+                assert r.status_code == 200 and r.json() == {"output": 1}
+                r = await fresh.post("/v1/pipelines/echo/jobs", json={"input": 2})
+                assert r.status_code == 202
+            srv.proc.send_signal(signal.SIGTERM)  # a second one ends the grace period
+            async with httpx.AsyncClient(base_url=srv.url, timeout=5) as fresh:
+
+                async def refused() -> bool:
+                    try:
+                        await fresh.get("/healthz")
+                    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+                        return True
+                    return False
+
+                await eventually(refused)
+            srv.proc.send_signal(signal.SIGUSR1)  # opens the stage's gate
+            r = await in_flight
+            assert r.status_code == 200 and r.json() == {"outputs": ["p", "q"]}
+
+    asyncio.run(main())
+    assert srv.wait() == 0
+    log = "".join(srv.log)
+    assert "still serving for 600 s" in log and "Traceback" not in log
+
+
+def test_the_grace_period_ends_by_itself(server_process: Start) -> None:
+    srv = server_process("http_pipelines:echo_pipeline", "--shutdown-grace", "0.2")
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.wait() == 0
+    assert "still serving for 0.2 s" in "".join(srv.log)
+
+
 def test_serve_command_errors() -> None:
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -15,6 +15,7 @@ from .config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_INPUTS,
     DEFAULT_RETRY_AFTER,
+    DEFAULT_SHUTDOWN_GRACE,
     ServeConfig,
 )
 
@@ -57,6 +58,10 @@ def load_target(target: str) -> Any:
               type=click.FloatRange(min=0, min_open=True), help="Seconds a job result is kept.")
 @click.option("--graceful-timeout", default=DEFAULT_GRACEFUL_TIMEOUT, show_default=True,
               type=click.IntRange(min=0), help="Seconds to wait for open requests on SIGTERM.")
+@click.option("--shutdown-grace", default=DEFAULT_SHUTDOWN_GRACE, show_default=True,
+              type=click.FloatRange(min=0),
+              help="Seconds to keep accepting after SIGTERM, /readyz answering 503, before "
+                   "closing (for load balancers); Ctrl-C skips it.")
 @click.option("--expose-errors", is_flag=True,
               help="Put the message of a server fault (500) in the answer, for development. "
                    "[default: 'internal error' and a request id; the log has the details]")
@@ -70,13 +75,16 @@ def serve(  # noqa: PLR0917 - click passes each option as an argument
     target: str, host: str, port: int, api_key_env: str | None, max_body_size: int,
     max_in_flight: int | None, max_inputs: int, default_timeout: float | None,
     retry_after: int, jobs_db: Path | None, job_ttl: float, graceful_timeout: int,
-    expose_errors: bool, log_level: str, access_log: bool, app_dir: Path,
+    shutdown_grace: float, expose_errors: bool, log_level: str, access_log: bool,
+    app_dir: Path,
 ) -> None:
     """Serve TARGET (module:attr, a Pipeline or a dict of them) over HTTP.
 
     Routes: POST /v1/pipelines/{name} (and /jobs, /stream), /v1/embeddings,
     the Open Inference Protocol v2 under /v2, /healthz, /readyz, /metrics.
-    SIGTERM finishes the requests in flight and exits 0.
+    SIGTERM: /readyz turns 503 while requests are still served for
+    --shutdown-grace seconds; then the server closes, finishes the requests
+    in flight and exits 0.
     """
     api_key = None
     if api_key_env is not None:
@@ -96,7 +104,7 @@ def serve(  # noqa: PLR0917 - click passes each option as an argument
     config = ServeConfig(
         api_key=api_key, max_in_flight=max_in_flight, max_body_bytes=max_body_size,
         max_inputs=max_inputs, default_timeout=default_timeout, retry_after=retry_after,
-        job_ttl=job_ttl, expose_errors=expose_errors,
+        job_ttl=job_ttl, expose_errors=expose_errors, shutdown_grace=shutdown_grace,
     )
     store = SQLiteJobStore(jobs_db) if jobs_db is not None else None
     app = create_app(pipelines, config=config, job_store=store)

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_INPUTS",
     "DEFAULT_MAX_PENDING_JOBS",
     "DEFAULT_RETRY_AFTER",
+    "DEFAULT_SHUTDOWN_GRACE",
     "DEFAULT_STREAM_WINDOW",
     "ServeConfig",
 ]
@@ -37,6 +38,8 @@ DEFAULT_RETRY_AFTER = 1
 DEFAULT_STREAM_WINDOW = 64
 #: Seconds uvicorn waits for open requests after SIGTERM, before cancelling them.
 DEFAULT_GRACEFUL_TIMEOUT = 60
+#: Seconds the server keeps accepting after SIGTERM, not ready, before it closes.
+DEFAULT_SHUTDOWN_GRACE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,12 @@ class ServeConfig:
       id, and the server log has that id with the full message and the
       traceback; turn it on in development (``flowbatch serve
       --expose-errors``). 4xx messages always say what is wrong.
+    - ``shutdown_grace``: seconds that ``run()`` (and ``flowbatch serve``)
+      keeps accepting and serving requests after SIGTERM while ``/readyz``
+      answers 503, so that a load balancer (a Kubernetes rollout) sees the
+      server leave before its listener closes; then it closes and finishes
+      the requests in flight. A second SIGTERM, or Ctrl-C, ends it at once;
+      0: close at once.
     """
 
     api_key: str | None = None
@@ -79,6 +88,7 @@ class ServeConfig:
     max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS
     stream_window: int = DEFAULT_STREAM_WINDOW
     expose_errors: bool = False
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:
@@ -97,6 +107,8 @@ class ServeConfig:
             raise ValueError(f"default_timeout must be > 0 or None, got {self.default_timeout!r}")
         if not isinstance(self.expose_errors, bool):
             raise TypeError(f"expose_errors must be True or False, got {self.expose_errors!r}")
+        if not 0 <= self.shutdown_grace < float("inf"):  # also rejects nan
+            raise ValueError(f"shutdown_grace must be >= 0 seconds, got {self.shutdown_grace!r}")
         if not self.job_ttl > 0:
             raise ValueError(f"job_ttl must be > 0, got {self.job_ttl!r}")
 

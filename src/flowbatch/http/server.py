@@ -1,9 +1,12 @@
 """Run an app with uvicorn; SIGTERM (or Ctrl-C) drains and exits 0.
 
-On the signal the service reports not ready at once, uvicorn stops
-accepting connections and waits for the requests in flight, then the
-lifespan finishes accepted jobs and drains every runner. A second Ctrl-C
-forces the exit.
+On SIGTERM the service reports not ready at once (``/readyz`` 503) and goes
+on accepting and serving for ``ServeConfig.shutdown_grace`` seconds, so a
+load balancer sees it leave before its listener closes; then uvicorn stops
+accepting connections and waits for the requests in flight, and the
+lifespan finishes accepted jobs and drains every runner. Ctrl-C (SIGINT),
+or a second SIGTERM, skips what is left of the grace period; a second
+Ctrl-C forces the exit.
 
 Usage::
 
@@ -14,7 +17,9 @@ Usage::
 from __future__ import annotations
 
 import copy
+import logging
 import signal
+import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "run"]
 
+log = logging.getLogger("flowbatch.http")
 
 
 class _Server(uvicorn.Server):
@@ -40,13 +46,39 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FlowbatchApp) -> None:
         super().__init__(config)
         self._app = app
+        self._grace = app.service.config.shutdown_grace
+        #: monotonic time the grace period ends, while in it (None: not in it)
+        self._grace_ends: float | None = None
+        self._grace_began = self._grace_told = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._app.service.begin_drain()
+        # A signal handler: no logging here (it may interrupt a log call).
+        service = self._app.service
+        first = not self.should_exit and not self._grace_began
+        if first and sig == signal.SIGTERM and self._grace > 0:
+            service.begin_grace()
+            self._grace_ends = time.monotonic() + self._grace
+            self._grace_began = True
+            return
+        self._grace_ends = None
+        service.begin_drain()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
             self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn calls this every 0.1 s: the grace period ends here.
+        if self._grace_began and not self._grace_told:
+            self._grace_told = True
+            log.info("SIGTERM: not ready; still serving for %g s (shutdown_grace), "
+                     "then closing", self._grace)
+        ends = self._grace_ends
+        if ends is not None and time.monotonic() >= ends:
+            self._grace_ends = None
+            self._app.service.begin_drain()
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def run(

@@ -145,7 +145,8 @@ class Service:
         self.jobs: JobManager = JobManager(
             self, job_store if job_store is not None else MemoryJobStore(), config
         )
-        self.state = "new"  # new -> starting -> ready -> draining -> stopped
+        # new -> starting -> ready -> [stopping ->] draining -> stopped
+        self.state = "new"
         #: Pipelines ``/v1/embeddings`` serves; None: all of them.
         self.embedding_models: frozenset[str] | None = None
 
@@ -155,9 +156,18 @@ class Service:
     def ready(self) -> bool:
         return self.state == "ready"
 
-    def begin_drain(self) -> None:
-        """Report not ready from now on (called at SIGTERM, before the drain)."""
+    def begin_grace(self) -> None:
+        """Report not ready from now on, but go on serving (the shutdown grace period).
+
+        ``run()`` calls it at SIGTERM; :meth:`begin_drain` follows when the
+        grace period ends.
+        """
         if self.state in ("new", "starting", "ready"):
+            self.state = "stopping"
+
+    def begin_drain(self) -> None:
+        """Report not ready and take no new work from now on (before the drain)."""
+        if self.state in ("new", "starting", "ready", "stopping"):
             self.state = "draining"
 
     @contextlib.asynccontextmanager
@@ -215,7 +225,7 @@ class Service:
         ``draining_ok``: for work accepted before the drain began (jobs).
         """
         runner = ep.runner
-        usable = self.state == "ready" or (draining_ok and self.state == "draining")
+        usable = self.state in ("ready", "stopping") or (draining_ok and self.state == "draining")
         if runner is None or runner.closed or not usable:
             reason = "is starting" if self.state in ("new", "starting") else "is shutting down"
             raise ApiError(
