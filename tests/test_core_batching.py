@@ -143,6 +143,30 @@ def test_failing_cost_function_fails_that_item() -> None:
     asyncio.run(main())
 
 
+def test_a_failing_cost_function_counts_alike_through_submit_submit_nowait_and_map() -> None:
+    def cost(x: Any) -> float:
+        return float(len(x))
+
+    pipe = fb.Pipeline([fb.stage(Recorder(), name="m", batch=fb.Batch(cost=cost, max_cost=100))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            with pytest.raises(fb.ItemFailed, match="'m'"):
+                await runner.submit(5)
+            s = runner.stats()
+            assert (s.submitted, s.failed, s.in_flight) == (1, 1, 0)
+            with pytest.raises(fb.ItemFailed, match="'m'"):
+                await runner.submit_nowait(6)
+            s = runner.stats()
+            assert (s.submitted, s.failed, s.in_flight) == (2, 2, 0)
+            out = [r async for r in runner.map([7], return_exceptions=True)]
+            assert isinstance(out[0], fb.ItemFailed)
+            s = runner.stats()
+            assert (s.submitted, s.failed, s.in_flight) == (3, 3, 0)
+
+    asyncio.run(main())
+
+
 def test_a_raising_batch_is_split_to_find_the_bad_item() -> None:
     gate = Gate()
     rec = Recorder(gate, poison=13)
@@ -343,22 +367,79 @@ def test_drain_dispatches_a_lingering_batch_at_once() -> None:
     assert rec.batches == [[0], [1, 2, 3, 4], [5]]
 
 
-def test_linger_zero_dispatches_what_waits() -> None:
-    rec = AsyncRecorder()
-    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=0))])
+class FakeClock:
+    """A clock the test moves by hand (``pipe.open(clock=...)``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowOnTheClock(AsyncRecorder):
+    """Each batch takes 10 minutes on the fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    async def __call__(self, xs: list[int]) -> list[int]:
+        self.clock.now += 600.0
+        return await super().__call__(xs)
+
+
+@pytest.mark.parametrize("linger", [0, None])
+def test_the_automatic_linger_follows_the_measured_service_time(linger: float | None) -> None:
+    clock = FakeClock()
+    rec = SlowOnTheClock(clock)
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=linger))])
 
     async def main() -> None:
-        async with pipe.open() as runner:
+        async with pipe.open(clock=clock) as runner:
             await _answer_a_batch_of_four(runner, rec)
-            # As if batches took 10 minutes: the automatic linger would be 1.
-            runner._stages[0].svc = 600.0
+            assert runner.stats().stage("m").service_time.mean == pytest.approx(600, rel=0.1)
             first = asyncio.create_task(runner.submit(5))
             await settle()
-            assert len(rec.batches) == 3  # went out alone, at once
-            assert await first == 50
+            if linger == 0:
+                assert len(rec.batches) == 3  # went out alone, at once
+                assert await first == 50
+            else:
+                # Batches take 10 minutes: the automatic linger (a minute) holds it.
+                assert len(rec.batches) == 2
+                assert runner.stats().stage("m").queued == 1
+        assert await first == 50  # leaving the block drained: the held batch ran
 
     asyncio.run(main())
     assert rec.batches[2] == [5]
+
+
+def test_the_dispatch_policy() -> None:
+    from flowbatch.batching import (
+        fair_share,
+        holds_open,
+        linger_bound,
+        linger_target,
+        next_service_time,
+    )
+
+    auto = fb.Batch(max_size=8)
+    assert linger_target(auto, waiting=1, last=4) == 4  # under load: wait for the burst
+    assert linger_target(auto, waiting=4, last=4) == 0  # as many as last time: go
+    assert linger_target(auto, waiting=1, last=1) == 0  # a lone caller never waits
+    assert linger_target(fb.Batch(max_size=2), waiting=1, last=4) == 2
+    assert linger_target(fb.Batch(max_size=8, linger=0), waiting=1, last=4) == 0
+    assert linger_target(fb.Batch(max_size=8, max_wait=1), waiting=1, last=4) == 0
+    assert linger_bound(auto, service_time=2.0) == pytest.approx(0.2)
+    assert linger_bound(fb.Batch(linger=0.5), service_time=2.0) == 0.5
+    assert holds_open(fb.Batch(max_size=8, max_wait=1), waiting=3)
+    assert not holds_open(fb.Batch(max_size=8, max_wait=1), waiting=8)
+    assert not holds_open(auto, waiting=3)
+    assert fair_share(10, [0]) is None
+    assert fair_share(10, [0, 1]) == 6
+    assert fair_share(3, [0, 0, 0]) == 1
+    assert next_service_time(0.0, 2.0) == 2.0
+    assert next_service_time(2.0, 4.0) == pytest.approx(2.4)
 
 
 def test_a_free_replica_takes_a_fair_share_of_the_work() -> None:

@@ -67,8 +67,10 @@ def test_submit_waits_for_room_and_submit_nowait_is_overloaded() -> None:
             with pytest.raises(fb.Overloaded, match="'slow'.*queue_size=2"):
                 runner.submit_nowait(3)
             waiting = asyncio.create_task(runner.submit(4))
-            await until(lambda: runner._admitting == 1)
+            for _ in range(10):  # loop turns: let it reach the full queue
+                await asyncio.sleep(0)
             assert not waiting.done()
+            assert runner.stats().submitted == 3  # it waits for room, not yet admitted
             gate.open()
             await asyncio.gather(first, *queued, waiting)
             assert runner.stats().completed == 4

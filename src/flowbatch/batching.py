@@ -8,22 +8,42 @@ while the items its last batch answered are on their way back waits for
 them, briefly, instead of running a near-empty batch. ``cost``/``max_cost``
 bound a batch by a budget such as tokens and group items of similar cost so
 that padding is small.
+
+The dispatch policy (hold a batch open, linger, fair share, the service-time
+estimate) is written here as pure functions of counts and times, so that the
+worker loops (workers.py) only wait, and tests can check each decision
+without running a stage.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["DEFAULT_MAX_SIZE", "LINGER_GAP", "LINGER_SHARE", "Batch", "pick_batch"]
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "LINGER_GAP",
+    "LINGER_SHARE",
+    "SERVICE_TIME_WEIGHT",
+    "Batch",
+    "fair_share",
+    "holds_open",
+    "linger_bound",
+    "linger_target",
+    "next_service_time",
+    "pick_batch",
+]
 
 DEFAULT_MAX_SIZE = 32
 #: The automatic linger: this share of the stage's recent batch service time.
 LINGER_SHARE = 0.1
 #: A lingering worker dispatches once no item has arrived for this share of its linger.
 LINGER_GAP = 0.25
+
+#: The weight of the newest sample in the moving average of batch service time.
+SERVICE_TIME_WEIGHT = 0.2
 
 # How far past the oldest item the cost-aware picker looks for similar items.
 _LOOKAHEAD_FACTOR = 4
@@ -74,6 +94,53 @@ class Batch:
             raise ValueError(f"Batch.cost must be callable, got {self.cost!r}")
         if self.max_cost is not None and self.max_cost <= 0:
             raise ValueError(f"Batch.max_cost must be > 0, got {self.max_cost!r}")
+
+
+# ------------------------------------------------------------- dispatch policy
+
+
+def holds_open(options: Batch, waiting: int) -> bool:
+    """Whether a free worker keeps a batch of ``waiting`` items open for ``max_wait``."""
+    return options.max_wait > 0 and waiting < options.max_size
+
+
+def linger_target(options: Batch, waiting: int, last: int) -> int:
+    """How many items a free worker lingers for; 0: dispatch what waits now.
+
+    ``last`` is the size of the worker's previous batch (the callers it just
+    answered). A worker lingers only under load (its previous batch held more
+    than what waits now), never when ``max_wait`` rules, and never with
+    ``linger=0``: a lone request pays no delay.
+    """
+    if options.max_wait > 0 or options.linger == 0 or waiting >= last:
+        return 0
+    return min(last, options.max_size)
+
+
+def linger_bound(options: Batch, service_time: float) -> float:
+    """The most seconds a worker lingers: ``linger``, or a share of the service time."""
+    return options.linger if options.linger is not None else LINGER_SHARE * service_time
+
+
+def fair_share(waiting: int, holding: Sequence[int]) -> int | None:
+    """The most items one free worker takes: its share of what waits plus
+    what the other workers hold (None with a single worker: no cap).
+
+    A burst then keeps every replica busy with batches of similar size:
+    taking everything would let one replica run huge batches while another
+    cycles through tiny ones, the worst of both on a model's cost curve.
+    """
+    workers = len(holding)
+    if workers <= 1:
+        return None
+    return -(-(waiting + sum(holding)) // workers)
+
+
+def next_service_time(estimate: float, sample: float) -> float:
+    """The moving average of batch service time after one more ``sample``."""
+    if not estimate:
+        return sample
+    return estimate + SERVICE_TIME_WEIGHT * (sample - estimate)
 
 
 class _Costed(Protocol):

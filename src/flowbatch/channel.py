@@ -1,8 +1,8 @@
 """A bounded FIFO between two stages, built for handing items on in bulk.
 
 Unlike :class:`asyncio.Queue`, a consumer that finds items waiting takes
-them straight from the deque (``items.popleft()``) without a future or a
-scheduler round trip; it only parks when the channel is empty. So a stage
+them at once (``get_nowait()``, or a whole batch with ``take()``) without a
+future or a scheduler round trip; it only parks when the channel is empty. So a stage
 that wakes up once drains the whole backlog in one go (items move between
 stages in chunks when a backlog exists), while a lone item still moves at
 once. Sizing: the bound is the backlog a stage may build before its
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["Channel", "ChannelClosed"]
@@ -28,26 +29,30 @@ class ChannelClosed(Exception):
 class Channel(Generic[T]):
     """Bounded FIFO with bulk-friendly access; runs on one event loop only."""
 
-    __slots__ = ("_closed", "getters", "items", "maxsize", "putters")
+    __slots__ = ("_closed", "_getters", "_items", "_putters", "maxsize")
 
     def __init__(self, maxsize: int) -> None:
         if maxsize < 1:
             raise ValueError(f"channel size must be >= 1, got {maxsize}")
         self.maxsize = maxsize
-        self.items: deque[T] = deque()
-        self.getters: deque[asyncio.Future[None]] = deque()
-        self.putters: deque[asyncio.Future[None]] = deque()
+        self._items: deque[T] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._putters: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        """The waiting items, oldest first (do not put or take while iterating)."""
+        return iter(self._items)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def full(self) -> bool:
-        return len(self.items) >= self.maxsize
+        return len(self._items) >= self.maxsize
 
     # -- producing ---------------------------------------------------------
 
@@ -55,77 +60,97 @@ class Channel(Generic[T]):
         """Append if there is room; return False when full."""
         if self._closed:
             raise ChannelClosed
-        if len(self.items) >= self.maxsize:
+        if len(self._items) >= self.maxsize:
             return False
-        self.items.append(item)
-        if self.getters:
-            self._wake(self.getters)
+        self._items.append(item)
+        if self._getters:
+            self._wake(self._getters)
         return True
 
     def put_force(self, item: T) -> None:
         """Append even past the bound (retries re-entering their own stage)."""
-        self.items.append(item)
-        if self.getters:
-            self._wake(self.getters)
+        self._items.append(item)
+        if self._getters:
+            self._wake(self._getters)
 
     async def put(self, item: T) -> None:
         """Append, waiting while the channel is full."""
-        while len(self.items) >= self.maxsize:
+        while len(self._items) >= self.maxsize:
             if self._closed:
                 raise ChannelClosed
-            await self._park(self.putters)
+            await self._park(self._putters)
         if self._closed:
             raise ChannelClosed
-        self.items.append(item)
-        if self.getters:
-            self._wake(self.getters)
+        self._items.append(item)
+        if self._getters:
+            self._wake(self._getters)
 
     # -- consuming ---------------------------------------------------------
 
+    def get_nowait(self) -> T | None:
+        """The oldest item, or None when the channel is empty."""
+        items = self._items
+        if not items:
+            return None
+        item = items.popleft()
+        if self._putters:
+            self._taken()
+        return item
+
+    def take(self, pick: Callable[[deque[T]], list[T]]) -> list[T]:
+        """Remove the items ``pick`` chooses (it pops them from the deque it is given).
+
+        ``pick`` is a batch picker such as :func:`flowbatch.batching.pick_batch`;
+        items it looks at but leaves must stay in the deque, in order. Producers
+        waiting for room, and another consumer if items remain, are woken.
+        """
+        taken = pick(self._items)
+        if self._putters:
+            self._taken()
+        if self._items and self._getters:
+            self._wake(self._getters)
+        return taken
+
     async def wait_nonempty(self) -> bool:
         """Wait for an item; False once the channel is closed and empty."""
-        while not self.items:
+        while not self._items:
             if self._closed:
                 return False
-            await self._park(self.getters)
+            await self._park(self._getters)
         return True
 
     async def wait_put(self) -> None:
         """Wait for the next put (or a :meth:`poke`, or close)."""
         if self._closed:
             return
-        await self._park(self.getters)
+        await self._park(self._getters)
         # Other consumers may be waiting too: pass the wake-up on.
-        if self.getters and self.items:
-            self._wake(self.getters)
+        if self._getters and self._items:
+            self._wake(self._getters)
 
     def poke(self) -> None:
         """Wake every waiting consumer so it re-checks its condition."""
-        while self.getters:
-            self._wake(self.getters)
+        while self._getters:
+            self._wake(self._getters)
 
-    def taken(self) -> None:
+    def _taken(self) -> None:
         """Tell waiting producers that items were removed."""
-        if self.putters:
-            room = self.maxsize - len(self.items)
-            while room > 0 and self.putters:
-                if self._wake(self.putters):
+        if self._putters:
+            room = self.maxsize - len(self._items)
+            while room > 0 and self._putters:
+                if self._wake(self._putters):
                     room -= 1
 
     def close(self) -> None:
         """No more puts; wake everybody so that consumers can finish."""
         self._closed = True
-        for waiters in (self.getters, self.putters):
+        for waiters in (self._getters, self._putters):
             while waiters:
                 fut = waiters.popleft()
                 if not fut.done():
                     fut.set_result(None)
 
     # -- internals -----------------------------------------------------------
-
-    def wake_getter(self) -> None:
-        """Wake one waiting consumer (after appending to ``items`` directly)."""
-        self._wake(self.getters)
 
     @staticmethod
     def _wake(waiters: deque[asyncio.Future[None]]) -> bool:

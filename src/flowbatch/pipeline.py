@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from typing import Any
 
 from .errors import PipelineError
@@ -78,6 +78,8 @@ class Pipeline:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         window: int | None = None,
         hooks: Hooks | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> Runner:
         """Start the pipeline: ``async with pipe.open() as runner``.
 
@@ -86,9 +88,10 @@ class Pipeline:
         ``submit_nowait`` raises ``Overloaded``, when the first one is full.
         ``window`` bounds how many items one ``map`` keeps in flight.
         ``hooks`` (a :class:`flowbatch.hooks.Hooks`) sees every item and
-        call, for tracing.
+        call, for tracing. ``clock`` (for tests) replaces ``time.perf_counter``
+        as the clock the runner measures with; see :class:`Runner`.
         """
-        return Runner(self, queue_size=queue_size, window=window, hooks=hooks)
+        return Runner(self, queue_size=queue_size, window=window, hooks=hooks, clock=clock)
 
     def run(
         self,

@@ -1,0 +1,303 @@
+"""The ledger: the one place that admits items and records how each one ends.
+
+Every item that enters a runner is counted here once (``admitted``, or
+``priced`` when the first stage's cost function fails it on the way in), and
+leaves through exactly one of ``resolve`` (its caller gets a value or an
+error) or ``cancel_root`` (its caller went away). Worker loops report what
+happens to each envelope: passed on (``deliver``), dropped because its
+caller is gone (``drop_abandoned``) or its deadline passed
+(``drop_expired``), failed (``fail``), or failed with another attempt to
+come (``retry_or_fail``).
+
+Invariant behind "nothing lost": ``live`` counts envelopes inside the engine
+(in a channel, in a call, or waiting for a retry). Every path that removes
+one calls :meth:`Ledger.retire`; a drain waits on :meth:`Ledger.wait_settled`
+for ``live`` (and callers still waiting for room) to reach zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .errors import DeadlineExceeded, ItemFailed, PipelineClosed
+from .executors import Unpicklable
+from .hooks import Hooks, call_hook
+from .metrics import Histogram
+
+if TYPE_CHECKING:
+    from .envelope import Item
+    from .stagerun import StageRun
+
+__all__ = ["Ledger"]
+
+log = logging.getLogger("flowbatch")
+
+#: Schedules ``callback`` after ``delay`` seconds (``loop.call_later``'s shape).
+Scheduler = Callable[[float, Callable[[], None]], asyncio.TimerHandle]
+
+
+class Ledger:
+    """Admission and outcomes of one runner's items, and their counts."""
+
+    def __init__(self, name: str, hooks: Hooks | None, clock: Callable[[], float]) -> None:
+        self.name = name
+        self.hooks = hooks
+        self.clock = clock
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.call_later: Scheduler | None = None
+        self.live = 0  # envelopes inside the engine
+        self.admitting = 0  # callers waiting for room in the first queue
+        self.roots: set[Item] = set()  # admitted items not yet resolved
+        self.timers: set[asyncio.TimerHandle] = set()
+        self.submitted = 0
+        self.completed = 0
+        self.failed = 0
+        self.expired = 0
+        self.cancelled = 0
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.latency = Histogram()
+        self._ids = 0
+        self._settled: asyncio.Future[None] | None = None
+
+    def bind(
+        self, loop: asyncio.AbstractEventLoop, call_later: Scheduler | None = None
+    ) -> None:
+        """Attach to the runner's event loop; ``call_later`` schedules retries."""
+        self.loop = loop
+        self.call_later = call_later if call_later is not None else loop.call_later
+
+    # ------------------------------------------------------------ admission
+
+    def _register(self, root: Item) -> None:
+        self._ids += 1
+        root.id = self._ids
+        if self.hooks is not None:
+            root.trace = call_hook(self.hooks.admitted, root)
+        self.submitted += 1
+        if not self.t_first:
+            self.t_first = root.t0
+
+    def priced(self, first: StageRun, root: Item) -> bool:
+        """Compute ``root``'s cost for the first (batched) stage before it is
+        queued. A failing cost function fails this item alone: it is counted
+        as submitted and failed, its caller gets ``ItemFailed``, and this
+        returns False."""
+        assert first.cost is not None
+        try:
+            root.cost = float(first.cost(root.value))
+        except Exception as exc:
+            self._register(root)
+            self.resolve(root, None, ItemFailed(first.name, 1, exc))
+            return False
+        return True
+
+    def admitted(self, root: Item) -> None:
+        """``root`` was just put in the first queue: count it as inside the engine."""
+        # _register written out: this runs once per item.
+        self._ids += 1
+        root.id = self._ids
+        if self.hooks is not None:
+            root.trace = call_hook(self.hooks.admitted, root)
+        self.submitted += 1
+        if not self.t_first:
+            self.t_first = root.t0
+        self.live += 1
+        self.roots.add(root)
+
+    def arm(self, root: Item, fut: asyncio.Future[Any], timeout: float | None) -> None:
+        """Attach the deadline timer and cancellation to a submitted item's future."""
+        loop = self.loop
+        assert loop is not None
+        if root.deadline is not None and not root.done:
+            handle = loop.call_at(root.deadline, self.deadline_passed, root, timeout)
+            self.timers.add(handle)
+
+            def disarm(_: asyncio.Future[Any]) -> None:
+                handle.cancel()
+                self.timers.discard(handle)
+
+            fut.add_done_callback(disarm)
+        fut.add_done_callback(lambda f: self.cancel_root(root) if f.cancelled() else None)
+
+    def deadline_passed(self, root: Item, timeout: float | None) -> None:
+        """``root``'s timer fired: its caller gets ``DeadlineExceeded`` now."""
+        self.resolve(
+            root, None, DeadlineExceeded(f"item did not finish within its timeout of {timeout}s")
+        )
+
+    def cancel_root(self, root: Item) -> None:
+        """``root``'s caller went away: its pieces are dropped at the next stage."""
+        if not root.done:
+            root.done = True
+            self.cancelled += 1
+            self.roots.discard(root)
+            if self.hooks is not None:
+                call_hook(self.hooks.resolved, root, asyncio.CancelledError())
+
+    # -------------------------------------------------------------- outcome
+
+    def resolve(self, root: Item, value: Any, exc: BaseException | None) -> None:
+        """Give ``root``'s caller its answer (once; later answers are ignored)."""
+        if root.done:
+            return
+        root.done = True
+        self.roots.discard(root)
+        if exc is None:
+            self.completed += 1
+            now = self.clock()
+            self.t_last = now
+            self.latency.buf.append(now - root.t0)
+        elif isinstance(exc, DeadlineExceeded):
+            self.expired += 1
+        else:
+            self.failed += 1
+        if self.hooks is not None:
+            call_hook(self.hooks.resolved, root, exc)
+        assert root.sink is not None
+        root.sink(root, value, exc)
+
+    def deliver(self, item: Item, value: Any) -> None:
+        """``item`` has its final value: hand it to its parent or caller."""
+        while True:
+            parent = item.parent
+            if parent is None:
+                self.resolve(item, value, None)
+                return
+            results = parent.results
+            assert results is not None
+            results[item.index] = value
+            parent.pending -= 1
+            if parent.pending:
+                return
+            item, value = parent, results
+
+    def finish(self, item: Item, value: Any) -> None:
+        """``item`` passed the last stage with ``value``: it leaves the engine."""
+        self.live -= 1
+        if not self.live and self._settled is not None:
+            self.check_settled()
+        self.deliver(item, value)
+
+    def retire(self, n: int = 1) -> None:
+        """``n`` envelopes left the engine."""
+        self.live -= n
+        if not self.live and self._settled is not None:
+            self.check_settled()
+
+    def drop_abandoned(self, sr: StageRun, item: Item) -> None:
+        """``item``'s caller is gone (cancelled, or a sibling failed): skip it."""
+        sr.metrics.dropped += 1
+        self.retire()
+
+    def drop_expired(self, sr: StageRun, item: Item) -> None:
+        """``item``'s deadline passed before ``sr``: fail its caller, skip the work."""
+        self.resolve(
+            item.root,
+            None,
+            DeadlineExceeded(f"item's deadline passed before stage {sr.name!r}"),
+        )
+        sr.metrics.expired += 1
+        self.retire()
+
+    def fail(self, sr: StageRun, item: Item, exc: BaseException) -> None:
+        """``item`` failed in ``sr`` for good."""
+        sr.metrics.failed += 1
+        err = exc if isinstance(exc, ItemFailed) else ItemFailed(sr.name, item.attempt, exc)
+        if not item.root.done and not isinstance(exc, PipelineClosed):
+            # INFO, not WARNING: the caller gets this error; a front end
+            # decides whether it is worth a warning (a client's bad input is not).
+            log.info(
+                "item %s failed in stage %r (attempt %d): %s: %s",
+                item.id,
+                sr.name,
+                item.attempt,
+                type(exc).__name__,
+                exc,
+                extra=self.log_fields(sr, item),
+            )
+        self.resolve(item.root, None, err)
+        self.retire()
+
+    def will_retry(self, sr: StageRun, item: Item, exc: BaseException) -> bool:
+        """Whether ``item``, which failed ``sr`` with ``exc``, gets another attempt."""
+        return (
+            not item.root.done
+            and not isinstance(exc, Unpicklable)
+            and sr.retry.should_retry(exc, item.attempt)
+        )
+
+    def retry_or_fail(self, sr: StageRun, item: Item, exc: BaseException) -> None:
+        """A call failed for ``item``: queue it again after the backoff, or fail it."""
+        if not self.will_retry(sr, item, exc):
+            self.fail(sr, item, exc)
+            return
+        sr.metrics.retried += 1
+        delay = sr.retry.delay(item.attempt)
+        log.debug(
+            "item %s will retry stage %r in %.3fs (attempt %d failed: %s: %s)",
+            item.id,
+            sr.name,
+            delay,
+            item.attempt,
+            type(exc).__name__,
+            exc,
+            extra=self.log_fields(sr, item),
+        )
+        item.attempt += 1
+        if delay <= 0:
+            sr.inq.put_force(item)
+            return
+        assert self.call_later is not None
+        handle: asyncio.TimerHandle | None = None
+
+        def again() -> None:
+            self.timers.discard(handle)
+            item.t_enq = self.clock()
+            sr.inq.put_force(item)
+
+        handle = self.call_later(delay, again)
+        self.timers.add(handle)
+
+    def priced_for(self, sr: StageRun, item: Item) -> bool:
+        """Compute ``item``'s cost for batched stage ``sr``; False: it failed there."""
+        assert sr.cost is not None
+        try:
+            item.cost = float(sr.cost(item.value))
+        except Exception as exc:
+            self.fail(sr, item, exc)
+            return False
+        return True
+
+    def fail_all(self, err: BaseException) -> None:
+        """Answer every admitted item's caller with ``err`` (the runner stops)."""
+        for root in list(self.roots):
+            self.resolve(root, None, err)
+
+    def log_fields(self, sr: StageRun, item: Item) -> dict[str, Any]:
+        """The record attributes every engine log line about an item carries."""
+        return {"pipeline": self.name, "stage": sr.name, "item": item.id, "attempt": item.attempt}
+
+    # ------------------------------------------------------------- settling
+
+    def wait_settled(self) -> asyncio.Future[None]:
+        """A future done once no item is inside the engine or waiting for room."""
+        if self._settled is None:
+            assert self.loop is not None
+            self._settled = self.loop.create_future()
+        self.check_settled()
+        return self._settled
+
+    def check_settled(self) -> None:
+        """Resolve :meth:`wait_settled`'s future if nothing is left."""
+        fut = self._settled
+        if fut is not None and not self.live and not self.admitting and not fut.done():
+            fut.set_result(None)
+
+    def cancel_timers(self) -> None:
+        for handle in self.timers:
+            handle.cancel()
+        self.timers.clear()

@@ -1,0 +1,96 @@
+"""A stage as it runs: its input channel, executor, metrics and successor.
+
+The runner builds one :class:`StageRun` per stage when it opens; the worker
+loops (workers.py) and the ledger (ledger.py) read it. It holds no policy:
+what to do with an item is theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .batching import next_service_time
+from .channel import Channel
+from .envelope import Item
+from .executors import Executor, make_executor, materialize, materialize_each
+from .metrics import StageMetrics
+
+if TYPE_CHECKING:
+    from .hooks import Hooks
+    from .stage import Stage
+
+__all__ = ["StageRun"]
+
+
+class StageRun:
+    """A stage at run time: its channel, executor, metrics and successor."""
+
+    __slots__ = (
+        "batch",
+        "call",
+        "cost",
+        "direct",
+        "executor",
+        "fan_out",
+        "inq",
+        "metrics",
+        "name",
+        "next",
+        "retry",
+        "service_time",
+        "spec",
+    )
+
+    def __init__(self, spec: Stage, queue_size: int, hooks: Hooks | None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.batch = spec.batch
+        self.retry = spec.retry
+        self.fan_out = spec.fan_out
+        self.cost = spec.batch.cost if spec.batch is not None else None
+        # Recent batch service time (seconds, moving average): sizes the linger.
+        self.service_time = 0.0
+        size = queue_size
+        if spec.batch is not None:
+            # Room for every worker's next full batch, so batches can fill.
+            size = max(size, 2 * spec.batch.max_size * spec.concurrency)
+        self.inq: Channel[Item] = Channel(size)
+        self.metrics = StageMetrics(
+            spec.name,
+            spec.executor,
+            spec.concurrency,
+            spec.batch.max_size if spec.batch is not None else 0,
+        )
+        self.next: StageRun | None = None
+        post: Callable[[Any], Any] | None = None
+        if spec.fan_out and spec.executor != "async":
+            post = materialize_each if spec.batch is not None else materialize
+        self.executor: Executor = make_executor(
+            spec.executor,
+            spec.fn,
+            spec.concurrency,
+            spec.name,
+            post=post,
+            activate=hooks.activate if hooks is not None else None,
+        )
+        timeout = spec.timeout
+        # An async function without a timeout is awaited as is: no wrapper.
+        self.direct = (
+            spec.executor == "async"
+            and timeout is None
+            and not getattr(self.executor, "_agen", False)
+        )
+        if self.direct and hooks is None:
+            self.call: Callable[[Any], Any] = spec.fn
+        else:
+            ex = self.executor
+
+            def call(arg: Any) -> Any:
+                return ex.call(arg, timeout)
+
+            self.call = call
+
+    def measured(self, seconds: float) -> None:
+        """A batch call took ``seconds``: update the service-time estimate."""
+        self.service_time = next_service_time(self.service_time, seconds)

@@ -1,0 +1,426 @@
+"""The stage worker loops: take items from a stage's queue, call, pass results on.
+
+Each stage has ``concurrency`` worker tasks ("slots"), owned by the runner's
+task group. An unbatched slot takes one item per call (:meth:`Workers.run_single`);
+a batched slot takes what waits, up to the batch's limits, after the
+dispatch policy of batching.py says whether to hold the batch open or
+linger (:meth:`Workers.run_batched`). A call's result moves on through
+:meth:`Workers.pass_on` (or :meth:`Workers.fan_out`); every outcome is
+reported to the ledger.
+
+A failing batch is split in halves to find the item that breaks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from types import CoroutineType
+from typing import Any
+
+from .batching import (
+    LINGER_GAP,
+    fair_share,
+    holds_open,
+    linger_bound,
+    linger_target,
+    pick_batch,
+)
+from .envelope import Item
+from .errors import BatchContractError, DeadlineExceeded, PipelineClosed
+from .executors import CallTimedOut, materialize
+from .hooks import Hooks, call_hook
+from .ledger import Ledger
+from .stagerun import StageRun
+
+__all__ = ["Workers", "check_batch", "returned_coroutine"]
+
+log = logging.getLogger("flowbatch")
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _describe(x: Any) -> str:
+    try:
+        return f"{type(x).__name__} of length {len(x)}"
+    except TypeError:
+        return type(x).__name__
+
+
+def returned_coroutine(sr: StageRun, coro: Any) -> TypeError:
+    """The error of a stage call that returned a coroutine instead of a result."""
+    name = getattr(coro, "__qualname__", type(coro).__name__)
+    with contextlib.suppress(Exception):
+        coro.close()  # never awaited: close it rather than leave a warning behind
+    return TypeError(
+        f"stage {sr.name!r} returned a coroutine ({name}) instead of a result: "
+        "an 'await' is missing, or an async function is hidden behind a plain "
+        "function; make the stage itself 'async def' (it then runs on the event loop)"
+    )
+
+
+def check_batch(sr: StageRun, outs: Any, n: int) -> list[Any] | BatchContractError:
+    """The results of a batch call as a list of ``n``, or the broken contract."""
+    if isinstance(outs, list):
+        results = outs
+    elif isinstance(outs, str | bytes | Mapping) or not hasattr(outs, "__len__"):
+        results = None
+    else:
+        try:
+            results = list(outs)
+        except TypeError:
+            results = None
+    if results is None or len(results) != n:
+        got = _describe(outs) if results is None else f"{len(results)} results"
+        return BatchContractError(
+            f"batched stage {sr.name!r} returned {got} for a batch of {n} items; "
+            "it must return a list with one result per input, in order"
+        )
+    return results
+
+
+class Workers:
+    """The worker loops of one runner's stages.
+
+    ``flushing`` is set when a drain begins: from then on no batch is held
+    open or lingered on.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        ledger: Ledger,
+        hooks: Hooks | None,
+        loop: asyncio.AbstractEventLoop,
+        clock: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.ledger = ledger
+        self.hooks = hooks
+        self.loop = loop
+        self.clock = clock
+        self.flushing = False
+
+    def run(self, sr: StageRun, slot: int) -> Coroutine[Any, Any, None]:
+        """The loop of worker ``slot`` of stage ``sr``."""
+        if sr.batch is not None:
+            return self.run_batched(sr, slot)
+        return self.run_single(sr, slot)
+
+    def flush(self, stages: list[StageRun]) -> None:
+        """A drain began: batches held open or lingering go now."""
+        self.flushing = True
+        for sr in stages:
+            sr.inq.poke()
+
+    # ------------------------------------------------------------ passing on
+
+    def pass_on(self, sr: StageRun, item: Item, out: Any, now: float) -> bool:
+        """``item`` passed ``sr`` (not a fan-out stage) with result ``out``: move it on.
+
+        Returns False when the next stage's queue is full; the caller then
+        awaits ``sr.next.inq.put(item)``. (Written as a plain function so that
+        the hot path pays no coroutine when there is room.)
+        """
+        nxt = sr.next
+        if nxt is None:
+            self.ledger.finish(item, out)
+            return True
+        item.value = out
+        item.attempt = 1
+        item.t_enq = now
+        if nxt.cost is not None and not self.ledger.priced_for(nxt, item):
+            return True
+        return nxt.inq.put_nowait(item)
+
+    async def fan_out(self, sr: StageRun, item: Item, out: Any, now: float) -> None:
+        """``item`` passed fan-out stage ``sr``: its children move on in its place."""
+        ledger = self.ledger
+        try:
+            children = out if isinstance(out, list) else materialize(out)
+        except Exception as exc:
+            sr.metrics.done -= 1
+            ledger.fail(sr, item, exc)
+            return
+        n = len(children)
+        if n == 0:
+            ledger.retire()
+            ledger.deliver(item, [])
+            return
+        item.results = [None] * n
+        item.pending = n
+        ledger.live += n - 1  # the parent is replaced by its children
+        nxt = sr.next
+        root = item.root
+        for i, value in enumerate(children):
+            if root.done:
+                ledger.retire(n - i)  # the caller is gone: make no more children
+                return
+            child = item.child(value, i, now)
+            if nxt is None:
+                ledger.retire()
+                ledger.deliver(child, value)
+            elif nxt.cost is None or ledger.priced_for(nxt, child):
+                if not nxt.inq.put_nowait(child):
+                    await nxt.inq.put(child)
+
+    async def _moved_on(self, sr: StageRun, item: Item, out: Any, now: float) -> None:
+        if sr.fan_out:
+            await self.fan_out(sr, item, out, now)
+        elif not self.pass_on(sr, item, out, now):
+            assert sr.next is not None
+            await sr.next.inq.put(item)
+
+    # --------------------------------------------------------------- calling
+
+    async def call_hooked(self, sr: StageRun, items: list[Item], arg: Any, batch: bool) -> Any:
+        """A stage call wrapped in the hooks' started / carrier / ended.
+
+        The hook calls are written out (not through ``call_hook``) because
+        this runs once per stage call; a hook's own error is logged, never
+        raised into the item.
+        """
+        hooks = self.hooks
+        assert hooks is not None
+        state = carrier = None
+        try:
+            state = hooks.started(sr, items, batch)
+            carrier = hooks.carrier(state)
+        except Exception:
+            log.exception("flowbatch hook failed before stage %r", sr.name)
+        try:
+            if carrier is None and sr.direct:
+                out = await sr.spec.fn(arg)
+            else:
+                out = await sr.executor.call(arg, sr.spec.timeout, carrier)
+        except BaseException as exc:
+            call_hook(hooks.ended, state, exc, None)
+            raise
+        errors = None
+        if batch and isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
+            errors = [x if isinstance(x, BaseException) else None for x in out]
+        try:
+            hooks.ended(state, None, errors)
+        except Exception:
+            log.exception("flowbatch hook failed after stage %r", sr.name)
+        return out
+
+    # ------------------------------------------------------------ unbatched
+
+    async def run_single(self, sr: StageRun, slot: int) -> None:
+        """One worker slot of an unbatched stage: one item per call.
+
+        The engine's hot path: a slot that finds a backlog runs through it
+        without suspending except inside the stage function or when the next
+        queue is full.
+        """
+        ch = sr.inq
+        get = ch.get_nowait
+        m = sr.metrics
+        running = m.running
+        holding = m.holding
+        served = m.service.buf.append
+        waited = m.wait.buf.append
+        call = sr.call
+        fan_out = sr.fan_out
+        pass_on = self.pass_on
+        ledger = self.ledger
+        hooks = self.hooks
+        clock = self.clock
+        time = self.loop.time
+        while True:
+            item = get()
+            if item is None:
+                if not await ch.wait_nonempty():
+                    return
+                continue
+            root = item.root
+            if root.done:
+                ledger.drop_abandoned(sr, item)
+                continue
+            if root.deadline is not None and time() >= root.deadline:
+                ledger.drop_expired(sr, item)
+                continue
+            t0 = clock()
+            running[slot] = t0
+            holding[slot] = 1
+            try:
+                if hooks is None:
+                    out = await call(item.value)
+                else:
+                    out = await self.call_hooked(sr, [item], item.value, False)
+            except BaseException as exc:
+                m.served(slot, t0, clock())
+                waited(t0 - item.t_enq)
+                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                    ledger.fail(sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped"))
+                    raise
+                ledger.retry_or_fail(sr, item, exc)
+                if isinstance(exc, CallTimedOut) and exc.pending is not None:
+                    await asyncio.wait([exc.pending])
+                continue
+            t1 = clock()
+            running[slot] = 0.0
+            holding[slot] = 0
+            served(t1 - t0)
+            waited(t0 - item.t_enq)
+            if out.__class__ is CoroutineType:
+                ledger.fail(sr, item, returned_coroutine(sr, out))
+                continue
+            m.done += 1
+            if fan_out:
+                await self.fan_out(sr, item, out, t1)
+            elif not pass_on(sr, item, out, t1):
+                await sr.next.inq.put(item)  # type: ignore[union-attr]
+
+    # --------------------------------------------------------------- batched
+
+    async def run_batched(self, sr: StageRun, slot: int) -> None:
+        """One worker slot of a batched stage: takes what is waiting, up to the limit."""
+        ch = sr.inq
+        opts = sr.batch
+        assert opts is not None
+        holding = sr.metrics.holding
+        ledger = self.ledger
+        time = self.loop.time
+        last = 1  # this worker's previous batch: how many callers it just answered
+        while True:
+            if not len(ch):
+                if not await ch.wait_nonempty():
+                    return
+            if not self.flushing:
+                if holds_open(opts, len(ch)):
+                    await self._hold_open(sr)
+                    if not len(ch):
+                        continue
+                else:
+                    want = linger_target(opts, len(ch), last)
+                    if want:
+                        await self._linger(sr, want)
+                        if not len(ch):
+                            continue
+            share = fair_share(len(ch), holding)
+            picked = ch.take(functools.partial(pick_batch, options=opts, limit=share))
+            batch: list[Item] = []
+            now = time()
+            for item in picked:
+                root = item.root
+                if root.done:
+                    ledger.drop_abandoned(sr, item)
+                elif root.deadline is not None and now >= root.deadline:
+                    ledger.drop_expired(sr, item)
+                else:
+                    batch.append(item)
+            if batch:
+                last = len(batch)
+                await self.run_batch(sr, slot, batch, first=True)
+                # Let the callers answered by this batch run (and submit their
+                # next items) before this worker forms its next batch; else a
+                # closed loop of callers sees a run of tiny batches.
+                await asyncio.sleep(0)
+
+    async def _hold_open(self, sr: StageRun) -> None:
+        """Keep a non-full batch open for up to ``max_wait``; a drain ends it at once."""
+        opts = sr.batch
+        assert opts is not None
+        ch = sr.inq
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(opts.max_wait):
+                while len(ch) < opts.max_size and not self.flushing:
+                    await ch.wait_put()
+
+    async def _linger(self, sr: StageRun, want: int) -> None:
+        """Under load: wait (briefly) for ``want`` items before taking a batch.
+
+        The callers a batch answered usually send their next item at once, so
+        they arrive in a burst just after the worker comes free; taking the
+        one or two already waiting would run a near-empty batch (as costly as
+        a full one on most models) while the burst waits behind it. Returns
+        once ``want`` items wait, once no item has come for a gap, after the
+        linger's bound, or when a drain begins.
+        """
+        opts = sr.batch
+        assert opts is not None
+        bound = linger_bound(opts, sr.service_time)
+        if bound <= 0:
+            return
+        time = self.loop.time
+        ch = sr.inq
+        gap = bound * LINGER_GAP
+        end = time() + bound
+        while len(ch) < want and not self.flushing:
+            left = end - time()
+            if left <= 0:
+                return
+            try:
+                async with asyncio.timeout(min(gap, left)):
+                    await ch.wait_put()
+            except TimeoutError:
+                return  # nothing came for a gap: the burst is over
+
+    async def run_batch(self, sr: StageRun, slot: int, batch: list[Item], first: bool) -> None:
+        """Call the stage on ``batch``; pass each result on or report its error."""
+        m = sr.metrics
+        ledger = self.ledger
+        clock = self.clock
+        n = len(batch)
+        t0 = clock()
+        if first:
+            waited = m.wait.buf.append
+            for item in batch:
+                waited(t0 - item.t_enq)
+        m.batch(n, [item.cost for item in batch] if sr.cost is not None else None)
+        m.running[slot] = t0
+        m.holding[slot] = n
+        try:
+            values = [item.value for item in batch]
+            if self.hooks is None:
+                outs = await sr.call(values)
+            else:
+                outs = await self.call_hooked(sr, batch, values, True)
+        except BaseException as exc:
+            m.served(slot, t0, clock())
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                err = PipelineClosed(f"pipeline {self.name!r} was stopped")
+                for item in batch:
+                    ledger.fail(sr, item, err)
+                raise
+            if isinstance(exc, CallTimedOut) and exc.pending is not None:
+                await asyncio.wait([exc.pending])
+            await self._batch_failed(sr, slot, batch, exc)
+            return
+        t1 = clock()
+        m.served(slot, t0, t1)
+        sr.measured(t1 - t0)
+        results = check_batch(sr, outs, n)
+        if isinstance(results, BatchContractError):
+            for item in batch:
+                ledger.fail(sr, item, results)
+            return
+        for item, out in zip(batch, results, strict=True):
+            if isinstance(out, Exception):
+                ledger.retry_or_fail(sr, item, out)
+            elif out.__class__ is CoroutineType:
+                ledger.fail(sr, item, returned_coroutine(sr, out))
+            else:
+                m.done += 1
+                await self._moved_on(sr, item, out, t1)
+
+    async def _batch_failed(
+        self, sr: StageRun, slot: int, batch: list[Item], exc: BaseException
+    ) -> None:
+        """A batch call raised ``exc``: split it to find the item that breaks it."""
+        n = len(batch)
+        if n > 1 and not isinstance(exc, PipelineClosed | DeadlineExceeded):
+            half = n // 2
+            await self.run_batch(sr, slot, batch[:half], first=False)
+            await self.run_batch(sr, slot, batch[half:], first=False)
+            return
+        for item in batch:
+            self.ledger.retry_or_fail(sr, item, exc)
