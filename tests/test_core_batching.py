@@ -193,6 +193,80 @@ def test_a_raising_batch_is_split_to_find_the_bad_item() -> None:
     assert [13] in rec.batches
 
 
+class Outage:
+    """A batched model that fails its first ``outage`` calls with ``error``,
+    and any batch holding ``poison`` with a ValueError."""
+
+    def __init__(self, error: BaseException | None = None, outage: int = 0, poison: Any = None):
+        self.calls: list[list[int]] = []
+        self.error = error
+        self.outage = outage
+        self.poison = poison
+
+    def __call__(self, xs: list[int]) -> list[int]:
+        self.calls.append(list(xs))
+        if len(self.calls) <= self.outage:
+            assert self.error is not None
+            raise self.error
+        if self.poison is not None and self.poison in xs:
+            raise ValueError(f"cannot handle {self.poison!r}")
+        return [x * 10 for x in xs]
+
+
+def _run_eight(model: Outage, retry: fb.Retry, **batch: Any) -> list[Any]:
+    # map admits all 8 before the idle worker runs: its first batch holds all 8.
+    opts = fb.Batch(max_size=8, **batch)
+    pipe = fb.Pipeline([fb.stage(model, name="m", batch=opts, retry=retry)])
+    return pipe.run(range(8), progress=False, return_exceptions=True)
+
+
+def test_a_batch_failing_with_a_retried_error_is_retried_whole_not_split() -> None:
+    model = Outage(ConnectionError("model server: 503"), outage=2)
+    net = fb.Retry(attempts=3, backoff=0.001, on=(ConnectionError,))
+    assert _run_eight(model, net) == [x * 10 for x in range(8)]
+    assert model.calls == [list(range(8))] * 3
+
+
+def test_a_batch_failing_with_an_error_not_retried_is_still_split() -> None:
+    model = Outage(poison=5)
+    net = fb.Retry(attempts=3, backoff=0, on=(ConnectionError,))
+    out = _run_eight(model, net)
+    for i, r in enumerate(out):
+        if i == 5:
+            assert isinstance(r, fb.ItemFailed) and r.attempts == 1
+        else:
+            assert r == i * 10
+    assert model.calls[0] == list(range(8)) and [5] in model.calls
+    assert model.calls.count([5]) == 1  # split at once, the bad item tried once
+
+
+def test_split_on_splits_a_batch_at_once_even_for_a_retried_error() -> None:
+    model = Outage(poison=5)
+    retry = fb.Retry(attempts=2, backoff=0)  # retries every Exception
+    out = _run_eight(model, retry, split_on=(ValueError,))
+    assert isinstance(out[5], fb.ItemFailed) and out[5].attempts == 2
+    assert [r for i, r in enumerate(out) if i != 5] == [i * 10 for i in range(8) if i != 5]
+    assert model.calls.count(list(range(8))) == 1  # not retried whole
+    assert model.calls.count([5]) == 2  # the bad item alone gets its retry
+
+
+def test_a_batch_that_fails_on_its_last_attempt_is_split_to_spare_the_others() -> None:
+    model = Outage(poison=5)
+    retry = fb.Retry(attempts=2, backoff=0)  # ValueError is retried: whole first
+    out = _run_eight(model, retry)
+    assert isinstance(out[5], fb.ItemFailed) and out[5].attempts == 2
+    assert [r for i, r in enumerate(out) if i != 5] == [i * 10 for i in range(8) if i != 5]
+    assert model.calls[:2] == [list(range(8))] * 2
+    assert model.calls.count([5]) == 1  # its attempts were spent with the batch
+
+
+def test_batch_split_on_is_validated() -> None:
+    assert fb.Batch(split_on=ValueError).split_on == (ValueError,)
+    assert fb.Batch().split_on == (fb.WorkerCrashed,)
+    with pytest.raises(ValueError, match="split_on"):
+        fb.Batch(split_on=("ValueError",))  # type: ignore[arg-type]
+
+
 def test_wrong_length_fails_those_items_with_a_clear_message() -> None:
     def short(xs: list[int]) -> list[int]:
         return xs[:-1]

@@ -22,8 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .errors import WorkerCrashed
+
 __all__ = [
     "DEFAULT_MAX_SIZE",
+    "DEFAULT_SPLIT_ON",
     "LINGER_GAP",
     "LINGER_SHARE",
     "SERVICE_TIME_WEIGHT",
@@ -44,6 +47,9 @@ LINGER_GAP = 0.25
 
 #: The weight of the newest sample in the moving average of batch service time.
 SERVICE_TIME_WEIGHT = 0.2
+#: Errors that mean "one item of this batch is bad" by default: a worker
+#: process that dies in a batch was most often killed by one input.
+DEFAULT_SPLIT_ON: tuple[type[BaseException], ...] = (WorkerCrashed,)
 
 # How far past the oldest item the cost-aware picker looks for similar items.
 _LOOKAHEAD_FACTOR = 4
@@ -71,6 +77,16 @@ class Batch:
       computes it: the batch's size times its largest item's cost. Items of
       similar cost are grouped; an item whose own cost exceeds ``max_cost``
       runs alone.
+    - ``split_on``: exception types that mean "one item of the batch is
+      bad". A batch that raises one of them is split in halves at once to
+      find that item; the others succeed. A batch that raises an error the
+      stage's ``Retry`` retries (and that is not in ``split_on``) is first
+      retried whole, with the retry's backoff (a model server's brief 503, a
+      moment without GPU memory); one that raises an error the ``Retry``
+      does not retry, or that still fails after its last attempt, is split,
+      so that one bad item never fails the others. Default:
+      ``(WorkerCrashed,)`` (a worker process that dies in a batch was most
+      often killed by one input).
 
     Usage: ``fb.stage(embed, batch=fb.Batch(max_size=64, cost=len, max_cost=8192))``
     """
@@ -80,6 +96,7 @@ class Batch:
     cost: Callable[[Any], float] | None = None
     max_cost: float | None = None
     linger: float | None = None
+    split_on: tuple[type[BaseException], ...] = DEFAULT_SPLIT_ON
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_size, int) or self.max_size < 1:
@@ -94,6 +111,18 @@ class Batch:
             raise ValueError(f"Batch.cost must be callable, got {self.cost!r}")
         if self.max_cost is not None and self.max_cost <= 0:
             raise ValueError(f"Batch.max_cost must be > 0, got {self.max_cost!r}")
+        split_on = self.split_on
+        if isinstance(split_on, type):
+            split_on = (split_on,)
+            object.__setattr__(self, "split_on", split_on)
+        if not isinstance(split_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in split_on
+        ):
+            raise ValueError(f"Batch.split_on must be exception classes, got {split_on!r}")
+
+    def splits(self, error: BaseException) -> bool:
+        """Whether ``error`` from a whole batch means "one item is bad": split at once."""
+        return isinstance(error, self.split_on)
 
 
 # ------------------------------------------------------------- dispatch policy

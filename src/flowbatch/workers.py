@@ -8,7 +8,9 @@ linger (:meth:`Workers.run_batched`). A call's result moves on through
 :meth:`Workers.pass_on` (or :meth:`Workers.fan_out`); every outcome is
 reported to the ledger.
 
-A failing batch is split in halves to find the item that breaks it.
+A failing batch is retried whole when the stage's ``Retry`` retries its
+error, and split in halves to find the item that breaks it otherwise (see
+``Batch.split_on``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .batching import (
 )
 from .envelope import Item
 from .errors import BatchContractError, DeadlineExceeded, PipelineClosed
-from .executors import CallTimedOut, materialize
+from .executors import CallTimedOut, Unpicklable, materialize
 from .hooks import Hooks, call_hook
 from .ledger import Ledger
 from .stagerun import StageRun
@@ -415,12 +417,58 @@ class Workers:
     async def _batch_failed(
         self, sr: StageRun, slot: int, batch: list[Item], exc: BaseException
     ) -> None:
-        """A batch call raised ``exc``: split it to find the item that breaks it."""
+        """A batch call raised ``exc``: retry it whole, split it, or fail its items.
+
+        An error the stage's ``Retry`` retries (a model server's brief outage)
+        says nothing about any one item: the whole batch runs again after the
+        backoff. An error in ``Batch.split_on``, one the ``Retry`` does not
+        retry, or one that outlasts the last attempt may be one item's fault:
+        the batch is split in halves until that item fails alone.
+        """
+        ledger = self.ledger
         n = len(batch)
-        if n > 1 and not isinstance(exc, PipelineClosed | DeadlineExceeded):
-            half = n // 2
-            await self.run_batch(sr, slot, batch[:half], first=False)
-            await self.run_batch(sr, slot, batch[half:], first=False)
+        opts = sr.batch
+        assert opts is not None
+        if n == 1 or isinstance(exc, PipelineClosed | DeadlineExceeded):
+            for item in batch:
+                ledger.retry_or_fail(sr, item, exc)
             return
-        for item in batch:
-            self.ledger.retry_or_fail(sr, item, exc)
+        attempt = max(item.attempt for item in batch)
+        if not opts.splits(exc) and not isinstance(exc, Unpicklable) and sr.retry.should_retry(
+            exc, attempt
+        ):
+            delay = sr.retry.delay(attempt)
+            sr.metrics.retried += n
+            log.debug(
+                "a batch of %d items will retry stage %r in %.3fs (attempt %d failed: %s: %s)",
+                n,
+                sr.name,
+                delay,
+                attempt,
+                type(exc).__name__,
+                exc,
+                extra={"pipeline": self.name, "stage": sr.name, "attempt": attempt},
+            )
+            for item in batch:
+                item.attempt += 1
+            if delay > 0:
+                # The worker holds its batch through the backoff: the stage's
+                # service is failing, and this keeps the batch whole.
+                await asyncio.sleep(delay)
+            now = self.loop.time()
+            again: list[Item] = []
+            for item in batch:
+                root = item.root
+                if root.done:
+                    ledger.drop_abandoned(sr, item)
+                elif root.deadline is not None and now >= root.deadline:
+                    ledger.drop_expired(sr, item)
+                else:
+                    again.append(item)
+            if again:
+                await self.run_batch(sr, slot, again, first=False)
+            return
+        # Split to find the item that breaks the batch; the rest succeed.
+        half = n // 2
+        await self.run_batch(sr, slot, batch[:half], first=False)
+        await self.run_batch(sr, slot, batch[half:], first=False)
