@@ -50,3 +50,15 @@ async def steady_batch(items: list[Any]) -> list[Any]:
 def steady() -> fb.Pipeline:
     """Like noop, at a bounded rate: batches of up to 64, 50 ms each."""
     return fb.Pipeline([fb.stage(steady_batch, batch=fb.Batch(max_size=64))], name="steady")
+
+
+async def crawl_batch(items: list[Any]) -> list[Any]:
+    # About 160 messages/s: a few hundred messages take seconds, so a
+    # worker is still busy when a test kills or stops it.
+    await asyncio.sleep(0.05)
+    return await echo_batch(items)
+
+
+def crawl() -> fb.Pipeline:
+    """Like noop, slowly: batches of up to 8, 50 ms each."""
+    return fb.Pipeline([fb.stage(crawl_batch, batch=fb.Batch(max_size=8))], name="crawl")

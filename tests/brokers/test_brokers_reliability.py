@@ -15,7 +15,7 @@ import pytest
 from brokerservices import Service, WorkerProcess, poll_until
 
 import flowbatch as fb
-from flowbatch.brokers import Client, Worker, WorkerConfig, make_broker
+from flowbatch.brokers import Client, JobFailed, Worker, WorkerConfig, make_broker
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -233,5 +233,124 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_running(
         assert sum("not a JSON job envelope" in e for e in errors) == 1
         assert sum("wrong schema" in e for e in errors) == 2
         assert sum("MessageTooLarge" in e and "2000" in e for e in errors) == 1
+
+    asyncio.run(main())
+
+
+# ------------------------------------ restart after a crash, nothing new comes
+
+
+def test_a_worker_restarted_after_sigkill_finishes_the_queue_with_no_new_traffic(
+    service: Service, queue_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The dead worker's unsettled messages must be reclaimed and processed
+    # by the next worker although nothing new arrives to wake it up. Both
+    # workers run with `--lease 2` (what a user sets to recover in seconds
+    # rather than the default 30 s); everything else is the default.
+    n = 300
+    args = ("--lease", "2")
+    log = tmp_path / "workers.log"
+
+    async def main() -> dict[str, Any]:
+        async with Client(service.url, queue_name) as client:
+            ids = await client.submit_many({"n": i} for i in range(n))
+            first = WorkerProcess(
+                service.url, queue_name, (*args, "--concurrency", "32"),
+                target="brokerpipes:crawl", log=log,
+            )
+            try:
+                await poll_until(lambda: _at_least(client, 40), 120, "first results", every=0.01)
+                first.kill()
+            finally:
+                first.ensure_dead()
+            killed_at = await stored(client)
+            assert killed_at < n, "the first worker finished before it was killed"
+            second = WorkerProcess(service.url, queue_name, args, target="brokerpipes:noop", log=log)
+            try:
+                await poll_until(lambda: _at_least(client, n), 25, "every result after the restart")
+                stats = second.stop()
+            finally:
+                second.ensure_dead()
+            results = await client.results()
+            dead = await client.dead_letters()
+        assert not dead, dead[:3]
+        assert sorted(results) == sorted(ids)
+        assert all(r.ok for r in results.values())
+        assert sorted(r.value["n"] for r in results.values()) == list(range(n))
+        assert stats["dead"] == 0
+        stats["killed_at"] = killed_at
+        return stats
+
+    stats = asyncio.run(main())
+    report(capsys, f"[{service.name}] restart with no new traffic: killed with "
+                   f"{stats['killed_at']} stored; the new worker settled {stats['succeeded']} "
+                   f"({stats['redelivered']} redelivered)")
+
+
+# ------------------------------------------- a graceful stop costs no attempt
+
+
+def test_a_graceful_stop_costs_no_attempt(
+    service: Service, queue_name: str, tmp_path: Path
+) -> None:
+    # With --max-attempts 1, every message the stopped worker had fetched or
+    # had prefetched by the broker must still get its one attempt.
+    n = 300
+    args = ("--concurrency", "64", "--max-attempts", "1")
+    log = tmp_path / "workers.log"
+
+    async def main() -> None:
+        async with Client(service.url, queue_name) as client:
+            ids = await client.submit_many({"n": i} for i in range(n))
+            first = WorkerProcess(service.url, queue_name, args, target="brokerpipes:crawl", log=log)
+            try:
+                await poll_until(lambda: _at_least(client, 40), 120, "first results", every=0.01)
+                stats = first.stop()
+            finally:
+                first.ensure_dead()
+            assert stats["dead"] == 0
+            assert await stored(client) < n, "the first worker finished before it was stopped"
+            second = WorkerProcess(service.url, queue_name, args, target="brokerpipes:noop", log=log)
+            try:
+                await poll_until(lambda: _at_least(client, n), 60, "every result")
+                second.stop()
+            finally:
+                second.ensure_dead()
+            results = await client.results()
+            dead = await client.dead_letters()
+        assert not dead, dead[:3]
+        assert sorted(results) == sorted(ids)
+        assert all(r.ok and r.attempts == 1 for r in results.values())
+
+    asyncio.run(main())
+
+
+# ------------------------------------- a dead letter is a failed job at once
+
+
+def test_a_dead_lettered_job_fails_for_its_producer_at_once(
+    service: Service, queue_name: str
+) -> None:
+    cfg = WorkerConfig(prefetch=16, poll=0.05, max_message_bytes=2000)
+
+    async def main() -> None:
+        async with Client(service.url, queue_name) as client:
+            await client.submit("x" * 5000, key="too-big")
+            # readable id, but attempt 0 breaks the envelope's schema
+            await client.broker.publish([b'{"id": "bad-schema", "payload": 1, "attempt": 0}'])
+            good = await client.submit({"n": 1})
+            worker = Worker(brokerpipes.noop(), make_broker(service.url, queue_name), cfg)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(worker.run())
+                assert (await client.result(good, timeout=60))["n"] == 1
+                try:
+                    async with asyncio.timeout(15):
+                        with pytest.raises(JobFailed, match="MessageTooLarge") as big:
+                            await client.result("too-big")
+                        with pytest.raises(JobFailed, match="wrong schema"):
+                            await client.result("bad-schema")
+                finally:
+                    worker.stop()
+        assert big.value.job_id == "too-big" and big.value.attempts == 1
 
     asyncio.run(main())

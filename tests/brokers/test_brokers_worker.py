@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
@@ -11,7 +12,14 @@ import msgspec
 import pytest
 
 import flowbatch as fb
-from flowbatch.brokers import Client, JobFailed, MemoryBroker, Worker, WorkerConfig
+from flowbatch.brokers import (
+    Client,
+    JobFailed,
+    MemoryBroker,
+    ResultTimeout,
+    Worker,
+    WorkerConfig,
+)
 from flowbatch.brokers.base import decode_record, encode_job
 
 FAST = fb.Retry(attempts=3, backoff=0.01, max_backoff=0.02)
@@ -348,3 +356,73 @@ def test_results_that_json_cannot_hold_are_dead_lettered() -> None:
         assert "UnserializableResult" in (letter.error or "")
 
     asyncio.run(main())
+
+
+def test_a_dead_lettered_message_with_a_readable_id_fails_its_job_at_once() -> None:
+    async def ident(xs: list[Any]) -> list[Any]:
+        return xs
+
+    async def main() -> None:
+        broker = MemoryBroker("q")
+        async with Client(broker) as client:
+            await client.submit("x" * 500, key="too-big")
+            await broker.publish([b'{"id": "bad-schema", "payload": 1, "attempt": 0}'])
+            await broker.publish([b'{"id": "not-json", "payload": '])
+            await run_until_joined(batched(ident), broker, config(max_message_bytes=200))
+            with pytest.raises(JobFailed, match="MessageTooLarge"):
+                await client.result("too-big", timeout=5)
+            with pytest.raises(JobFailed, match="wrong schema"):
+                await client.result("bad-schema", timeout=5)
+            with pytest.raises(JobFailed, match="not a JSON job envelope"):
+                await client.result("not-json", timeout=5)
+        assert len(await broker.dead_letters()) == 3
+
+    asyncio.run(main())
+
+
+def test_released_messages_keep_the_attempts_their_crashed_deliveries_cost() -> None:
+    # A message handed back unstarted costs no attempt, but the deliveries
+    # before it that were never settled (crashes) still count.
+    from flowbatch.brokers.base import Delivery, decode_job, requeue_body
+
+    body = encode_job("j", 1, attempt=2)
+    assert requeue_body(Delivery(body, 1)) == body
+    assert decode_job(requeue_body(Delivery(body, 1, deliveries=3))).attempt == 4
+    assert requeue_body(Delivery(b"not json", 1, deliveries=3)) == b"not json"
+
+
+def test_a_result_for_an_unknown_job_says_no_such_job() -> None:
+    async def main() -> None:
+        async with Client(MemoryBroker("q")) as client:
+            with pytest.raises(ResultTimeout, match="no such job") as err:
+                await client.result("nope", timeout=0.05)
+            assert isinstance(err.value, TimeoutError) and err.value.job_id == "nope"
+            job = await client.submit(1)
+            with pytest.raises(TimeoutError, match="submitted by this client"):
+                await client.result(job, timeout=0.05)
+
+    asyncio.run(main())
+
+
+def test_the_worker_logs_one_startup_line_with_its_name_and_no_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def ident(xs: list[int]) -> list[int]:
+        return xs
+
+    caplog.set_level(logging.INFO, logger="flowbatch.brokers")
+
+    async def main() -> Worker:
+        broker = MemoryBroker("jobs", url="memory://user:secret@host/")
+        await broker.publish([encode_job("1", 1)])
+        return await run_until_joined(batched(ident), broker, config(prefetch=32, name="w-7"))
+
+    worker = asyncio.run(main())
+    assert worker.broker.consumer_name == "w-7"
+    lines = [r.getMessage() for r in caplog.records if "consuming" in r.getMessage()]
+    assert lines == [
+        (
+            "worker w-7: consuming queue 'jobs' at memory://user:***@host/ into pipeline 't': "
+            "concurrency=32 max_attempts=3 lease=30s result_ttl=604800s metrics=off"
+        )
+    ]

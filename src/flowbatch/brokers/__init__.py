@@ -17,7 +17,7 @@ module imports its own (redis, aio-pika, nats-py, aiokafka) when chosen.
 
 from __future__ import annotations
 
-from .base import Broker, BrokerError, Delivery, JobFailed, Outcome, ResultRecord
+from .base import Broker, BrokerError, Delivery, JobFailed, Outcome, ResultRecord, ResultTimeout
 from .client import Client
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .memory import MemoryBroker
@@ -37,6 +37,7 @@ __all__ = [
     "MemoryBroker",
     "Outcome",
     "ResultRecord",
+    "ResultTimeout",
     "Worker",
     "WorkerConfig",
     "WorkerStats",

@@ -45,7 +45,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from .base import Broker, BrokerError, Delivery, Outcome
+from .base import Broker, BrokerError, Delivery, Outcome, requeue_body
 
 __all__ = ["AMQPBroker"]
 
@@ -53,6 +53,8 @@ _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 # Results live in a stream queue: durable, and read by any number of clients
 # without taking them away from the others.
 _STREAM: Any = {"x-queue-type": "stream", "x-max-age": "7D"}
+# How long a closing broker spends putting back what it prefetched.
+_RETURN_TIMEOUT = 5.0
 
 
 class AMQPBroker(Broker):
@@ -71,6 +73,7 @@ class AMQPBroker(Broker):
         self._dlx: aio_pika.abc.AbstractExchange | None = None
         self._buffer: asyncio.Queue[tuple[int, AbstractIncomingMessage]] = asyncio.Queue()
         self._consuming = False
+        self._consumer_tag: str | None = None
         self._results: dict[str, bytes] = {}
         self._reading_results = False
         self._results_offset = 0
@@ -106,11 +109,47 @@ class AMQPBroker(Broker):
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        channel, queue, tag = self._channel, self._queue, self._consumer_tag
         self._channel = self._queue = self._dlx = None
+        self._consumer_tag = None
         self._consuming = self._reading_results = False
-        if conn is not None:
-            # Unacked and buffered deliveries go back to the queue with the channel.
-            await conn.close()
+        if conn is None:
+            return
+        if channel is not None and queue is not None and tag is not None and not conn.is_closed:
+            # Messages RabbitMQ pushed but the worker never took would come
+            # back flagged redelivered (an attempt) with the channel: stop
+            # the consumer and put copies back instead.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_RETURN_TIMEOUT):
+                    await queue.cancel(tag)
+                    await self._return_buffered(channel)
+        # Unacked deliveries go back to the queue with the channel.
+        await conn.close()
+
+    async def _return_buffered(self, channel: AbstractChannel) -> None:
+        epoch = self.epoch
+        unstarted: list[Delivery] = []
+        while not self._buffer.empty():
+            d = self._wrap(*self._buffer.get_nowait())
+            if d.epoch == epoch:
+                unstarted.append(d)
+        if unstarted:
+            await self._put_back(channel, unstarted)
+
+    async def _put_back(self, channel: AbstractChannel, deliveries: Sequence[Delivery]) -> None:
+        """Publish a copy of each delivery (confirmed), then ack it: a requeue
+        that RabbitMQ does not flag as a redelivery."""
+        exchange = channel.default_exchange
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(requeue_body(d), delivery_mode=_PERSISTENT),
+                    routing_key=self.queue,
+                )
+                for d in deliveries
+            )
+        )
+        await asyncio.gather(*(d.tag.ack() for d in deliveries))
 
     @property
     def _ch(self) -> AbstractChannel:
@@ -171,7 +210,9 @@ class AMQPBroker(Broker):
             async def on_message(msg: AbstractIncomingMessage) -> None:
                 buffer.put_nowait((epoch, msg))
 
-            await self._queue.consume(on_message)
+            self._consumer_tag = await self._queue.consume(
+                on_message, consumer_tag=self.consumer_name or None
+            )
             self._consuming = True
         out: list[Delivery] = []
         if self._buffer.empty():
@@ -212,9 +253,12 @@ class AMQPBroker(Broker):
         return  # an unacked delivery is held for as long as its channel lives
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        await asyncio.gather(
-            *(d.tag.nack(requeue=True) for d in deliveries if d.epoch == self.epoch)
-        )
+        # A nack with requeue would flag the message redelivered, which reads
+        # as a crashed attempt; deliveries of an older channel are already
+        # back in the queue.
+        current = [d for d in deliveries if d.epoch == self.epoch]
+        if current:
+            await self._put_back(self._ch, current)
 
     async def backlog(self) -> int | None:
         queue = await self._ch.declare_queue(self.queue, passive=True)

@@ -19,8 +19,11 @@ keeps it):
 - ``extend`` renews the lease of deliveries still being worked on, so they
   are not handed to another worker.
 - ``release`` hands back deliveries that were fetched but will not be
-  processed (a graceful stop), without counting an attempt where the broker
-  allows it.
+  processed (a graceful stop) without counting an attempt: where the broker
+  counts every hand-back as a delivery (RabbitMQ's ``redelivered``, NATS's
+  ``num_delivered``) it puts back a copy (``requeue_body``) and acks the
+  original. A broker that closes with deliveries it prefetched but never
+  handed out returns them the same way.
 
 Wire formats (JSON): a job envelope ``{"id", "payload", "attempt",
 "first_seen", "not_before"}``; a result record ``{"id", "ok", "value" |
@@ -45,6 +48,7 @@ from flowbatch.errors import FlowbatchError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_RESULT_TTL",
     "Broker",
     "BrokerError",
     "Delivery",
@@ -52,15 +56,21 @@ __all__ = [
     "JobFailed",
     "Outcome",
     "ResultRecord",
+    "ResultTimeout",
     "check_queue_name",
     "decode_job",
     "decode_record",
     "encode_job",
     "encode_record",
     "new_job_id",
+    "peek_job_id",
+    "requeue_body",
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+#: Stored results are kept this long (7 days, as RabbitMQ's results stream
+#: and Kafka's default retention keep them); 0 keeps them until deleted.
+DEFAULT_RESULT_TTL = 7 * 24 * 3600.0
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 
@@ -95,6 +105,43 @@ class JobFailed(FlowbatchError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.job_id, self.error, self.attempts, self.first_seen))
+
+
+class ResultTimeout(FlowbatchError, TimeoutError):
+    """No result for ``job_id`` appeared within ``timeout`` s (``Client.result``).
+
+    ``submitted`` says whether this client submitted the job: when it did not,
+    the message says "no such job" (a wrong id, or a result past its TTL).
+    A ``TimeoutError``, so ``except TimeoutError`` still catches it.
+    """
+
+    http_status = 504
+
+    def __init__(self, job_id: str, queue: str, timeout: float, *, submitted: bool) -> None:
+        self.job_id = job_id
+        self.queue = queue
+        self.timeout = timeout
+        self.submitted = submitted
+        if submitted:
+            why = (
+                "it was submitted by this client and is still queued or running "
+                "(is a worker consuming the queue?)"
+            )
+        else:
+            why = (
+                "no such job as far as this client knows: it did not submit it; "
+                "the id may be wrong or its result past the results TTL"
+            )
+        super().__init__(
+            f"no result for job {job_id!r} in queue {queue!r} appeared within {timeout:g}s: {why}"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_result_timeout, (self.job_id, self.queue, self.timeout, self.submitted))
+
+
+def _result_timeout(job_id: str, queue: str, timeout: float, submitted: bool) -> ResultTimeout:
+    return ResultTimeout(job_id, queue, timeout, submitted=submitted)
 
 
 # ------------------------------------------------------------ wire formats
@@ -167,6 +214,46 @@ def decode_job(body: bytes) -> Envelope:
     return _job_decoder.decode(body)
 
 
+# The id as the first member of an envelope, as ``encode_job`` writes it.
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.){1,2048}")')
+
+
+def peek_job_id(body: bytes, *, parsed: Any = None) -> str | None:
+    """The job id of a message that is not a valid envelope, if it can be read.
+
+    Looks at the start of the body only (envelopes written by ``encode_job``
+    begin with their id), so an oversized message is not parsed; ``parsed``
+    is the body already decoded as JSON, when it could be.
+    """
+    job_id: Any = None
+    if isinstance(parsed, dict):
+        job_id = parsed.get("id")
+    else:
+        m = _LEADING_ID.match(body[:4096])
+        if m is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                job_id = msgspec.json.decode(m.group(1))
+    if isinstance(job_id, str) and 0 < len(job_id) <= 512:
+        return job_id
+    return None
+
+
+def requeue_body(d: Delivery) -> bytes:
+    """The body to put back for a delivery handed back without being started.
+
+    The delivery itself costs no attempt; earlier deliveries that were never
+    settled (a crashed worker) still do, so they move into the envelope's
+    ``attempt``, where the copy carries them.
+    """
+    if d.deliveries <= 1:
+        return d.body
+    try:
+        env = decode_job(d.body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return d.body
+    return _encoder.encode(msgspec.structs.replace(env, attempt=env.attempt + d.deliveries - 1))
+
+
 def encode_record(record: ResultRecord) -> bytes:
     return _encoder.encode(record)
 
@@ -230,11 +317,30 @@ class Broker(abc.ABC):
         self.prefetch = 256
         #: reconnections the client library made by itself (NATS does)
         self.auto_reconnects = 0
+        #: this consumer's name in the broker, where it has one (the worker's name)
+        self.consumer_name = ""
+        #: seconds a stored result is kept (0: until deleted), as the worker
+        #: configured it; None in a producer (see ``ttl``)
+        self.result_ttl: float | None = None
 
-    def configure(self, *, lease: float, prefetch: int) -> None:
+    def configure(
+        self,
+        *,
+        lease: float,
+        prefetch: int,
+        name: str = "",
+        result_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> None:
         """Consumer settings; the worker calls this before ``open``."""
         self.lease = float(lease)
         self.prefetch = int(prefetch)
+        self.consumer_name = name
+        self.result_ttl = float(result_ttl)
+
+    @property
+    def ttl(self) -> float:
+        """Seconds results written here are kept (0: until deleted)."""
+        return DEFAULT_RESULT_TTL if self.result_ttl is None else self.result_ttl
 
     async def __aenter__(self) -> Broker:
         await self.open()

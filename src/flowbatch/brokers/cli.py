@@ -26,7 +26,7 @@ from flowbatch.retry import Retry
 from flowbatch.target import TargetError
 from flowbatch.target import load_pipeline as _load
 
-from .base import DEFAULT_MAX_MESSAGE_BYTES
+from .base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RESULT_TTL
 from .config import (
     DEFAULT_LEASE,
     DEFAULT_PREFETCH,
@@ -71,10 +71,14 @@ def load_pipeline(target: str) -> Pipeline:
 @click.option("--stall-after", default=DEFAULT_WORKER_CONFIG.stall_after, show_default=True,
               type=click.FloatRange(min=0.1),
               help="Seconds without deliveries while a backlog waits before reconnecting.")
+@click.option("--result-ttl", default=DEFAULT_RESULT_TTL, show_default=True,
+              type=click.FloatRange(min=0),
+              help="Seconds stored results are kept (0: until deleted); "
+                   "Redis, SQLite and NATS (RabbitMQ and Kafka: 7 days, their own retention).")
 @click.option("--metrics-port", type=click.IntRange(min=0), default=None,
               help="Serve /metrics on 127.0.0.1 at this port (0: any free port), "
                    "to watch the worker with `flowbatch top`.")
-@click.option("--log-level", default="WARNING", show_default=True,
+@click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def worker(  # noqa: PLR0917 - click passes every option positionally
     target: str,
@@ -88,6 +92,7 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
     timeout: float | None,
     max_message_bytes: int,
     stall_after: float,
+    result_ttl: float,
     metrics_port: int | None,
     log_level: str,
 ) -> None:
@@ -97,9 +102,14 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
     early: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: early.append(signum))
+    # INFO shows the worker's own lines (startup, reconnects, retries), not
+    # the client libraries' chatter; DEBUG shows everything.
+    level = logging.getLevelName(log_level.upper())
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level if level == logging.DEBUG else max(level, logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("flowbatch").setLevel(level)
     pipe = load_pipeline(target)
     try:
         broker = make_broker(url, queue)
@@ -112,6 +122,7 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
         timeout=timeout,
         max_message_bytes=max_message_bytes,
         stall_after=stall_after,
+        result_ttl=result_ttl,
     )
     stats = asyncio.run(_serve(pipe, broker, config, early, metrics_port))
     click.echo(json.dumps(dataclasses.asdict(stats)))
@@ -132,6 +143,7 @@ async def _serve(
 
         async with serve_metrics(w.runners, metrics_port) as url:
             click.echo(f"metrics: {url}  (watch: flowbatch top {url})", err=True)
+            w.metrics_url = url
             return await _run_worker(w, early)
     return await _run_worker(w, early)
 

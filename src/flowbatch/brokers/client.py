@@ -15,16 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .base import Broker, JobFailed, ResultRecord, decode_record, encode_job, new_job_id
+from .base import (
+    Broker,
+    JobFailed,
+    ResultRecord,
+    ResultTimeout,
+    decode_record,
+    encode_job,
+    new_job_id,
+)
 from .registry import DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
 
 __all__ = ["Client"]
 
 # How many envelopes go to the broker in one publish call.
 _PUBLISH_CHUNK = 500
+# How many submitted job ids a client remembers (to tell "no such job" apart).
+_REMEMBERED = 100_000
 
 
 class Client:
@@ -40,6 +51,7 @@ class Client:
         self.broker = broker if isinstance(broker, Broker) else make_broker(broker, queue)
         self._opened = False
         self._lock = asyncio.Lock()
+        self._submitted: OrderedDict[str, None] = OrderedDict()
 
     async def __aenter__(self) -> Client:
         await self._open()
@@ -84,6 +96,11 @@ class Client:
             bodies.append(encode_job(job_id, payload, first_seen=now))
         for start in range(0, len(bodies), _PUBLISH_CHUNK):
             await broker.publish(bodies[start : start + _PUBLISH_CHUNK])
+        for job_id in ids:  # remembered for ResultTimeout's message, boundedly
+            self._submitted[job_id] = None
+            self._submitted.move_to_end(job_id)
+        while len(self._submitted) > _REMEMBERED:
+            self._submitted.popitem(last=False)
         return ids
 
     async def record(self, job_id: str) -> ResultRecord | None:
@@ -100,19 +117,33 @@ class Client:
     async def result(self, job_id: str, timeout: float | None = None) -> Any:
         """Wait for ``job_id``'s result and return it.
 
-        Raises ``JobFailed`` when the job was dead-lettered and ``TimeoutError``
-        when ``timeout`` seconds pass first.
+        Raises ``JobFailed`` when the job failed (dead-lettered) and
+        ``ResultTimeout`` (a ``TimeoutError``; its message says "no such job"
+        for an id this client did not submit) when ``timeout`` seconds pass
+        first.
         """
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                rec = await self._wait_record(job_id)
+        except TimeoutError:
+            if timeout is None or not deadline.expired():
+                raise  # a broker call's own timeout
+            raise ResultTimeout(
+                job_id, self.broker.queue, timeout, submitted=job_id in self._submitted
+            ) from None
+        if not rec.ok:
+            raise JobFailed(job_id, rec.error or "", rec.attempts, rec.first_seen)
+        return rec.value
+
+    async def _wait_record(self, job_id: str) -> ResultRecord:
         delay = 0.002
-        async with asyncio.timeout(timeout):
-            while True:
-                rec = await self.record(job_id)
-                if rec is not None:
-                    if not rec.ok:
-                        raise JobFailed(job_id, rec.error or "", rec.attempts, rec.first_seen)
-                    return rec.value
-                await asyncio.sleep(delay)  # polls the result store with backoff
-                delay = min(0.25, delay * 2)
+        while True:
+            rec = await self.record(job_id)
+            if rec is not None:
+                return rec
+            await asyncio.sleep(delay)  # polls the result store with backoff
+            delay = min(0.25, delay * 2)
 
     async def dead_letters(self) -> list[ResultRecord]:
         """Every dead-letter record of the queue (error, attempts, first seen, body)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from flowbatch.retry import Retry
 
-from .base import DEFAULT_MAX_MESSAGE_BYTES
+from .base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RESULT_TTL
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -54,6 +54,12 @@ class WorkerConfig:
       backlog, after which the connection is considered stalled and re-opened.
     - ``reconnect_backoff`` / ``max_reconnect_backoff``: waits between
       reconnection attempts.
+    - ``result_ttl``: seconds a stored result is kept (7 days; 0: until
+      deleted). Redis, SQLite and NATS apply it to the results they store;
+      RabbitMQ's results stream and Kafka's results topic keep their own
+      retention (7 days, set when they are created).
+    - ``name``: the worker's name in its log lines and, where the broker has
+      one, its consumer name there (default: host-pid-random).
     - ``stop_timeout``: on stop, how long to keep trying to settle in-flight
       messages with an unreachable broker before giving up (they are then
       redelivered to another worker).
@@ -70,6 +76,7 @@ class WorkerConfig:
     reconnect_backoff: float = 0.1
     max_reconnect_backoff: float = 5.0
     stop_timeout: float = 60.0
+    result_ttl: float = DEFAULT_RESULT_TTL
     name: str | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -83,6 +90,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, got {self.timeout!r}")
+        if not isinstance(self.result_ttl, int | float) or self.result_ttl < 0:
+            raise ValueError(f"result_ttl must be a number >= 0, got {self.result_ttl!r}")
         if self.max_message_bytes < 1:
             raise ValueError("max_message_bytes must be >= 1")
 

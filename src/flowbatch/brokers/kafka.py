@@ -199,6 +199,7 @@ class KafkaBroker(Broker):
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.servers,
                 group_id=self.group,
+                client_id=self.consumer_name or "flowbatch",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 session_timeout_ms=max(6000, int(self.lease * 1000)),

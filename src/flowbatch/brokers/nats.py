@@ -3,7 +3,9 @@
 Created for queue ``q``: the work-queue stream ``FB_q`` (subject
 ``fb.q.jobs``, file storage), its durable pull consumer ``fb`` (explicit
 ack, ``ack_wait`` = the worker's lease), the dead-letter stream ``FB_q_DEAD``
-(subject ``fb.q.dead``) and the key-value bucket ``FB_q_results``.
+(subject ``fb.q.dead``) and the key-value bucket ``FB_q_results``, whose
+entries expire after the worker's ``result_ttl`` (the bucket's ``max_age``,
+set when a worker opens it).
 
 How it keeps the contract:
 
@@ -16,7 +18,8 @@ How it keeps the contract:
 - a retry is ``nak(delay=backoff)``: the server redelivers the same message
   after the backoff and ``num_delivered`` carries the attempt count;
 - ``extend`` sends ``+WPI`` (in progress), which restarts ``ack_wait``;
-- ``release`` naks without delay (JetStream counts that as a delivery);
+- ``release`` publishes a copy of the message and acks the original (a nak
+  would count a delivery, and so an attempt);
 - the client reconnects by itself after a server restart; a consumer that
   receives nothing while ``num_pending`` says messages wait is re-created
   by the worker (stall detection).
@@ -39,7 +42,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from .base import Broker, BrokerError, Delivery, Outcome
+from .base import Broker, BrokerError, Delivery, Outcome, requeue_body
 
 __all__ = ["NATSBroker"]
 
@@ -84,6 +87,7 @@ class NATSBroker(Broker):
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
                 reconnected_cb=self._on_reconnected,
+                name=self.consumer_name or None,
             )
         try:
             js = nc.jetstream(timeout=10)
@@ -101,13 +105,28 @@ class NATSBroker(Broker):
             try:
                 self._kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(bucket=self.bucket, storage=StorageType.FILE)
+                self._kv = await js.create_key_value(
+                    bucket=self.bucket, storage=StorageType.FILE, ttl=self.ttl or None
+                )
+            else:
+                if self.result_ttl is not None:  # a worker's setting, not a producer's
+                    await self._apply_ttl(js)
         except BaseException:
             await nc.close()
             raise
         self._nc, self._js = nc, js
         self._sub = None
         self.epoch += 1
+
+    async def _apply_ttl(self, js: Any) -> None:
+        """Results are kept ``result_ttl``: the bucket's stream's ``max_age``."""
+        info = await js.stream_info(f"KV_{self.bucket}")
+        config = info.config
+        if float(config.max_age or 0) != self.ttl:
+            config.max_age = self.ttl
+            if self.ttl:  # JetStream wants a duplicates window within max_age
+                config.duplicate_window = min(float(config.duplicate_window or self.ttl), self.ttl)
+            await js.update_stream(config)
 
     async def _on_reconnected(self) -> None:
         self.auto_reconnects += 1
@@ -205,9 +224,14 @@ class NATSBroker(Broker):
             await self._reply(d, b"+WPI")
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        self._connected()
+        # A -NAK would count a delivery (an attempt) on the redelivery: put a
+        # copy back (stored once the server acks it), then ack the original.
+        js = self._connected()
+        await asyncio.gather(
+            *(js.publish(self.subject, requeue_body(d), stream=self.stream) for d in deliveries)
+        )
         for d in deliveries:
-            await self._reply(d, b"-NAK")
+            await self._reply(d, b"+ACK")
 
     async def backlog(self) -> int | None:
         sub = await self._consumer()

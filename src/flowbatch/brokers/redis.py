@@ -1,23 +1,28 @@
 """Redis Streams broker (``redis://host:port/db``), on redis-py's asyncio client.
 
 Keys for queue ``q``: the stream ``fb:q`` with the consumer group ``fb``,
-the results hash ``fb:q:results`` (job id -> result record) and the
-dead-letter stream ``fb:q:dead``.
+one key per result, ``fb:q:result:<job id>`` (expiring after the worker's
+``result_ttl``; results written by older versions, in the hash
+``fb:q:results``, are still read), and the dead-letter stream ``fb:q:dead``.
+Each worker is a consumer named as the worker is in its log lines.
 
 How it keeps the contract:
 
 - fetch first reclaims, with ``XAUTOCLAIM``, entries that have been pending
   longer than the lease on a consumer that stopped renewing them (a dead or
-  stalled worker), then reads new ones with ``XREADGROUP ... BLOCK``;
-- settle is one ``MULTI``/``EXEC`` transaction: ``HSETNX`` the results (the
-  first result of a job wins), ``XADD`` dead letters and retries, then
+  stalled worker), then reads new ones with ``XREADGROUP ... BLOCK wait``
+  (without ``BLOCK`` when it reclaimed some: they are returned at once);
+  reclaimed entries are kept until a fetch returns them, so a cancelled
+  fetch does not claim them again (which would count another delivery);
+- settle is one ``MULTI``/``EXEC`` transaction: ``SET NX PX`` the results
+  (the first result of a job wins; kept ``result_ttl``), ``XADD`` dead letters and retries, then
   ``XACK`` + ``XDEL`` the entries; it is all or nothing;
 - ``extend`` is ``XCLAIM ... JUSTID`` of the worker's own entries to itself,
   which resets their idle time without counting a delivery;
 - a retry is a new entry with ``attempt + 1`` and ``not_before`` = now +
   backoff; the worker that reads it holds it (lease renewed) until then;
 - ``release`` re-adds the entries at the end of the stream and acks the old
-  ones, so another worker gets them at once.
+  ones, so another worker gets them at once, without counting an attempt.
 
 Durability is what the server is configured for: with AOF
 (``appendonly yes``, ``appendfsync everysec`` or ``always``) an acked write
@@ -34,7 +39,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from .base import Broker, BrokerError, Delivery, Outcome
+from .base import Broker, BrokerError, Delivery, Outcome, requeue_body
 
 __all__ = ["RedisBroker"]
 
@@ -49,12 +54,16 @@ class RedisBroker(Broker):
     def __init__(self, url: str, queue: str) -> None:
         super().__init__(url, queue)
         self.stream = f"fb:{queue}"
+        # results written before result TTLs: one hash, read as a fallback
         self.results_key = f"fb:{queue}:results"
+        self.result_prefix = f"fb:{queue}:result:"
         self.dead_key = f"fb:{queue}:dead"
         self.consumer = ""
         self._r: aioredis.Redis | None = None
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
+        # (entry id, body, delivery count or None) reclaimed, not yet handed out
+        self._claimed: list[tuple[Any, bytes, int | None]] = []
 
     @property
     def _redis(self) -> aioredis.Redis:
@@ -78,7 +87,7 @@ class RedisBroker(Broker):
             await r.aclose()
             raise
         self._r = r
-        self.consumer = self.consumer or worker_name()
+        self.consumer = self.consumer or self.consumer_name or worker_name()
         self.epoch += 1
 
     async def close(self) -> None:
@@ -95,7 +104,11 @@ class RedisBroker(Broker):
             await pipe.execute()
 
     async def get_result(self, job_id: str) -> bytes | None:
-        data: Any = await self._redis.hget(self.results_key, job_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.result_prefix + job_id)
+            pipe.hget(self.results_key, job_id)
+            data, legacy = await pipe.execute()
+        data = legacy if legacy is not None else data
         return None if data is None else bytes(data)
 
     # ------------------------------------------------------------ consumer
@@ -103,22 +116,33 @@ class RedisBroker(Broker):
     async def fetch(self, max_messages: int, wait: float) -> list[Delivery]:
         r = self._redis
         epoch = self.epoch
-        out: list[Delivery] = []
         loop = asyncio.get_running_loop()
-        if loop.time() >= self._next_claim:
-            out = await self._reclaim(max_messages)
+        if loop.time() >= self._next_claim and len(self._claimed) < max_messages:
+            await self._reclaim(max_messages - len(self._claimed))
+        out = await self._take_claimed(max_messages)
         if len(out) < max_messages:
-            block = 0 if out else max(1, int(wait * 1000))
-            reply: Any = await r.xreadgroup(
-                GROUP, self.consumer, {self.stream: ">"}, count=max_messages - len(out), block=block
-            )
+            # BLOCK 0 would wait forever: with reclaimed entries in hand, only
+            # look for new ones without blocking.
+            block = None if out else max(1, int(wait * 1000))
+            try:
+                reply: Any = await r.xreadgroup(
+                    GROUP, self.consumer, {self.stream: ">"}, count=max_messages - len(out), block=block
+                )
+            except BaseException:
+                self._claimed[:0] = [(d.tag, d.body, d.deliveries) for d in out]
+                raise
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     out.append(Delivery(_body(fields), entry_id, epoch=epoch))
         return out
 
-    async def _reclaim(self, count: int) -> list[Delivery]:
-        """Entries idle longer than the lease on another (dead) consumer become ours."""
+    async def _reclaim(self, count: int) -> None:
+        """Entries idle longer than the lease on another (dead) consumer become ours.
+
+        They are kept in ``_claimed`` until a fetch hands them out: a fetch
+        cancelled after ``XAUTOCLAIM`` (which counts a delivery) loses none,
+        so the next one hands them out without claiming them again.
+        """
         r = self._redis
         loop = asyncio.get_running_loop()
         reply: Any = await r.xautoclaim(
@@ -130,25 +154,42 @@ class RedisBroker(Broker):
         if self._claim_cursor == "0-0":
             # A full pass over the pending list: look again in a fraction of the lease.
             self._next_claim = loop.time() + self.lease / 4
-        claimed = [(eid, fields) for eid, fields in entries if fields]
-        if not claimed:
+        known = {eid for eid, _, _ in self._claimed}
+        self._claimed.extend(
+            (eid, _body(fields), None) for eid, fields in entries if fields and eid not in known
+        )
+
+    async def _take_claimed(self, count: int) -> list[Delivery]:
+        """Up to ``count`` reclaimed entries, with their delivery counts."""
+        if not self._claimed:
             return []
-        async with r.pipeline(transaction=False) as pipe:
-            for eid, _ in claimed:
-                pipe.xpending_range(self.stream, GROUP, min=eid, max=eid, count=1)
-            pending = await pipe.execute()
-        out: list[Delivery] = []
-        for (eid, fields), info in zip(claimed, pending, strict=True):
-            n = int(info[0]["times_delivered"]) if info else 2
-            out.append(Delivery(_body(fields), eid, deliveries=n, redelivered=True, epoch=self.epoch))
-        return out
+        r = self._redis
+        take = self._claimed[:count]
+        unknown = [eid for eid, _, n in take if n is None]
+        counts: dict[Any, int] = {}
+        if unknown:
+            async with r.pipeline(transaction=False) as pipe:
+                for eid in unknown:
+                    pipe.xpending_range(self.stream, GROUP, min=eid, max=eid, count=1)
+                pending = await pipe.execute()
+            counts = {
+                eid: int(info[0]["times_delivered"]) if info else 2
+                for eid, info in zip(unknown, pending, strict=True)
+            }
+        del self._claimed[: len(take)]
+        return [
+            Delivery(body, eid, deliveries=n if n is not None else counts[eid], redelivered=True, epoch=self.epoch)
+            for eid, body, n in take
+        ]
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         ids = [o.delivery.tag for o in outcomes]
+        ttl = int(self.ttl * 1000) or None
         async with self._redis.pipeline(transaction=True) as pipe:
             for o in outcomes:
                 if o.result is not None and o.job_id:
-                    pipe.hsetnx(self.results_key, o.job_id, o.result)
+                    # SET NX: the first result of a job wins; PX: kept result_ttl
+                    pipe.set(self.result_prefix + o.job_id, o.result, nx=True, px=ttl)
                 if o.dead is not None:
                     pipe.xadd(self.dead_key, {"b": o.dead})
                 if o.retry is not None:
@@ -168,7 +209,7 @@ class RedisBroker(Broker):
         ids = [d.tag for d in deliveries]
         async with self._redis.pipeline(transaction=True) as pipe:
             for d in deliveries:
-                pipe.xadd(self.stream, {"b": d.body})
+                pipe.xadd(self.stream, {"b": requeue_body(d)})
             pipe.xack(self.stream, GROUP, *ids)
             pipe.xdel(self.stream, *ids)
             await pipe.execute()
@@ -185,8 +226,18 @@ class RedisBroker(Broker):
     # ---------------------------------------------------------- inspection
 
     async def results(self) -> dict[str, bytes]:
-        raw: Any = await self._redis.hgetall(self.results_key)
-        return {k.decode(): v for k, v in raw.items()}
+        r = self._redis
+        keys = [k async for k in r.scan_iter(match=self.result_prefix + "*", count=1000)]
+        out: dict[str, bytes] = {}
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            values: Any = await r.mget(chunk)
+            for key, value in zip(chunk, values, strict=True):
+                if value is not None:  # expired since the scan
+                    out[key.decode()[len(self.result_prefix) :]] = bytes(value)
+        legacy: Any = await r.hgetall(self.results_key)
+        out.update({k.decode(): bytes(v) for k, v in legacy.items()})
+        return out
 
     async def dead_letters(self) -> list[bytes]:
         entries: Any = await self._redis.xrange(self.dead_key)
@@ -194,7 +245,9 @@ class RedisBroker(Broker):
 
     async def delete(self) -> None:
         """Remove the queue's stream, results and dead letters (tests, tools)."""
-        await self._redis.delete(self.stream, self.results_key, self.dead_key)
+        r = self._redis
+        keys = [k async for k in r.scan_iter(match=self.result_prefix + "*", count=1000)]
+        await r.delete(self.stream, self.results_key, self.dead_key, *keys)
 
 
 def _body(fields: dict[Any, Any]) -> bytes:

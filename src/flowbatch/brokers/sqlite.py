@@ -12,8 +12,9 @@ How it keeps the contract:
   worker sees it until the lease passes (a crashed worker's messages come
   back after ``lease`` seconds);
 - settle is one transaction: results (``INSERT OR IGNORE``: the first result
-  of a job wins), dead letters and retries are written and the message rows
-  deleted together; rows whose lease another worker has taken over are left
+  of a job wins; ``expires_at`` = now + the worker's ``result_ttl``, and
+  expired results are deleted about once a minute and never read), dead
+  letters and retries are written and the message rows deleted together; rows whose lease another worker has taken over are left
   to that worker;
 - retries keep the row and move ``visible_at`` forward by the backoff;
 - ``extend`` moves ``visible_at`` of owned rows; ``release`` makes them
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS fb_results (
     queue TEXT NOT NULL,
     job_id TEXT NOT NULL,
     record BLOB NOT NULL,
+    expires_at REAL,
     PRIMARY KEY (queue, job_id)
 );
 CREATE TABLE IF NOT EXISTS fb_dead (
@@ -88,6 +90,7 @@ class SQLiteBroker(Broker):
         self._db: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._owner = ""
+        self._next_purge = 0.0
 
     # ------------------------------------------------------------ plumbing
 
@@ -114,6 +117,7 @@ class SQLiteBroker(Broker):
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=60000")
             db.executescript(_SCHEMA)
+            _add_expiry(db)
             return db
 
         self._db = await loop.run_in_executor(self._thread, connect)
@@ -145,8 +149,9 @@ class SQLiteBroker(Broker):
     async def get_result(self, job_id: str) -> bytes | None:
         def read(db: sqlite3.Connection) -> bytes | None:
             row = db.execute(
-                "SELECT record FROM fb_results WHERE queue = ? AND job_id = ?",
-                (self.queue, job_id),
+                "SELECT record FROM fb_results WHERE queue = ? AND job_id = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (self.queue, job_id, time.time()),
             ).fetchone()
             return None if row is None else bytes(row[0])
 
@@ -182,14 +187,28 @@ class SQLiteBroker(Broker):
         return rows
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
-        q, owner = self.queue, self._owner
+        q, owner, ttl = self.queue, self._owner, self.ttl
+        purge = time.monotonic() >= self._next_purge
+        if purge:
+            self._next_purge = time.monotonic() + _PURGE_EVERY
 
         def write(db: sqlite3.Connection) -> None:
             now = time.time()
+            results = [(o.job_id, o.result) for o in outcomes if o.result is not None and o.job_id]
             with _transaction(db):
+                if purge:
+                    db.execute(
+                        "DELETE FROM fb_results WHERE queue = ? AND expires_at <= ?", (q, now)
+                    )
+                else:  # an expired result must not keep a new one out
+                    db.executemany(
+                        "DELETE FROM fb_results WHERE queue = ? AND job_id = ? AND expires_at <= ?",
+                        [(q, job_id, now) for job_id, _ in results],
+                    )
                 db.executemany(
-                    "INSERT OR IGNORE INTO fb_results (queue, job_id, record) VALUES (?, ?, ?)",
-                    [(q, o.job_id, o.result) for o in outcomes if o.result is not None and o.job_id],
+                    "INSERT OR IGNORE INTO fb_results (queue, job_id, record, expires_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(q, job_id, record, now + ttl if ttl else None) for job_id, record in results],
                 )
                 db.executemany(
                     "INSERT INTO fb_dead (queue, job_id, record) VALUES (?, ?, ?)",
@@ -252,7 +271,9 @@ class SQLiteBroker(Broker):
     async def results(self) -> dict[str, bytes]:
         def read(db: sqlite3.Connection) -> dict[str, bytes]:
             rows = db.execute(
-                "SELECT job_id, record FROM fb_results WHERE queue = ?", (self.queue,)
+                "SELECT job_id, record FROM fb_results WHERE queue = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (self.queue, time.time()),
             ).fetchall()
             return {str(k): bytes(v) for k, v in rows}
 
@@ -266,6 +287,23 @@ class SQLiteBroker(Broker):
             return [bytes(r[0]) for r in rows]
 
         return await self._run(read)
+
+
+# How often a worker deletes the expired results of its queue.
+_PURGE_EVERY = 60.0
+
+
+def _add_expiry(db: sqlite3.Connection) -> None:
+    """Give a results table made before result TTLs its ``expires_at`` column
+    (its rows keep no expiry), and index it for the purge."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(fb_results)")}
+    if "expires_at" not in columns:
+        try:
+            db.execute("ALTER TABLE fb_results ADD COLUMN expires_at REAL")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process was first
+                raise
+    db.execute("CREATE INDEX IF NOT EXISTS fb_results_expiry ON fb_results (queue, expires_at)")
 
 
 class _transaction:

@@ -54,6 +54,8 @@ from .base import (
     decode_job,
     encode_job,
     encode_record,
+    peek_job_id,
+    redact,
 )
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 
@@ -109,6 +111,8 @@ class Worker:
         self.broker = broker
         self.config = config
         self.name = config.name or worker_name()
+        #: where this worker's /metrics is served, if anywhere (for the startup line)
+        self.metrics_url: str | None = None
         self._runner: Runner | None = None
         self._unsettled: set[Delivery] = set()
         self._held: dict[Delivery, asyncio.TimerHandle] = {}
@@ -160,8 +164,18 @@ class Worker:
     async def run(self) -> WorkerStats:
         """Consume until ``stop()``; returns the worker's statistics."""
         cfg = self.config
-        self.broker.configure(lease=cfg.lease, prefetch=cfg.prefetch)
+        self.broker.configure(
+            lease=cfg.lease, prefetch=cfg.prefetch, name=self.name, result_ttl=cfg.result_ttl
+        )
         await self._with_reconnect(self.broker.open, "open", reconnect=False)
+        log.info(
+            "worker %s: consuming queue %r at %s into pipeline %r: concurrency=%d "
+            "max_attempts=%d lease=%gs result_ttl=%s metrics=%s",
+            self.name, self.broker.queue, redact(self.broker.url), self.pipeline.name,
+            cfg.prefetch, cfg.retry.attempts, cfg.lease,
+            f"{cfg.result_ttl:g}s" if cfg.result_ttl else "forever",
+            self.metrics_url or "off",
+        )
         try:
             async with self.pipeline.open(queue_size=cfg.prefetch) as runner:
                 self._runner = runner
@@ -253,9 +267,11 @@ class Worker:
             self._counts["redelivered"] += 1
         self._unsettled.add(d)
         now = time.time()
+        # A message that is no valid envelope still fails its job for the
+        # producer (a failed result under its id) when its id can be read.
         if len(d.body) > cfg.max_message_bytes:
             self._dead(
-                d, None, 1, now,
+                d, peek_job_id(d.body), 1, now,
                 f"MessageTooLarge: message of {len(d.body)} bytes exceeds "
                 f"max_message_bytes={cfg.max_message_bytes}",
             )
@@ -263,10 +279,12 @@ class Worker:
         try:
             env = decode_job(d.body)
         except msgspec.ValidationError as exc:
-            self._dead(d, None, 1, now, f"MalformedMessage: wrong schema: {exc}")
+            self._dead(d, peek_job_id(d.body, parsed=_json_or_none(d.body)), 1, now,
+                       f"MalformedMessage: wrong schema: {exc}")
             return
         except msgspec.DecodeError as exc:
-            self._dead(d, None, 1, now, f"MalformedMessage: not a JSON job envelope: {exc}")
+            self._dead(d, peek_job_id(d.body), 1, now,
+                       f"MalformedMessage: not a JSON job envelope: {exc}")
             return
         d.job_id = env.id
         attempts = env.attempt + max(0, d.deliveries - 1)
@@ -528,6 +546,13 @@ _MIN_OP_TIMEOUT = 30.0
 
 def _is_release(o: Outcome) -> bool:
     return o.result is None and o.dead is None and o.retry is None
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
 
 
 def _describe(exc: BaseException) -> str:
