@@ -15,6 +15,7 @@ EXPECTED = {
     "BatchContractError",
     "Client",
     "DeadlineExceeded",
+    "Executor",
     "FlowbatchError",
     "ItemFailed",
     "JobFailed",

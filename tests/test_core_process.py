@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import os
 import signal
+import threading
 from typing import Any
 
 import pytest
@@ -88,7 +89,7 @@ def test_a_dying_worker_fails_its_item_and_is_replaced() -> None:
                     assert r == i
             # The pipeline goes on with the replacement.
             assert await runner.submit(5) == 5
-            assert runner._stages[0].executor.restarts == 1  # type: ignore[attr-defined]
+            assert runner.stats().stage("crash_on_13").restarts == 1
 
     asyncio.run(main())
 
@@ -162,9 +163,12 @@ def test_a_replacement_that_cannot_set_up_fails_callers_instead_of_looping(
             (tmp_path / "gone").touch()
             with pytest.raises(fb.ItemFailed, match="died"):
                 await runner.submit(13)
-            with pytest.raises(fb.ItemFailed, match="failed its setup.*model file is gone"):
+            with pytest.raises(fb.ItemFailed, match="failed its setup.*model file is gone") as info:
                 await runner.submit(2)
-            assert runner._stages[0].executor.restarts == 1  # type: ignore[attr-defined]
+            crashed = info.value.__cause__
+            assert isinstance(crashed, fb.WorkerCrashed)
+            assert "model file is gone" in str(crashed.__cause__)  # the setup error, chained
+            assert runner.stats().stage("m").restarts == 1
 
     asyncio.run(main())
 
@@ -212,8 +216,33 @@ def test_a_worker_killed_while_idle_is_replaced() -> None:
         async with pipe.open() as runner:
             pid = await runner.submit(0)
             os.kill(pid, signal.SIGKILL)
-            executor = runner._stages[0].executor
-            await until(lambda: executor.restarts == 1)  # type: ignore[attr-defined]
+            await until(lambda: runner.stats().stage("w").restarts == 1)
             assert await runner.submit(1) not in (pid, os.getpid())
 
     asyncio.run(main())
+
+
+def test_a_dying_worker_is_never_joined_on_the_event_loop(monkeypatch: Any) -> None:
+    from multiprocessing.process import BaseProcess
+
+    loop_thread = threading.current_thread()  # asyncio.run runs the loop here
+    joined_on_loop: list[int | None] = []
+    real_join = BaseProcess.join
+
+    def join(self: BaseProcess, timeout: float | None = None) -> None:
+        if threading.current_thread() is loop_thread:
+            joined_on_loop.append(self.pid)
+        real_join(self, timeout)
+
+    monkeypatch.setattr(BaseProcess, "join", join)
+    pipe = fb.Pipeline([fb.stage(crash_on_13, executor="process")])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            with pytest.raises(fb.ItemFailed, match="exit code 7") as info:
+                await runner.submit(13)
+            assert isinstance(info.value.__cause__, fb.WorkerCrashed)
+            assert await runner.submit(2) == 2
+
+    asyncio.run(main())
+    assert joined_on_loop == []

@@ -27,6 +27,7 @@ from .errors import (
     PipelineError,
     WorkerCrashed,
 )
+from .executors import Executor
 from .metrics import PipelineStats, StageStats, Summary
 from .pipeline import Pipeline
 from .retry import Retry
@@ -57,6 +58,7 @@ __all__ = [
     "BatchContractError",
     "Client",
     "DeadlineExceeded",
+    "Executor",
     "FlowbatchError",
     "ItemFailed",
     "JobFailed",

@@ -1,12 +1,17 @@
-"""Where a stage's function runs: on the event loop, in threads, in processes.
+"""Where a stage's function runs: the ``Executor`` interface and the built-ins.
 
-Every executor has the same small surface, used by the runner:
-``await start()`` (runs ``setup()`` in each worker; a failure is a
-``PipelineError`` naming the stage), ``await call(arg, timeout)`` and
-``await stop()``. The runner never has more calls in flight than the
-executor has workers, so nothing queues inside an executor.
+:class:`Executor` is public (``fb.Executor``): ``fb.stage(fn,
+executor=MyExecutor())`` runs a stage on any object that implements it (a
+pool of Ray actors, a remote model server, a fake in a test). The runner
+drives it: ``await start(stage)`` once (runs the stage's ``setup()`` in each
+worker; a failure is a ``PipelineError`` naming the stage), ``await
+call(arg, timeout)`` for an item (or a batch's list), never more than
+``stage.concurrency`` at once, so nothing queues inside an executor, and
+``await stop()`` once (``teardown()`` in each worker). ``restarts`` counts
+workers replaced after dying; ``stats()`` shows it per stage.
 
-Thread workers are dedicated threads, each holding its own copy of a
+The built-ins, chosen by name (``"async"``, ``"thread"``, ``"process"``):
+thread workers are dedicated threads, each holding its own copy of a
 stateful stage object (a model replica). Process workers are spawned
 interpreters with a request pipe and an answer pipe each, both read and
 written by the event loop through asyncio transports; the idle worker used
@@ -27,13 +32,17 @@ import queue
 import signal
 import threading
 import traceback
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .errors import PipelineError, WorkerCrashed
 from .hooks import activated
+
+if TYPE_CHECKING:
+    from .stage import Stage
 
 __all__ = [
     "AsyncExecutor",
@@ -70,14 +79,52 @@ class CallTimedOut(TimeoutError):
 Activate = Callable[[Any], AbstractContextManager[Any]]
 
 
-class Executor(Protocol):
-    workers: int
+class Executor(ABC):
+    """Where a stage's calls run: subclass it to run a stage anywhere.
 
-    async def start(self) -> None: ...
+    The runner calls, in order:
 
-    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any: ...
+    - ``await start(stage)`` once, before any call: prepare
+      ``stage.concurrency`` workers for ``stage.fn`` and run its ``setup()``
+      (when it has one) once in each. Raise to fail the runner's open (a
+      :class:`~flowbatch.PipelineError` naming the stage reads best).
+    - ``await call(arg, timeout, carrier)``: run ``stage.fn(arg)`` in a worker
+      and return its result; ``arg`` is one item, or a list for a batched
+      stage (return a list of the same length). Raise what the function
+      raised (the stage's ``Retry`` decides what happens next); a call past
+      ``timeout`` seconds (``None``: no limit) raises ``TimeoutError``. At
+      most ``stage.concurrency`` calls are in flight. ``carrier`` is an
+      opaque value from tracing hooks (see hooks.py); an executor that
+      cannot carry it across ignores it.
+    - ``await stop()`` once, after the last call: run ``teardown()`` (when
+      the function has one) in each worker and release them.
 
-    async def stop(self) -> None: ...
+    ``restarts`` counts workers replaced after they died; ``stats()`` shows
+    it per stage. An instance serves one running stage at a time.
+
+    Usage::
+
+        class Remote(fb.Executor):
+            async def start(self, stage): self.fn = stage.fn
+            async def call(self, arg, timeout, carrier=None): return await rpc(self.fn, arg)
+            async def stop(self): ...
+
+        fb.stage(embed, executor=Remote(), batch=fb.Batch(max_size=64))
+    """
+
+    restarts: int = 0
+
+    @abstractmethod
+    async def start(self, stage: Stage) -> None:
+        """Prepare the workers and run the stage's ``setup()`` in each."""
+
+    @abstractmethod
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
+        """Run the stage function on ``arg`` in a worker; return its result."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Run ``teardown()`` in each worker and release them."""
 
 
 def materialize(result: Any) -> list[Any]:
@@ -105,8 +152,12 @@ def _setup_error(stage: str, exc: BaseException) -> PipelineError:
 # --------------------------------------------------------------------- async
 
 
-class AsyncExecutor:
-    """Runs an ``async def`` (or async generator) on the event loop."""
+class AsyncExecutor(Executor):
+    """Runs an ``async def`` (or async generator) on the event loop.
+
+    Built-in executors are made for one stage (the runner builds them from
+    ``"async"``, ``"thread"`` or ``"process"``); ``start``'s stage is theirs.
+    """
 
     def __init__(
         self, fn: Callable[..., Any], workers: int, stage: str, activate: Activate | None = None
@@ -119,7 +170,7 @@ class AsyncExecutor:
             getattr(type(fn), "__call__", None)  # noqa: B004
         )
 
-    async def start(self) -> None:
+    async def start(self, stage: Stage | None = None) -> None:
         setup = getattr(self.fn, "setup", None)
         if callable(setup):
             try:
@@ -168,7 +219,7 @@ def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
-class ThreadExecutor:
+class ThreadExecutor(Executor):
     """``workers`` dedicated threads; each runs ``setup()`` on its own replica."""
 
     def __init__(
@@ -192,7 +243,7 @@ class ThreadExecutor:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self) -> None:
+    async def start(self, stage: Stage | None = None) -> None:
         loop = self._loop = asyncio.get_running_loop()
         has_setup = callable(getattr(self.fn, "setup", None))
         ready: list[asyncio.Future[None]] = []
@@ -444,7 +495,7 @@ class _Answers(asyncio.Protocol):
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.executor._died(self.proc)
+        self.executor._died(self.proc, exc)
 
 
 class _Requests(asyncio.BaseProtocol):
@@ -456,7 +507,7 @@ class _Requests(asyncio.BaseProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:  # the worker's end closed under a write: it died
-            self.executor._died(self.proc)
+            self.executor._died(self.proc, exc)
 
 
 class _Proc:
@@ -471,7 +522,7 @@ class _Proc:
         self.answers: asyncio.ReadTransport | None = None
 
 
-class ProcessExecutor:
+class ProcessExecutor(Executor):
     """``workers`` spawned processes; a dead one is replaced, failing only its call.
 
     Each worker has two pipes: calls go out through an asyncio write
@@ -512,7 +563,7 @@ class ProcessExecutor:
         self._broken: BaseException | None = None
         self.restarts = 0
 
-    async def start(self) -> None:
+    async def start(self, stage: Stage | None = None) -> None:
         procs = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
         results = await asyncio.gather(*(p.fut for p in procs), return_exceptions=True)
         for r in results:
@@ -556,7 +607,13 @@ class ProcessExecutor:
             ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
         _resolve(proc.fut, ok, value)
 
-    def _died(self, proc: _Proc) -> None:
+    def _died(self, proc: _Proc, cause: BaseException | None = None) -> None:
+        """``proc``'s pipe closed: it exited, was stopped or died. Fail its
+        call (once its exit code is known) and start its replacement.
+
+        Never blocks the event loop: a process whose exit code is not known
+        yet is waited for in a thread.
+        """
         if proc.dead:
             return
         proc.dead = True
@@ -564,24 +621,37 @@ class ProcessExecutor:
         for transport in (proc.requests, proc.answers):
             if transport is not None:
                 transport.close()
-        proc.process.join(1.0)  # its pipe closed: it is exiting now
-        code = proc.process.exitcode
-        how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
-        _resolve(
-            proc.fut,
-            False,
-            WorkerCrashed(
-                f"worker process {proc.process.pid} of stage {self.stage!r} died "
-                f"({how}) while it held this item"
-            ),
-        )
+        if proc.process.exitcode is not None:  # a non-blocking poll
+            self._report_death(proc, cause)
+        else:
+            self._own(self._reap(proc, cause))
         # A worker that never got through setup() is not replaced here: its
         # replacer reports the failure (else a broken setup would loop).
         if not self._closing and proc.ready:
             self.restarts += 1
-            task = asyncio.get_running_loop().create_task(self._replace())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._own(self._replace())
+
+    def _own(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap(self, proc: _Proc, cause: BaseException | None) -> None:
+        try:
+            # Its pipe closed, so it is exiting now; join it off the loop.
+            await asyncio.to_thread(proc.process.join, 1.0)
+        finally:
+            self._report_death(proc, cause)
+
+    def _report_death(self, proc: _Proc, cause: BaseException | None) -> None:
+        code = proc.process.exitcode
+        how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
+        err = WorkerCrashed(
+            f"worker process {proc.process.pid} of stage {self.stage!r} died "
+            f"({how}) while it held this item"
+        )
+        err.__cause__ = cause
+        _resolve(proc.fut, False, err)
 
     async def _replace(self) -> None:
         proc = await self._spawn()
@@ -611,7 +681,7 @@ class ProcessExecutor:
                 raise WorkerCrashed(
                     f"stage {self.stage!r} has no worker: a replacement process failed "
                     f"its setup: {self._broken!r}"
-                )
+                ) from self._broken
             if not proc.dead:
                 break
             # It died while idle; its replacement is (or will be) in the queue.
@@ -653,6 +723,8 @@ class ProcessExecutor:
                 proc.process.kill()
                 await asyncio.to_thread(proc.process.join, 5.0)
             self._died(proc)  # closes its transports (a no-op if they closed already)
+        if self._tasks:  # deaths noticed while stopping: their exit codes are known now
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _own_file(conn: Connection, mode: str) -> Any:

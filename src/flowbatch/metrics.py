@@ -237,7 +237,7 @@ class StageStats:
     ``batch_max_size`` is 0 for an unbatched stage. ``utilization`` is the
     fraction of the workers' time spent in the stage function since the runner
     opened; ``padding_waste`` the fraction of a cost-bounded batch's padded
-    cost that was padding.
+    cost that was padding; ``restarts`` the workers replaced after dying.
     """
 
     name: str
@@ -260,6 +260,7 @@ class StageStats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     batch_cost: Summary = field(default_factory=Summary)
     padding_waste: float = 0.0
+    restarts: int = 0
 
     def since(self, prev: StageStats, seconds: float) -> StageStats:
         """What the stage did in the ``seconds`` after ``prev`` was taken.
@@ -291,6 +292,7 @@ class StageStats:
             mean_batch_size=items / batches if batches else 0.0,
             batch_sizes={k: v for k, v in sizes.items() if v > 0},
             batch_cost=self.batch_cost.since(prev.batch_cost),
+            restarts=int(_increase(self.restarts, prev.restarts)),
         )
 
     def to_dict(self) -> dict[str, Any]:

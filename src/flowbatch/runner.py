@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from time import perf_counter
@@ -35,7 +36,7 @@ from .envelope import Collector, FutureSink, Item
 from .errors import DeadlineExceeded, Overloaded, PipelineClosed
 from .hooks import Hooks
 from .ledger import Ledger
-from .metrics import PipelineStats, find_bottleneck
+from .metrics import PipelineStats, StageStats, find_bottleneck
 from .stagerun import StageRun
 from .workers import Workers
 
@@ -114,7 +115,7 @@ class Runner:
         started: list[StageRun] = []
         try:
             for sr in self._stages:
-                await sr.executor.start()
+                await sr.executor.start(sr.spec)
                 started.append(sr)
         except BaseException:
             for sr in reversed(started):
@@ -479,9 +480,7 @@ class Runner:
         """An immutable snapshot of the pipeline's and each stage's figures."""
         now = self._clock()
         elapsed = now - self._t_open if self._t_open else 0.0
-        stages = tuple(
-            sr.metrics.snapshot(now, elapsed, len(sr.inq)) for sr in self._stages
-        )
+        stages = tuple(self._stage_stats(sr, now, elapsed) for sr in self._stages)
         led = self._ledger
         busy_span = (led.t_last or now) - led.t_first if led.t_first else 0.0
         return PipelineStats(
@@ -498,6 +497,12 @@ class Runner:
             stages=stages,
             bottleneck=find_bottleneck(stages),
         )
+
+    @staticmethod
+    def _stage_stats(sr: StageRun, now: float, elapsed: float) -> StageStats:
+        snap = sr.metrics.snapshot(now, elapsed, len(sr.inq))
+        restarts = sr.executor.restarts
+        return dataclasses.replace(snap, restarts=restarts) if restarts else snap
 
     @property
     def closed(self) -> bool:

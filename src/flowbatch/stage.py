@@ -18,11 +18,13 @@ from typing import Any, Literal, overload
 
 from .batching import Batch
 from .errors import PipelineError
+from .executors import Executor
 from .retry import NO_RETRY, Retry
 
-__all__ = ["Executor", "Stage", "stage"]
+__all__ = ["ExecutorKind", "Stage", "stage"]
 
-Executor = Literal["auto", "async", "thread", "process"]
+#: The built-in executors, by name; ``executor=`` also takes an :class:`Executor`.
+ExecutorKind = Literal["auto", "async", "thread", "process"]
 _EXECUTORS = ("auto", "async", "thread", "process")
 
 
@@ -51,12 +53,18 @@ class Stage:
 
     fn: Callable[..., Any]
     name: str
-    executor: Literal["async", "thread", "process"]
+    executor: Literal["async", "thread", "process"] | Executor
     concurrency: int
     batch: Batch | None
     retry: Retry
     timeout: float | None
     fan_out: bool
+
+    @property
+    def executor_name(self) -> str:
+        """The executor's name: a built-in's (``"thread"``) or an instance's class name."""
+        ex = self.executor
+        return ex if isinstance(ex, str) else type(ex).__name__
 
     @property
     def has_setup(self) -> bool:
@@ -76,7 +84,7 @@ def _make_stage(
     fn: Any,
     *,
     name: str | None,
-    executor: str,
+    executor: str | Executor,
     concurrency: int,
     batch: Batch | None,
     retry: Retry | None,
@@ -93,9 +101,10 @@ def _make_stage(
         )
     if not isinstance(label, str) or not label:
         raise PipelineError(f"stage name must be a non-empty string, got {label!r}")
-    if executor not in _EXECUTORS:
+    if not isinstance(executor, Executor) and executor not in _EXECUTORS:
         raise PipelineError(
-            f"stage {label!r}: executor must be one of {', '.join(_EXECUTORS)}; got {executor!r}"
+            f"stage {label!r}: executor must be one of {', '.join(_EXECUTORS)} "
+            f"or a flowbatch.Executor; got {executor!r}"
         )
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise PipelineError(f"stage {label!r}: concurrency must be an int >= 1, got {concurrency!r}")
@@ -106,8 +115,10 @@ def _make_stage(
     if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
         raise PipelineError(f"stage {label!r}: timeout must be a number > 0, got {timeout!r}")
     is_async = _is_async_callable(fn)
-    kind: Literal["async", "thread", "process"]
-    if executor == "auto":
+    kind: Literal["async", "thread", "process"] | Executor
+    if isinstance(executor, Executor):
+        kind = executor  # sync or async, the function is the executor's business
+    elif executor == "auto":
         kind = "async" if is_async else "thread"
     elif executor == "async":
         if not is_async:
@@ -145,7 +156,7 @@ def stage(
     /,
     *,
     name: str | None = None,
-    executor: Executor = "auto",
+    executor: ExecutorKind | Executor = "auto",
     concurrency: int = 1,
     batch: Batch | None = None,
     retry: Retry | None = None,
@@ -160,7 +171,7 @@ def stage(
     /,
     *,
     name: str | None = None,
-    executor: Executor = "auto",
+    executor: ExecutorKind | Executor = "auto",
     concurrency: int = 1,
     batch: Batch | None = None,
     retry: Retry | None = None,
@@ -174,7 +185,7 @@ def stage(
     /,
     *,
     name: str | None = None,
-    executor: Executor = "auto",
+    executor: ExecutorKind | Executor = "auto",
     concurrency: int = 1,
     batch: Batch | None = None,
     retry: Retry | None = None,
@@ -197,6 +208,9 @@ def stage(
       input; the input's result is the list of its children's results.
     - ``retry=fb.Retry(...)``: retry failed items; ``timeout``: seconds one
       call may take.
+    - ``executor=``: ``"auto"`` (async def on the loop, else threads),
+      ``"async"``, ``"thread"``, ``"process"``, or an instance of
+      :class:`flowbatch.Executor` that runs the calls anywhere else.
 
     Usable as ``stage(fn, ...)``, ``@stage`` and ``@stage(...)``.
     """

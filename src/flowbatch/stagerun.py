@@ -58,22 +58,26 @@ class StageRun:
         self.inq: Channel[Item] = Channel(size)
         self.metrics = StageMetrics(
             spec.name,
-            spec.executor,
+            spec.executor_name,
             spec.concurrency,
             spec.batch.max_size if spec.batch is not None else 0,
         )
         self.next: StageRun | None = None
-        post: Callable[[Any], Any] | None = None
-        if spec.fan_out and spec.executor != "async":
-            post = materialize_each if spec.batch is not None else materialize
-        self.executor: Executor = make_executor(
-            spec.executor,
-            spec.fn,
-            spec.concurrency,
-            spec.name,
-            post=post,
-            activate=hooks.activate if hooks is not None else None,
-        )
+        self.executor: Executor
+        if isinstance(spec.executor, Executor):
+            self.executor = spec.executor
+        else:
+            post: Callable[[Any], Any] | None = None
+            if spec.fan_out and spec.executor != "async":
+                post = materialize_each if spec.batch is not None else materialize
+            self.executor = make_executor(
+                spec.executor,
+                spec.fn,
+                spec.concurrency,
+                spec.name,
+                post=post,
+                activate=hooks.activate if hooks is not None else None,
+            )
         timeout = spec.timeout
         # An async function without a timeout is awaited as is: no wrapper.
         self.direct = (
