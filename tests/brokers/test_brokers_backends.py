@@ -58,6 +58,34 @@ def test_redis_fetch_returns_reclaimed_entries_at_once_and_counts_one_delivery(
     asyncio.run(main())
 
 
+@on_redis
+def test_redis_entries_reclaimed_by_a_cancelled_fetch_are_handed_out_without_another_claim(
+    service: Service, queue_name: str
+) -> None:
+    async def main() -> None:
+        dead: Any = make_broker(service.url, queue_name)
+        alive: Any = make_broker(service.url, queue_name)
+        alive.configure(lease=0.1, prefetch=16)
+        async with dead, alive:
+            await dead.publish([encode_job(str(i), i) for i in range(3)])
+            assert len(await dead.fetch(16, 0.5)) == 3
+
+            async def claimed() -> bool:
+                await alive._reclaim(16)  # as far as a fetch cancelled after XAUTOCLAIM got
+                return len(alive._claimed) == 3
+
+            await poll_until(claimed, 10, "the entries idle past the lease", every=0.05)
+            alive.lease = 60.0  # no second claim of our own entries from here on
+            got = await alive.fetch(16, 0.5)
+            assert [d.deliveries for d in got] == [2, 2, 2]
+            pending = await alive._redis.xpending_range(
+                alive.stream, "fb", min="-", max="+", count=10
+            )
+            assert [p["times_delivered"] for p in pending] == [2, 2, 2]
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------ result TTLs
 
 

@@ -426,3 +426,66 @@ def test_the_worker_logs_one_startup_line_with_its_name_and_no_password(
             "concurrency=32 max_attempts=3 lease=30s result_ttl=604800s metrics=off"
         )
     ]
+
+
+def test_a_new_worker_finishes_a_crashed_workers_messages_with_no_new_traffic() -> None:
+    gate = asyncio.Event()
+
+    async def stuck(xs: list[int]) -> list[int]:
+        await gate.wait()
+        return xs
+
+    async def ident(xs: list[int]) -> list[int]:
+        return xs
+
+    async def main() -> None:
+        broker = MemoryBroker("q")
+        async with Client(broker) as client:
+            ids = await client.submit_many(range(300))
+            first = Worker(batched(stuck), broker, config(prefetch=32))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(first.run())
+                await until(lambda: broker.unacked == 32)
+                assert broker.crash() == 32  # the first worker "died" holding 32
+                await run_until_joined(batched(ident), broker, config(prefetch=32))
+                first.stop()
+                gate.set()
+            results = await client.results()
+        assert sorted(results) == sorted(ids) and all(r.ok for r in results.values())
+        assert not await broker.dead_letters()
+
+    asyncio.run(main())
+
+
+def test_a_graceful_stop_costs_no_attempt_with_max_attempts_1() -> None:
+    gate = asyncio.Event()
+
+    async def work(xs: list[int]) -> list[int]:
+        await gate.wait()
+        return xs
+
+    async def ident(xs: list[int]) -> list[int]:
+        return xs
+
+    async def main() -> None:
+        once = fb.Retry(attempts=1)
+        broker = MemoryBroker("q")
+        async with Client(broker) as client:
+            # two jobs due in a second, held by the first worker when it
+            # stops, and 20 jobs of which it has 8 in flight
+            due = time.time() + 1.0
+            await broker.publish([encode_job(f"later-{i}", i, not_before=due) for i in range(2)])
+            ids = await client.submit_many(range(20))
+            first = Worker(batched(work, 4), broker, config(prefetch=8, retry=once))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(first.run())
+                await until(lambda: broker.unacked == 8)
+                first.stop()
+                gate.set()
+            assert first.statistics().released == 2
+            await run_until_joined(batched(ident), broker, config(prefetch=8, retry=once))
+            results = await client.results()
+        assert set(results) == {*ids, "later-0", "later-1"}
+        assert all(r.ok and r.attempts == 1 for r in results.values())
+
+    asyncio.run(main())
