@@ -29,7 +29,9 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import re
 import signal
+import sys
 import threading
 import traceback
 from abc import ABC, abstractmethod
@@ -145,6 +147,40 @@ def materialize_each(results: Any) -> Any:
 
 def _setup_error(stage: str, exc: BaseException) -> PipelineError:
     err = PipelineError(f"stage {stage!r}: setup() failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+_MAIN_GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]""")
+
+
+def _unguarded_script() -> str | None:
+    """The main script's path when it has no ``if __name__ == "__main__":`` guard."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None if _MAIN_GUARD.search(source) else path
+
+
+def _start_up_error(stage: str, exc: BaseException) -> PipelineError:
+    """A process worker died before it was ready: say what usually causes it."""
+    script = _unguarded_script()
+    if script is None:
+        return _setup_error(stage, exc)
+    err = PipelineError(
+        f"stage {stage!r}: {exc}. "
+        f"The script {script} runs its pipeline without an "
+        "'if __name__ == \"__main__\":' guard: each worker process is a fresh "
+        "interpreter that imports the main script, so code at its top level runs "
+        "again in every worker. Put the code that runs the pipeline under "
+        "'if __name__ == \"__main__\":' (functions and stages stay at top level)."
+    )
     err.__cause__ = exc
     return err
 
@@ -443,6 +479,12 @@ def _process_main(
             arg, carrier = pickle.loads(data)
             with activated(activate, carrier):
                 out = fn(arg)
+            if inspect.iscoroutine(out):
+                out.close()
+                raise TypeError(
+                    "the stage returned a coroutine instead of a result: an 'await' is "
+                    "missing, or an async function is hidden behind a plain function"
+                )
             if post is not None:
                 out = post(out)
         except BaseException as exc:
@@ -567,6 +609,9 @@ class ProcessExecutor(Executor):
         procs = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
         results = await asyncio.gather(*(p.fut for p in procs), return_exceptions=True)
         for r in results:
+            if isinstance(r, WorkerCrashed):  # died before it could answer at all
+                await self.stop()
+                raise _start_up_error(self.stage, r) from r
             if isinstance(r, BaseException):
                 await self.stop()
                 raise _setup_error(self.stage, r) from r
@@ -646,9 +691,9 @@ class ProcessExecutor(Executor):
     def _report_death(self, proc: _Proc, cause: BaseException | None) -> None:
         code = proc.process.exitcode
         how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
+        held = "while it held this item" if proc.ready else "while starting"
         err = WorkerCrashed(
-            f"worker process {proc.process.pid} of stage {self.stage!r} died "
-            f"({how}) while it held this item"
+            f"worker process {proc.process.pid} of stage {self.stage!r} died ({how}) {held}"
         )
         err.__cause__ = cause
         _resolve(proc.fut, False, err)

@@ -12,7 +12,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import pickle
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from typing import Any
@@ -105,7 +104,8 @@ class Pipeline:
         """Run every item and return the results as a list (synchronous).
 
         Shows a progress bar on a terminal when ``progress`` is true. Must not
-        be called from inside a running event loop; use ``open()`` there.
+        be called from inside a running event loop; use ``await
+        pipe.arun(items)`` there (a notebook, an async application).
         """
         try:
             asyncio.get_running_loop()
@@ -114,31 +114,35 @@ class Pipeline:
         else:
             raise RuntimeError(
                 "Pipeline.run() cannot be called from a running event loop; "
-                "use 'async with pipeline.open() as runner' and runner.map() instead"
+                "use 'await pipeline.arun(items)' (or 'async with pipeline.open() "
+                "as runner' and runner.map()) instead"
             )
-        return asyncio.run(self._run(items, progress, ordered, return_exceptions, queue_size))
+        return asyncio.run(
+            self.arun(
+                items,
+                progress=progress,
+                ordered=ordered,
+                return_exceptions=return_exceptions,
+                queue_size=queue_size,
+            )
+        )
 
-    async def _run(
+    async def arun(
         self,
         items: Iterable[Any] | AsyncIterable[Any],
-        progress: bool,
-        ordered: bool,
-        return_exceptions: bool,
-        queue_size: int,
+        *,
+        progress: bool = True,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
     ) -> list[Any]:
-        total: int | None = None
-        with contextlib.suppress(TypeError):
-            total = len(items)  # type: ignore[arg-type]
-        out: list[Any] = []
-        async with self.open(queue_size=queue_size) as runner:
-            results = runner.map(items, ordered=ordered, return_exceptions=return_exceptions)
-            if not progress:
-                return [r async for r in results]
-            from rich.progress import Progress
+        """``run`` for code already inside an event loop: ``await pipe.arun(items)``.
 
-            with Progress(transient=False) as bar:
-                task = bar.add_task(self.name, total=total)
-                async for r in results:
-                    out.append(r)
-                    bar.advance(task)
-        return out
+        Opens the pipeline, runs every item, drains, and returns the results
+        as a list; the options are ``run``'s.
+        """
+        async with self.open(queue_size=queue_size) as runner:
+            results = runner.map(
+                items, ordered=ordered, return_exceptions=return_exceptions, progress=progress
+            )
+            return [r async for r in results]

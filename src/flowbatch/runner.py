@@ -349,6 +349,7 @@ class Runner:
         ordered: bool = True,
         return_exceptions: bool = False,
         window: int | None = None,
+        progress: bool = False,
     ) -> AsyncIterator[Any]:
         """Run every item of a sync or async iterable; yield the results.
 
@@ -358,6 +359,8 @@ class Runner:
         input order; ``ordered=False`` as results complete. A failed item
         raises its ``ItemFailed`` (stopping the map) unless
         ``return_exceptions=True``, which yields the error in its place.
+        ``progress=True`` shows a progress bar (rich) while results come
+        (with a total when ``items`` has a length), as ``pipe.run`` does.
         """
         self._check_open()
         if not isinstance(items, Iterable | AsyncIterable):
@@ -365,7 +368,27 @@ class Runner:
         size = window if window is not None else self.window
         if size < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
-        return self._map(items, ordered, return_exceptions, size)
+        results = self._map(items, ordered, return_exceptions, size)
+        if not progress:
+            return results
+        total: int | None = None
+        with contextlib.suppress(TypeError):
+            total = len(items)  # type: ignore[arg-type]
+        return self._with_progress(results, total)
+
+    async def _with_progress(
+        self, results: AsyncIterator[Any], total: int | None
+    ) -> AsyncIterator[Any]:
+        from rich.progress import Progress
+
+        try:
+            with Progress(transient=False) as bar:
+                task = bar.add_task(self.name, total=total)
+                async for r in results:
+                    bar.advance(task)
+                    yield r
+        finally:
+            await results.aclose()  # type: ignore[attr-defined]
 
     async def _map(
         self,
