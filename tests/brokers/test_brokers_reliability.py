@@ -267,7 +267,7 @@ def test_a_worker_restarted_after_sigkill_finishes_the_queue_with_no_new_traffic
             assert killed_at < n, "the first worker finished before it was killed"
             second = WorkerProcess(service.url, queue_name, args, target="brokerpipes:noop", log=log)
             try:
-                await poll_until(lambda: _at_least(client, n), 25, "every result after the restart")
+                await poll_until(lambda: _at_least(client, n), 60, "every result after the restart")
                 stats = second.stop()
             finally:
                 second.ensure_dead()
