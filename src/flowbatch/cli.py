@@ -16,6 +16,8 @@ __all__ = ["main"]
 _LAZY = {
     "serve": ("flowbatch.http.cli", "serve", "http"),
     "worker": ("flowbatch.brokers.cli", "worker", "brokers"),
+    "dlq": ("flowbatch.brokers.admin", "dlq", "brokers"),
+    "queue": ("flowbatch.brokers.admin", "queue", "brokers"),
     "top": ("flowbatch.observe.top", "top", None),
     "bench": ("flowbatch.observe.bench", "bench", None),
 }

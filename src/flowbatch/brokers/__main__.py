@@ -1,9 +1,10 @@
-"""``python -m flowbatch.brokers worker ...`` until the main CLI registers ``worker``."""
+"""``python -m flowbatch.brokers worker|dlq|queue ...``: the broker commands without the main CLI."""
 
 from __future__ import annotations
 
 import click
 
+from .admin import dlq, queue
 from .cli import worker
 
 
@@ -13,6 +14,8 @@ def main() -> None:
 
 
 main.add_command(worker)
+main.add_command(dlq)
+main.add_command(queue)
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import (
@@ -44,8 +45,25 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.exceptions import (
+    AuthenticationError,
+    ConnectionNotAllowed,
+    InvalidFrameError,
+    ProbableAuthenticationError,
+)
 
-from .base import Broker, BrokerError, Delivery, Outcome, requeue_body
+from .base import (
+    Broker,
+    BrokerError,
+    BrokerRefused,
+    Delivery,
+    Outcome,
+    QueueStats,
+    decode_record,
+    digest_key,
+    redact,
+    requeue_body,
+)
 
 __all__ = ["AMQPBroker"]
 
@@ -53,6 +71,9 @@ _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 # Results live in a stream queue: durable, and read by any number of clients
 # without taking them away from the others.
 _STREAM: Any = {"x-queue-type": "stream", "x-max-age": "7D"}
+# Header of a result-stream message that withdraws a job's failed result
+# (published when its dead letter is replayed; a stream cannot delete).
+_FORGET = "x-fb-forget"
 # How long a closing broker spends putting back what it prefetched.
 _RETURN_TIMEOUT = 5.0
 
@@ -76,6 +97,7 @@ class AMQPBroker(Broker):
         self._consumer_tag: str | None = None
         self._results: dict[str, bytes] = {}
         self._reading_results = False
+        self._results_channel: AbstractChannel | None = None
         self._results_offset = 0
         #: result messages seen again for a job that already had one
         self.duplicate_results = 0
@@ -83,7 +105,7 @@ class AMQPBroker(Broker):
     async def open(self) -> None:
         if self._conn is not None:
             return
-        conn = await aio_pika.connect(self.url, timeout=10)
+        conn = await _connect(self.url)
         try:
             channel = await conn.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.prefetch)
@@ -173,11 +195,15 @@ class AMQPBroker(Broker):
         return self._results.get(job_id)
 
     async def _read_results(self) -> None:
-        if self._reading_results:
+        # Raises when the connection is gone, so that a Client waiting on a
+        # result reconnects (a reader whose channel closed would never see
+        # another result).
+        self._ch  # noqa: B018
+        results_channel = self._results_channel
+        if self._reading_results and results_channel is not None and not results_channel.is_closed:
             return
-        self._ch  # noqa: B018 - raises when not connected
         assert self._conn is not None
-        channel = await self._conn.channel()
+        channel = self._results_channel = await self._conn.channel()
         await channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
         queue = await channel.declare_queue(self.results_queue, durable=True, arguments=_STREAM)
 
@@ -189,7 +215,12 @@ class AMQPBroker(Broker):
                     return  # already read before a reconnect
                 self._results_offset = offset + 1
             job_id = msg.message_id or ""
-            if job_id in self._results:
+            if (msg.headers or {}).get(_FORGET):
+                # A replayed dead letter: its failed result no longer counts.
+                kept = self._results.get(job_id)
+                if kept is not None and not decode_record(kept).ok:
+                    del self._results[job_id]
+            elif job_id in self._results:
                 self.duplicate_results += 1
             else:
                 self._results[job_id] = msg.body
@@ -271,6 +302,58 @@ class AMQPBroker(Broker):
         await self._read_results()
         return dict(self._results)
 
+    # ------------------------------------ dead letters and depth (tools)
+
+    async def remove_dead_letters(self, keys: Sequence[str]) -> int:
+        # Dead letters have no id in a queue: take them all, ack the chosen
+        # ones (by digest), and the channel's close puts the others back.
+        wanted, removed = set(keys), 0
+        channel = await self._tool_channel()
+        try:
+            queue = await channel.declare_queue(self.dead_queue, durable=True)
+            while wanted:
+                msg = await queue.get(no_ack=False, fail=False)
+                if msg is None:
+                    break
+                key = digest_key(msg.body)
+                if key in wanted:
+                    wanted.discard(key)
+                    await msg.ack()
+                    removed += 1
+        finally:
+            await channel.close()
+        return removed
+
+    async def forget_failed_result(self, job_id: str) -> bool:
+        # A stream cannot delete: readers drop the job's failed result when
+        # they meet this marker (see _read_results).
+        msg = aio_pika.Message(
+            b"", delivery_mode=_PERSISTENT, message_id=job_id, headers={_FORGET: 1}
+        )
+        await self._ch.default_exchange.publish(msg, routing_key=self.results_queue)
+        if _failed(self._results.get(job_id)):
+            del self._results[job_id]
+        return True
+
+    async def queue_stats(self) -> QueueStats:
+        channel = await self._tool_channel()
+        try:
+            work = await channel.declare_queue(self.queue, passive=True)
+            dead = await channel.declare_queue(self.dead_queue, passive=True)
+        finally:
+            await channel.close()
+        # basic.qos hides what consumers hold (unacked) and a queue cannot be
+        # peeked without taking its head: those stay None.
+        return QueueStats(
+            waiting=_count(work),
+            dead=_count(dead),
+        )
+
+    async def _tool_channel(self) -> AbstractChannel:
+        self._ch  # noqa: B018 - raises when not connected
+        assert self._conn is not None
+        return await self._conn.channel()
+
     async def delete(self) -> None:
         """Remove the queue, its dead-letter queue and exchange, and its results (tests, tools)."""
         assert self._conn is not None
@@ -296,3 +379,30 @@ class AMQPBroker(Broker):
         finally:
             await channel.close()  # unacked: they stay in the dead-letter queue
         return out
+
+
+async def _connect(url: str) -> AbstractConnection:
+    """``aio_pika.connect``, with refused logins and virtual hosts as ``BrokerRefused``."""
+    try:
+        return await aio_pika.connect(url, timeout=10)
+    except (ProbableAuthenticationError, AuthenticationError, ConnectionNotAllowed) as exc:
+        raise BrokerRefused(f"rabbitmq at {redact(url)} refused us: {exc}") from exc
+    except InvalidFrameError as exc:
+        if "Connection.Close" not in str(exc):
+            raise
+        # RabbitMQ answers Connection.Open for a virtual host that does not
+        # exist (or that the user may not use) by closing the connection.
+        vhost = unquote(urlsplit(url).path[1:]) or "/"
+        raise BrokerRefused(
+            f"rabbitmq at {redact(url)} refused the virtual host {vhost!r}: it does not "
+            "exist or this user may not use it (the server closed the connection at login)"
+        ) from exc
+
+
+def _count(queue: AbstractQueue) -> int | None:
+    count = getattr(queue.declaration_result, "message_count", None)
+    return None if count is None else int(count)
+
+
+def _failed(record: bytes | None) -> bool:
+    return record is not None and not decode_record(record).ok

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import re
 import time
 import uuid
@@ -51,10 +52,16 @@ __all__ = [
     "DEFAULT_RESULT_TTL",
     "Broker",
     "BrokerError",
+    "BrokerRefused",
+    "BrokerUnreachable",
+    "BrokerUnsupported",
+    "DeadLetter",
     "Delivery",
     "Envelope",
     "JobFailed",
     "Outcome",
+    "QueueStats",
+    "Replayed",
     "ResultRecord",
     "ResultTimeout",
     "check_queue_name",
@@ -88,6 +95,23 @@ class BrokerError(FlowbatchError):
     """A broker could not be reached or refused an operation."""
 
     http_status = 503
+
+
+class BrokerRefused(BrokerError):
+    """The broker refused our settings (credentials, virtual host, permissions).
+
+    Retrying cannot help: a worker that gets this at start exits 2 at once.
+    """
+
+
+class BrokerUnreachable(BrokerError):
+    """No connection to the broker within the connect timeout."""
+
+
+class BrokerUnsupported(BrokerError):
+    """This backend cannot do what was asked (e.g. purge one Kafka record)."""
+
+    http_status = 501
 
 
 class JobFailed(FlowbatchError):
@@ -300,6 +324,61 @@ class Outcome:
     delay: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-letter record and the backend's handle on it.
+
+    ``key`` is what ``flowbatch dlq show|replay|purge`` take: the entry id,
+    row id or stream sequence where the broker has one, else a digest of the
+    record (RabbitMQ, Kafka, memory).
+    """
+
+    key: str
+    record: bytes
+
+    def decode(self) -> ResultRecord:
+        return decode_record(self.record)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Depth and lag of one queue, as far as the broker can say (None: it cannot).
+
+    - ``waiting``: messages ready to be delivered;
+    - ``in_flight``: delivered and not yet settled (held by workers);
+    - ``delayed``: retries the broker holds until their due time;
+    - ``dead``: dead-letter records;
+    - ``results``: stored result records;
+    - ``oldest_waiting_age``: seconds since the oldest waiting job was first
+      submitted (its envelope's ``first_seen``).
+    """
+
+    waiting: int | None = None
+    in_flight: int | None = None
+    delayed: int | None = None
+    dead: int | None = None
+    results: int | None = None
+    oldest_waiting_age: float | None = None
+
+
+def age_of(body: bytes | None, now: float | None = None) -> float | None:
+    """Seconds since the job in ``body`` was first seen (None if it cannot be read)."""
+    if body is None:
+        return None
+    try:
+        first_seen = decode_job(body).first_seen
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not first_seen:
+        return None
+    return max(0.0, (time.time() if now is None else now) - first_seen)
+
+
+def digest_key(record: bytes) -> str:
+    """A dead letter's key where the broker gives it no id: a digest of the record."""
+    return hashlib.sha256(record).hexdigest()[:16]
+
+
 class Broker(abc.ABC):
     """One queue on one broker. Use as ``async with``; see the module docstring."""
 
@@ -409,6 +488,73 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def dead_letters(self) -> list[bytes]:
         """Every dead-letter record (for tools and tests)."""
+
+    # ------------------------------------ dead letters and depth (tools)
+
+    async def list_dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter with its key, oldest first."""
+        return [DeadLetter(digest_key(r), r) for r in await self.dead_letters()]
+
+    async def remove_dead_letters(self, keys: Sequence[str]) -> int:
+        """Delete the dead letters with these keys; returns how many went."""
+        raise BrokerUnsupported(f"{self.scheme}:// cannot remove single dead letters")
+
+    async def forget_failed_result(self, job_id: str) -> bool:
+        """Remove ``job_id``'s stored result if it is a failure (before a replay)."""
+        raise BrokerUnsupported(f"{self.scheme}:// cannot remove a stored result")
+
+    async def queue_stats(self) -> QueueStats:
+        """Depth and lag of the queue; fields the broker cannot report are None."""
+        return QueueStats(dead=len(await self.dead_letters()))
+
+    async def replay_dead_letters(self, keys: Sequence[str] | None = None) -> Replayed:
+        """Put dead letters (all, or those with ``keys``) back on the queue.
+
+        Each goes back as its original envelope with the same job id (the
+        producer's idempotency key) and ``first_seen``, its attempts reset to
+        1; its failed result is removed first, so the next result is stored
+        and ``Client.result`` waits for it. The dead letter is deleted only
+        once the job is published again (a crash in between leaves a copy in
+        the dead-letter queue, never loses the job). Records whose body is no
+        job envelope (malformed messages) cannot be replayed and are skipped.
+        """
+        wanted = None if keys is None else set(keys)
+        letters = [x for x in await self.list_dead_letters() if wanted is None or x.key in wanted]
+        replayed = Replayed()
+        bodies: list[bytes] = []
+        for letter in letters:
+            try:
+                env = decode_job((letter.decode().body or "").encode())
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                replayed.skipped.append((letter.key, f"not a job envelope: {exc}"))
+                continue
+            await self.forget_failed_result(env.id)
+            bodies.append(encode_job(env.id, env.payload, first_seen=env.first_seen or None))
+            replayed.keys.append(letter.key)
+            replayed.job_ids.append(env.id)
+        if bodies:
+            await self.publish(bodies)
+            await self.remove_dead_letters(replayed.keys)
+        if wanted is not None:
+            found = {x.key for x in letters}
+            replayed.missing.extend(sorted(wanted - found))
+        return replayed
+
+    async def purge_dead_letters(self, keys: Sequence[str] | None = None) -> int:
+        """Delete dead letters (all, or those with ``keys``); returns how many went."""
+        if keys is None:
+            keys = [x.key for x in await self.list_dead_letters()]
+        return await self.remove_dead_letters(keys) if keys else 0
+
+
+@dataclass(slots=True)
+class Replayed:
+    """What ``Broker.replay_dead_letters`` did."""
+
+    keys: list[str] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
 
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")

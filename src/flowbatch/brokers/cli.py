@@ -26,8 +26,14 @@ from flowbatch.retry import Retry
 from flowbatch.target import TargetError
 from flowbatch.target import load_pipeline as _load
 
-from .base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RESULT_TTL
+from .base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RESULT_TTL,
+    BrokerRefused,
+    BrokerUnreachable,
+)
 from .config import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LEASE,
     DEFAULT_PREFETCH,
     DEFAULT_RETRY,
@@ -36,7 +42,13 @@ from .config import (
 )
 from .registry import DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
 
-__all__ = ["load_pipeline", "worker"]
+__all__ = ["BrokerFailed", "load_pipeline", "worker"]
+
+
+class BrokerFailed(click.ClickException):
+    """The broker refused us or could not be reached: one line on stderr, exit 2."""
+
+    exit_code = 2
 
 
 def load_pipeline(target: str) -> Pipeline:
@@ -71,6 +83,10 @@ def load_pipeline(target: str) -> Pipeline:
 @click.option("--stall-after", default=DEFAULT_WORKER_CONFIG.stall_after, show_default=True,
               type=click.FloatRange(min=0.1),
               help="Seconds without deliveries while a backlog waits before reconnecting.")
+@click.option("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT, show_default=True,
+              type=click.FloatRange(min=0.001),
+              help="Seconds to retry an unreachable broker at start before exiting 2 "
+                   "(refused credentials or virtual host exit 2 at once).")
 @click.option("--result-ttl", default=DEFAULT_RESULT_TTL, show_default=True,
               type=click.FloatRange(min=0),
               help="Seconds stored results are kept (0: until deleted); "
@@ -92,6 +108,7 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
     timeout: float | None,
     max_message_bytes: int,
     stall_after: float,
+    connect_timeout: float,
     result_ttl: float,
     metrics_port: int | None,
     log_level: str,
@@ -123,8 +140,12 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
         max_message_bytes=max_message_bytes,
         stall_after=stall_after,
         result_ttl=result_ttl,
+        connect_timeout=connect_timeout,
     )
-    stats = asyncio.run(_serve(pipe, broker, config, early, metrics_port))
+    try:
+        stats = asyncio.run(_serve(pipe, broker, config, early, metrics_port))
+    except (BrokerRefused, BrokerUnreachable) as exc:
+        raise BrokerFailed(str(exc)) from None
     click.echo(json.dumps(dataclasses.asdict(stats)))
 
 

@@ -14,19 +14,24 @@ one result.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from flowbatch.retry import Retry
+
 from .base import (
     Broker,
+    BrokerRefused,
     JobFailed,
     ResultRecord,
     ResultTimeout,
     decode_record,
     encode_job,
     new_job_id,
+    redact,
 )
 from .registry import DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
 
@@ -34,6 +39,12 @@ __all__ = ["Client"]
 
 # How many envelopes go to the broker in one publish call.
 _PUBLISH_CHUNK = 500
+# Waiting for a result polls the store from 2 ms up to 250 ms apart, and
+# retries a lost broker from 0.1 s up to 5 s apart (both jittered).
+_POLL = Retry(backoff=0.002, max_backoff=0.25)
+_RECONNECT = Retry(backoff=0.1, max_backoff=5.0)
+
+log = logging.getLogger("flowbatch.brokers")
 # How many submitted job ids a client remembers (to tell "no such job" apart).
 _REMEMBERED = 100_000
 
@@ -137,13 +148,28 @@ class Client:
         return rec.value
 
     async def _wait_record(self, job_id: str) -> ResultRecord:
-        delay = 0.002
+        polls = failures = 0
         while True:
-            rec = await self.record(job_id)
+            try:
+                rec = await self.record(job_id)
+            except BrokerRefused:
+                raise
+            except Exception as exc:
+                # The broker is down or restarting: keep trying to reconnect
+                # (within the caller's timeout), backing off with jitter.
+                failures += 1
+                delay = _RECONNECT.delay(failures)
+                log.warning(
+                    "client: broker unreachable at %s (%s: %s); retrying in %.1f s",
+                    redact(self.broker.url), type(exc).__name__, exc, delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
             if rec is not None:
                 return rec
-            await asyncio.sleep(delay)  # polls the result store with backoff
-            delay = min(0.25, delay * 2)
+            polls += 1
+            await asyncio.sleep(_POLL.delay(polls))  # polls the result store with backoff
 
     async def dead_letters(self) -> list[ResultRecord]:
         """Every dead-letter record of the queue (error, attempts, first seen, body)."""

@@ -16,6 +16,7 @@ from flowbatch.retry import Retry
 from .base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RESULT_TTL
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_LEASE",
     "DEFAULT_PREFETCH",
     "DEFAULT_RETRY",
@@ -24,6 +25,8 @@ __all__ = [
 ]
 
 DEFAULT_PREFETCH = 256
+#: Seconds a worker retries an unreachable broker at start before it gives up.
+DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_LEASE = 30.0
 #: Broker-level retries: attempts in all (redeliveries included), then the
 #: dead-letter queue. Backoff is per message: 1 s, 2 s, 4 s ... up to 60 s.
@@ -53,16 +56,21 @@ class WorkerConfig:
     - ``stall_after``: seconds without a delivery, while the broker reports a
       backlog, after which the connection is considered stalled and re-opened.
     - ``reconnect_backoff`` / ``max_reconnect_backoff``: waits between
-      reconnection attempts.
+      reconnection attempts (doubling from the first to the second, with
+      jitter: ``fb.Retry.delay``).
+    - ``connect_timeout``: at start, how long an unreachable broker is
+      retried before ``run`` raises ``BrokerUnreachable`` (a broker that
+      refuses the credentials or virtual host raises ``BrokerRefused`` at
+      once); during a run reconnection is retried until ``stop()``.
     - ``result_ttl``: seconds a stored result is kept (7 days; 0: until
       deleted). Redis, SQLite and NATS apply it to the results they store;
       RabbitMQ's results stream and Kafka's results topic keep their own
       retention (7 days, set when they are created).
     - ``name``: the worker's name in its log lines and, where the broker has
       one, its consumer name there (default: host-pid-random).
-    - ``stop_timeout``: on stop, how long to keep trying to settle in-flight
-      messages with an unreachable broker before giving up (they are then
-      redelivered to another worker).
+    - ``stop_timeout``: on stop, how long to wait for in-flight messages to
+      finish and be settled. A broker that is unreachable at that point is
+      not waited for: what could not be settled is redelivered by the broker.
     """
 
     prefetch: int = DEFAULT_PREFETCH
@@ -76,6 +84,7 @@ class WorkerConfig:
     reconnect_backoff: float = 0.1
     max_reconnect_backoff: float = 5.0
     stop_timeout: float = 60.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     result_ttl: float = DEFAULT_RESULT_TTL
     name: str | None = field(default=None)
 
@@ -84,7 +93,10 @@ class WorkerConfig:
             raise ValueError(f"prefetch must be an int >= 1, got {self.prefetch!r}")
         if not isinstance(self.retry, Retry):
             raise TypeError(f"retry must be an fb.Retry, got {self.retry!r}")
-        for name in ("lease", "poll", "stall_after", "reconnect_backoff", "max_reconnect_backoff"):
+        for name in (
+            "lease", "poll", "stall_after", "reconnect_backoff", "max_reconnect_backoff",
+            "connect_timeout",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")

@@ -22,7 +22,16 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 
-from .base import Broker, BrokerError, Delivery, Outcome
+from .base import (
+    Broker,
+    BrokerError,
+    Delivery,
+    Outcome,
+    QueueStats,
+    age_of,
+    decode_record,
+    digest_key,
+)
 
 __all__ = ["MemoryBroker"]
 
@@ -212,8 +221,36 @@ class MemoryBroker(Broker):
     async def dead_letters(self) -> list[bytes]:
         return list(self._dead)
 
+    async def remove_dead_letters(self, keys: Sequence[str]) -> int:
+        gone = set(keys)
+        before = len(self._dead)
+        self._dead[:] = [r for r in self._dead if digest_key(r) not in gone]
+        return before - len(self._dead)
+
+    async def forget_failed_result(self, job_id: str) -> bool:
+        data = self._results.get(job_id)
+        if data is None or decode_record(data).ok:
+            return False
+        del self._results[job_id]
+        return True
+
+    async def queue_stats(self) -> QueueStats:
+        return QueueStats(
+            waiting=len(self._ready),
+            in_flight=len(self._unacked),
+            delayed=len(self._delayed),
+            dead=len(self._dead),
+            results=len(self._results),
+            oldest_waiting_age=_oldest(self._ready),
+        )
+
     def close_timers(self) -> None:
         """Cancel pending delayed retries (end of a test)."""
         for handle in self._delayed.values():
             handle.cancel()
         self._delayed.clear()
+
+
+def _oldest(ready: deque[_Msg]) -> float | None:
+    ages = [a for a in (age_of(m.body) for m in ready) if a is not None]
+    return max(ages, default=None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -42,13 +43,27 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from .base import Broker, BrokerError, Delivery, Outcome, requeue_body
+from .base import (
+    Broker,
+    BrokerError,
+    BrokerRefused,
+    DeadLetter,
+    Delivery,
+    Outcome,
+    QueueStats,
+    age_of,
+    decode_record,
+    redact,
+    requeue_body,
+)
 
 __all__ = ["NATSBroker"]
 
 _KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 DURABLE = "fb"
 _CONNECT_TIMEOUT = 15.0
+
+log = logging.getLogger("flowbatch.brokers")
 
 
 def kv_key(job_id: str) -> str:
@@ -77,18 +92,7 @@ class NATSBroker(Broker):
     async def open(self) -> None:
         if self._nc is not None:
             return
-        # nats-py retries a refused first connection for as long as
-        # max_reconnect_attempts allows (forever here): bound it.
-        async with asyncio.timeout(_CONNECT_TIMEOUT):
-            nc = await nats.connect(
-                self.url,
-                connect_timeout=5,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                reconnected_cb=self._on_reconnected,
-                name=self.consumer_name or None,
-            )
+        nc = await self._connect()
         try:
             js = nc.jetstream(timeout=10)
             await _ensure_stream(
@@ -127,6 +131,57 @@ class NATSBroker(Broker):
             if self.ttl:  # JetStream wants a duplicates window within max_age
                 config.duplicate_window = min(float(config.duplicate_window or self.ttl), self.ttl)
             await js.update_stream(config)
+
+    async def _connect(self) -> Any:
+        """``nats.connect``, bounded, that fails on its first error.
+
+        nats-py retries a refused first connection (and a refused login) for
+        as long as ``max_reconnect_attempts`` allows, forever here, reporting
+        each failure only to ``error_cb``: the first one ends the attempt
+        (``BrokerRefused`` for a refused login), so that the worker retries
+        with its own backoff and says what it waits for.
+        """
+        first_error: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+        async def on_error(exc: Exception) -> None:
+            if not first_error.done():
+                first_error.set_result(exc)
+            # The worker logs what it waits for; the library's own errors
+            # (every failed reconnect) only at DEBUG, without tracebacks.
+            log.debug("nats at %s: %s: %s", redact(self.url), type(exc).__name__, exc)
+
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                self.url,
+                connect_timeout=5,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                reconnected_cb=self._on_reconnected,
+                error_cb=on_error,
+                name=self.consumer_name or None,
+            )
+        )
+        waiters: set[asyncio.Future[Any]] = {connecting, first_error}
+        try:
+            await asyncio.wait(
+                waiters, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.wait({connecting})
+        if not connecting.cancelled() and connecting.exception() is None:
+            return connecting.result()
+        where = f"nats at {redact(self.url)}"
+        if first_error.done():
+            exc = first_error.result()
+            if _is_refusal(exc):
+                raise BrokerRefused(f"{where} refused us: {exc}") from exc
+            raise BrokerError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        if connecting.cancelled():
+            raise BrokerError(f"{where}: no connection within {_CONNECT_TIMEOUT:g}s")
+        raise BrokerError(f"{where}: {connecting.exception()}") from connecting.exception()
 
     async def _on_reconnected(self) -> None:
         self.auto_reconnects += 1
@@ -269,6 +324,62 @@ class NATSBroker(Broker):
                 out.append(bytes(msg.data))
         return out
 
+    # ------------------------------------ dead letters and depth (tools)
+
+    async def list_dead_letters(self) -> list[DeadLetter]:
+        js = self._connected()
+        info = await js.stream_info(self.dead_stream)
+        out: list[DeadLetter] = []
+        if not info.state.messages:
+            return out
+        for seq in range(int(info.state.first_seq), int(info.state.last_seq) + 1):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                msg = await js.get_msg(self.dead_stream, seq)
+                out.append(DeadLetter(str(seq), bytes(msg.data)))
+        return out
+
+    async def remove_dead_letters(self, keys: Sequence[str]) -> int:
+        js = self._connected()
+        removed = 0
+        for key in keys:
+            if key.isdigit():
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    removed += bool(await js.delete_msg(self.dead_stream, int(key)))
+        return removed
+
+    async def forget_failed_result(self, job_id: str) -> bool:
+        data = await self.get_result(job_id)
+        if data is None or decode_record(data).ok:
+            return False
+        await self._kv.delete(kv_key(job_id))  # a later create() succeeds again
+        return True
+
+    async def queue_stats(self) -> QueueStats:
+        js = self._connected()
+        dead = await js.stream_info(self.dead_stream)
+        results = await self._kv.status()
+        try:
+            info = await js.consumer_info(self.stream, DURABLE)
+        except nats.js.errors.NotFoundError:  # no worker has consumed yet
+            stream = await js.stream_info(self.stream)
+            waiting, in_flight, next_seq = int(stream.state.messages), 0, int(stream.state.first_seq)
+        else:
+            waiting, in_flight = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+            next_seq = int(info.delivered.stream_seq or 0) + 1
+        oldest = None
+        if waiting:
+            # Every message after the last one delivered waits (the stream
+            # keeps only unacked messages); released ones are not seen here.
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                oldest = age_of(bytes((await js.get_msg(self.stream, next_seq)).data))
+        return QueueStats(
+            waiting=waiting,
+            in_flight=in_flight,
+            dead=int(dead.state.messages),
+            results=int(results.values),
+            oldest_waiting_age=oldest,
+        )
+
     async def delete(self) -> None:
         """Remove the queue's streams and results bucket (tests, tools)."""
         js = self._connected()
@@ -285,3 +396,10 @@ async def _ensure_stream(js: Any, config: StreamConfig) -> None:
     except nats.js.errors.NotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await js.add_stream(config)  # another process may have created it first
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text

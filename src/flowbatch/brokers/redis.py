@@ -37,9 +37,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from .base import Broker, BrokerError, Delivery, Outcome, requeue_body
+from .base import (
+    Broker,
+    BrokerError,
+    BrokerRefused,
+    DeadLetter,
+    Delivery,
+    Outcome,
+    QueueStats,
+    age_of,
+    decode_record,
+    redact,
+    requeue_body,
+)
 
 __all__ = ["RedisBroker"]
 
@@ -79,6 +91,9 @@ class RedisBroker(Broker):
         r = aioredis.from_url(self.url, socket_connect_timeout=5, health_check_interval=10)
         try:
             await r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except (AuthenticationError, NoPermissionError) as exc:
+            await r.aclose()
+            raise BrokerRefused(f"redis at {redact(self.url)} refused us: {exc}") from exc
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 await r.aclose()
@@ -243,6 +258,55 @@ class RedisBroker(Broker):
         entries: Any = await self._redis.xrange(self.dead_key)
         return [_body(fields) for _eid, fields in entries]
 
+    # ------------------------------------ dead letters and depth (tools)
+
+    async def list_dead_letters(self) -> list[DeadLetter]:
+        entries: Any = await self._redis.xrange(self.dead_key)
+        return [DeadLetter(_text(eid), _body(fields)) for eid, fields in entries]
+
+    async def remove_dead_letters(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        return int(await self._redis.xdel(self.dead_key, *keys))
+
+    async def forget_failed_result(self, job_id: str) -> bool:
+        data = await self.get_result(job_id)
+        if data is None or decode_record(data).ok:
+            return False
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.result_prefix + job_id)
+            pipe.hdel(self.results_key, job_id)
+            await pipe.execute()
+        return True
+
+    async def queue_stats(self) -> QueueStats:
+        # Settled entries are deleted (XDEL), so the stream holds exactly the
+        # waiting and the pending (delivered, unacked) ones.
+        r = self._redis
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.stream)
+            pipe.xpending(self.stream, GROUP)
+            pipe.xinfo_groups(self.stream)
+            pipe.xlen(self.dead_key)
+            pipe.hlen(self.results_key)
+            length, pending, groups, dead, legacy = await pipe.execute()
+        in_flight = int(pending.get("pending", 0) if isinstance(pending, dict) else pending[0])
+        last = next(
+            (_text(g.get("last-delivered-id")) for g in groups if g.get("name") in (GROUP, GROUP.encode())),
+            "0-0",
+        )
+        oldest: Any = await r.xrange(self.stream, min=f"({last}", max="+", count=1)
+        results = int(legacy)
+        async for _ in r.scan_iter(match=self.result_prefix + "*", count=1000):
+            results += 1
+        return QueueStats(
+            waiting=max(0, int(length) - in_flight),
+            in_flight=in_flight,
+            dead=int(dead),
+            results=results,
+            oldest_waiting_age=age_of(_body(oldest[0][1])) if oldest else None,
+        )
+
     async def delete(self) -> None:
         """Remove the queue's stream, results and dead letters (tests, tools)."""
         r = self._redis
@@ -253,3 +317,7 @@ class RedisBroker(Broker):
 def _body(fields: dict[Any, Any]) -> bytes:
     body = fields.get(b"b", fields.get("b", b""))
     return body if isinstance(body, bytes) else str(body).encode()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -36,11 +36,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .base import Broker, BrokerError, Delivery, Outcome
+from flowbatch.retry import Retry
+
+from .base import (
+    Broker,
+    BrokerError,
+    DeadLetter,
+    Delivery,
+    Outcome,
+    QueueStats,
+    age_of,
+    decode_record,
+)
 
 __all__ = ["SQLiteBroker"]
 
 T = TypeVar("T")
+
+# An idle fetch polls the file: 2 ms, then doubling (with jitter) up to 100 ms.
+_POLL = Retry(backoff=0.002, max_backoff=0.1)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fb_messages (
@@ -161,7 +175,7 @@ class SQLiteBroker(Broker):
 
     async def fetch(self, max_messages: int, wait: float) -> list[Delivery]:
         deadline = time.monotonic() + wait
-        pause = 0.002
+        polls = 0
         while True:
             got = await self._run(lambda db: self._claim(db, max_messages))
             if got or time.monotonic() >= deadline:
@@ -171,8 +185,9 @@ class SQLiteBroker(Broker):
                     for msg_id, body, n in got
                 ]
             # SQLite has no notifications: poll, backing off while idle.
+            polls += 1
+            pause = _POLL.delay(polls)
             await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(0.1, pause * 2)
 
     def _claim(self, db: sqlite3.Connection, n: int) -> list[tuple[int, bytes, int]]:
         now = time.time()
@@ -285,6 +300,80 @@ class SQLiteBroker(Broker):
                 "SELECT record FROM fb_dead WHERE queue = ? ORDER BY id", (self.queue,)
             ).fetchall()
             return [bytes(r[0]) for r in rows]
+
+        return await self._run(read)
+
+    # ------------------------------------ dead letters and depth (tools)
+
+    async def list_dead_letters(self) -> list[DeadLetter]:
+        def read(db: sqlite3.Connection) -> list[DeadLetter]:
+            rows = db.execute(
+                "SELECT id, record FROM fb_dead WHERE queue = ? ORDER BY id", (self.queue,)
+            ).fetchall()
+            return [DeadLetter(str(i), bytes(r)) for i, r in rows]
+
+        return await self._run(read)
+
+    async def remove_dead_letters(self, keys: Sequence[str]) -> int:
+        ids = [(self.queue, int(k)) for k in keys if k.isdigit()]
+
+        def write(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                before = db.total_changes
+                db.executemany("DELETE FROM fb_dead WHERE queue = ? AND id = ?", ids)
+                return db.total_changes - before
+
+        return await self._run(write)
+
+    async def forget_failed_result(self, job_id: str) -> bool:
+        def write(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                row = db.execute(
+                    "SELECT record FROM fb_results WHERE queue = ? AND job_id = ?",
+                    (self.queue, job_id),
+                ).fetchone()
+                if row is None or decode_record(bytes(row[0])).ok:
+                    return False
+                db.execute(
+                    "DELETE FROM fb_results WHERE queue = ? AND job_id = ?", (self.queue, job_id)
+                )
+                return True
+
+        return await self._run(write)
+
+    async def queue_stats(self) -> QueueStats:
+        q = self.queue
+
+        def read(db: sqlite3.Connection) -> QueueStats:
+            now = time.time()
+
+            def count(sql: str, *args: Any) -> int:
+                return int(db.execute(sql, (q, *args)).fetchone()[0])
+
+            oldest = db.execute(
+                "SELECT body FROM fb_messages WHERE queue = ? AND visible_at <= ? "
+                "ORDER BY id LIMIT 1",
+                (q, now),
+            ).fetchone()
+            return QueueStats(
+                waiting=count(
+                    "SELECT count(*) FROM fb_messages WHERE queue = ? AND visible_at <= ?", now
+                ),
+                in_flight=count(
+                    "SELECT count(*) FROM fb_messages WHERE queue = ? AND visible_at > ? "
+                    "AND owner IS NOT NULL", now,
+                ),
+                delayed=count(
+                    "SELECT count(*) FROM fb_messages WHERE queue = ? AND visible_at > ? "
+                    "AND owner IS NULL", now,
+                ),
+                dead=count("SELECT count(*) FROM fb_dead WHERE queue = ?"),
+                results=count(
+                    "SELECT count(*) FROM fb_results WHERE queue = ? "
+                    "AND (expires_at IS NULL OR expires_at > ?)", now,
+                ),
+                oldest_waiting_age=None if oldest is None else age_of(bytes(oldest[0]), now),
+            )
 
         return await self._run(read)
 

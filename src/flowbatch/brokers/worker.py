@@ -34,7 +34,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -43,10 +43,13 @@ import msgspec
 
 from flowbatch.errors import DeadlineExceeded, ItemFailed, Overloaded, PipelineClosed
 from flowbatch.pipeline import Pipeline
+from flowbatch.retry import Retry
 from flowbatch.runner import Runner
 
 from .base import (
     Broker,
+    BrokerRefused,
+    BrokerUnreachable,
     Delivery,
     Envelope,
     Outcome,
@@ -123,6 +126,9 @@ class Worker:
         self._finished = asyncio.Event()
         self._reconnect_lock = asyncio.Lock()
         self._reconnecting = False
+        # The one backoff (jittered) between reconnection attempts.
+        self._backoff = Retry(backoff=config.reconnect_backoff, max_backoff=config.max_reconnect_backoff)
+        self._down = False  # the last broker call failed
         self._started = asyncio.Event()
         self._counts = dict.fromkeys(
             ("fetched", "succeeded", "retried", "dead", "released", "redelivered",
@@ -167,7 +173,8 @@ class Worker:
         self.broker.configure(
             lease=cfg.lease, prefetch=cfg.prefetch, name=self.name, result_ttl=cfg.result_ttl
         )
-        await self._with_reconnect(self.broker.open, "open", reconnect=False)
+        if not await self._open_first():
+            return self.statistics()  # stopped before the broker answered
         log.info(
             "worker %s: consuming queue %r at %s into pipeline %r: concurrency=%d "
             "max_attempts=%d lease=%gs result_ttl=%s metrics=%s",
@@ -189,8 +196,11 @@ class Worker:
                         await self._finish()
         finally:
             self._runner = None
+            # A broker that is down is not waited for (a client library may
+            # try to flush into a dead connection).
             with contextlib.suppress(Exception):
-                await self.broker.close()
+                async with asyncio.timeout(1.0 if self._down else _MIN_OP_TIMEOUT):
+                    await self.broker.close()
         return self.statistics()
 
     # --------------------------------------------------------- fetch loop
@@ -430,13 +440,13 @@ class Worker:
                     await self._with_reconnect(
                         partial(self.broker.release, releases), "release", attempts=_SETTLE_ATTEMPTS
                     )
-            except _GaveUp:
+            except _GaveUp as exc:
                 # Not acked: the broker hands these messages out again once
                 # their lease passes (or at once, if the connection went);
                 # any result already written wins over the next one.
-                log.exception(
-                    "worker %s: gave up settling %d messages; they will be redelivered",
-                    self.name, len(batch),
+                log.warning(
+                    "worker %s: gave up settling %d messages (%s); the broker will "
+                    "redeliver them", self.name, len(batch), exc,
                 )
                 self._counts["abandoned"] += len(batch)
                 for o in batch:
@@ -483,57 +493,147 @@ class Worker:
     ) -> Any:
         """Run a broker call until it succeeds, reconnecting with backoff.
 
-        Gives up (``_GaveUp``) after ``attempts`` failures, or once stopping
-        and past ``stop_timeout``.
+        Gives up (``_GaveUp``) after ``attempts`` failures, or at once when
+        it fails while stopping: a worker told to stop does not wait for a
+        broker that is down (what it could not settle, the broker redelivers).
         """
-        cfg = self.config
-        delay = cfg.reconnect_backoff
-        give_up_at: float | None = None
         failures = 0
         while True:
             try:
-                async with asyncio.timeout(max(cfg.lease, _MIN_OP_TIMEOUT)):
-                    return await op()
+                if failures:
+                    # The broker has just failed: a retry that hangs must
+                    # not hold up a stop.
+                    result = await self._unless_stopped(op(), _MIN_OP_TIMEOUT)
+                else:
+                    async with asyncio.timeout(max(self.config.lease, _MIN_OP_TIMEOUT)):
+                        result = await op()
+            except _Stopped:
+                raise _GaveUp(f"{what} interrupted by stop") from None
             except Exception as exc:
+                self._down = True
                 failures += 1
                 if attempts is not None and failures >= attempts:
-                    raise _GaveUp from exc
+                    raise _GaveUp(f"{what} failed {failures} times: {_brief(exc)}") from exc
                 if self._stopping.is_set():
-                    now = time.monotonic()
-                    give_up_at = give_up_at or now + cfg.stop_timeout
-                    if now >= give_up_at:
-                        raise _GaveUp from exc
-                log.warning("worker %s: %s failed (%s); retrying in %.2fs", self.name, what, _brief(exc), delay)
-                await asyncio.sleep(delay)
-                delay = min(cfg.max_reconnect_backoff, delay * 2)
+                    raise _GaveUp(f"{what} failed while stopping: {_brief(exc)}") from exc
+                delay = self._backoff.delay(failures)
+                log.warning(
+                    "worker %s: %s failed (%s); retrying in %.1f s", self.name, what, _brief(exc), delay
+                )
+                if not await self._pause(delay):
+                    raise _GaveUp(f"{what} interrupted by stop") from exc
                 if reconnect:
                     await self._reconnect(exc)
+            else:
+                self._down = False
+                return result
 
     async def _reconnect(self, exc: BaseException | None) -> None:
-        """Re-open the broker connection once, however many calls saw it fail."""
+        """Re-open the broker connection once, however many calls saw it fail.
+
+        Retries with backoff (``Retry.delay``, jittered, so that workers do
+        not reconnect in lockstep after a broker restart) until it succeeds
+        or ``stop()`` is called; a stop interrupts it at once.
+        """
         epoch = self.broker.epoch
         async with self._reconnect_lock:
-            if self.broker.epoch != epoch:
-                return  # another task already reconnected
-            delay = self.config.reconnect_backoff
+            if self.broker.epoch != epoch or self._stopping.is_set():
+                return  # another task already reconnected, or no need any more
+            failures = 0
             while True:
                 try:
                     # A reconnect that hangs (a client library waiting on a
                     # dead socket) is abandoned and tried again.
-                    async with asyncio.timeout(_MIN_OP_TIMEOUT):
-                        await self.broker.reconnect()
+                    await self._unless_stopped(self.broker.reconnect(), _MIN_OP_TIMEOUT)
+                except _Stopped:
+                    return
+                except Exception as err:
+                    self._down = True
+                    failures += 1
+                    delay = self._backoff.delay(failures)
+                    log.warning(
+                        "worker %s: broker unreachable at %s (%s); retrying in %.1f s",
+                        self.name, redact(self.broker.url), _brief(err), delay,
+                    )
+                    if not await self._pause(delay):
+                        return
+                else:
+                    self._down = False
                     self._counts["reconnects"] += 1
                     log.info("worker %s: reconnected to %r", self.name, self.broker)
                     return
-                except Exception as err:
-                    if self._stopping.is_set() and self._finished.is_set():
-                        return
-                    log.warning("worker %s: reconnect failed (%s); retrying in %.2fs", self.name, _brief(err), delay)
-                    await asyncio.sleep(delay)
-                    delay = min(self.config.max_reconnect_backoff, delay * 2)
+
+    async def _open_first(self) -> bool:
+        """Open the broker at start; False when ``stop()`` came first.
+
+        An unreachable broker is retried with backoff for ``connect_timeout``
+        seconds, then ``BrokerUnreachable``; one that refuses the settings
+        (credentials, virtual host) raises ``BrokerRefused`` at once.
+        """
+        cfg = self.config
+        url = redact(self.broker.url)
+        deadline = time.monotonic() + cfg.connect_timeout
+        failures = 0
+        last: Exception | None = None
+        while True:
+            try:
+                await self._unless_stopped(
+                    self.broker.open(), max(0.0, deadline - time.monotonic())
+                )
+            except _Stopped:
+                return False
+            except BrokerRefused:
+                raise
+            except Exception as exc:
+                failures += 1
+                if not (isinstance(exc, TimeoutError) and last is not None):
+                    last = exc  # a cut-short last try hides nothing
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerUnreachable(
+                        f"broker unreachable at {url} within the connect timeout "
+                        f"({cfg.connect_timeout:g}s): {_brief(last)}"
+                    ) from last
+                delay = min(left, self._backoff.delay(failures))
+                log.warning(
+                    "worker %s: broker unreachable at %s (%s); retrying in %.1f s",
+                    self.name, url, _brief(exc), delay,
+                )
+                if not await self._pause(delay):
+                    return False
+            else:
+                return True
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``; False (at once) if ``stop()`` is called meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return not self._stopping.is_set()
+
+    async def _unless_stopped(self, aw: Awaitable[T], timeout: float | None) -> T:
+        """Await ``aw``, cancelled by ``stop()`` (``_Stopped``) or after ``timeout`` s."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if not task.cancelled():
+            return task.result()
+        if self._stopping.is_set():
+            raise _Stopped
+        raise TimeoutError(f"no answer from the broker within {timeout:g}s")
 
 
 class _GaveUp(Exception):
+    pass
+
+
+class _Stopped(Exception):
     pass
 
 
