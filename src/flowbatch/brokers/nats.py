@@ -357,7 +357,11 @@ class NATSBroker(Broker):
     async def queue_stats(self) -> QueueStats:
         js = self._connected()
         dead = await js.stream_info(self.dead_stream)
-        results = await self._kv.status()
+        # The bucket counts delete markers as values: count the live keys.
+        try:
+            results = len(await self._kv.keys())
+        except nats.js.errors.NoKeysError:
+            results = 0
         try:
             info = await js.consumer_info(self.stream, DURABLE)
         except nats.js.errors.NotFoundError:  # no worker has consumed yet
@@ -376,7 +380,7 @@ class NATSBroker(Broker):
             waiting=waiting,
             in_flight=in_flight,
             dead=int(dead.state.messages),
-            results=int(results.values),
+            results=results,
             oldest_waiting_age=oldest,
         )
 
