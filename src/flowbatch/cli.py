@@ -18,6 +18,7 @@ _LAZY = {
     "worker": ("flowbatch.brokers.cli", "worker", "brokers"),
     "dlq": ("flowbatch.brokers.admin", "dlq", "brokers"),
     "queue": ("flowbatch.brokers.admin", "queue", "brokers"),
+    "run": ("flowbatch.bulk.cli", "run", "bulk"),
     "top": ("flowbatch.observe.top", "top", None),
     "bench": ("flowbatch.observe.bench", "bench", None),
 }
