@@ -42,7 +42,7 @@ Sinks: postgresql://USER@HOST/DB?table=T[&key=id&column=value], sqlite:PATH?tabl
               help="Show a progress bar (default: when stderr is a terminal).")
 @click.option("--queue-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Each stage's queue bound.")
-def run(
+def run(  # noqa: PLR0917 - click passes every option positionally
     target: str,
     source_url: str,
     sink_url: str | None,
