@@ -25,7 +25,8 @@ import brokerservices as services
 import pytest
 from brokerservices import WorkerProcess, poll_until, wait_until
 
-from flowbatch.brokers import Client, Worker, WorkerConfig, make_broker
+from flowbatch.brokers import Client, MemoryBroker, Worker, WorkerConfig, make_broker
+from flowbatch.retry import Retry
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -281,3 +282,54 @@ async def _has_read(client: Client) -> bool:
         return bool(broker._reading_results)
     return broker._r is not None
 
+
+
+# ------------------------------------------------------------ one backoff
+
+
+def test_every_broker_wait_is_the_jittered_retry_delay(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Start-up retries, reconnects, Client.result polls and the SQLite poll all
+    wait ``Retry.delay`` (so with jitter, not in lockstep across workers)."""
+    calls: list[tuple[float, int]] = []
+    real = Retry.delay
+
+    def spy(self: Retry, attempt: int) -> float:
+        calls.append((self.backoff, attempt))
+        return real(self, attempt)
+
+    monkeypatch.setattr(Retry, "delay", spy)
+
+    async def main() -> None:
+        broker = MemoryBroker("backoff")
+        cfg = WorkerConfig(poll=0.02, reconnect_backoff=0.001, max_reconnect_backoff=0.002)
+        worker = Worker(brokerpipes.noop(), broker, cfg)
+        broker.fail_next(3)  # open fails three times
+        running = asyncio.create_task(worker.run())
+        try:
+            await worker.wait_started()
+            async with Client(broker) as client:
+                job = await client.submit({"n": 1})
+                assert (await client.result(job, timeout=30))["n"] == 1
+                broker.fail_next(2)  # the next fetch, then the reconnect after it
+                await poll_until(
+                    _reconnected(worker), 30, "the worker reconnecting", every=0.01
+                )
+        finally:
+            worker.stop()
+            await running
+        sqlite: Any = make_broker(f"sqlite:///{tmp_path}/q.db", "backoff")
+        async with sqlite:
+            assert await sqlite.fetch(10, 0.05) == []
+
+    asyncio.run(main())
+    assert [a for b, a in calls if b == 0.001] == [1, 2, 3, 1]  # open x3, reconnect x1
+    assert any(b == 0.002 for b, _ in calls)  # Client.result's and SQLite's polls
+
+
+def _reconnected(worker: Worker) -> Any:
+    async def cond() -> bool:
+        return worker.statistics().reconnects >= 1
+
+    return cond
