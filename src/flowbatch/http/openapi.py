@@ -22,6 +22,8 @@ _ERROR = {
                 "status": {"type": "integer"},
                 "type": {"type": "string"},
                 "message": {"type": "string"},
+                "request_id": {"type": "string",
+                               "description": "A server fault's id in the server log"},
             },
         }
     },
@@ -62,7 +64,8 @@ def _errors(schema: dict[str, Any], *codes: int) -> dict[str, Any]:
         413: "The body or the number of inputs is over the limit.",
         415: "Unsupported Content-Type.",
         422: "The pipeline rejected the input.",
-        500: "The pipeline failed (never the client's mistake).",
+        500: "The pipeline failed (never the client's mistake); the request id in the "
+             "answer and in X-Request-Id names the details in the server log.",
         503: "No room now (see Retry-After), or not ready, or shutting down.",
         504: "The deadline passed.",
     }
@@ -184,7 +187,8 @@ def openapi_schema(service: Service, root_path: str = "") -> dict[str, Any]:
         "/readyz": {"get": {"summary": "Readiness: every stage's setup done, not draining",
                             "security": [],
                             "responses": {"200": {"description": "Ready", **ok_json},
-                                          "503": {"description": "Starting or draining",
+                                          "503": {"description": "Starting, or shutting "
+                                                  "down (stopping, draining)",
                                                   **ok_json}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics",
                              "responses": {"200": {"description": "Text format", "content": {
