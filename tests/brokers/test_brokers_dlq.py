@@ -205,3 +205,29 @@ def test_an_unreachable_broker_is_exit_2_with_one_line(tmp_path: Path) -> None:
         result = CliRunner().invoke(main, [*args, "--broker", url, "--connect-timeout", "0.5"])
         assert result.exit_code == 2, result.output
         assert result.output.strip().splitlines()[-1].startswith("Error: broker unreachable at")
+
+
+def test_kafka_lists_dead_letters_and_says_why_it_cannot_replay_them(
+    tansu: Any, queue_name: str
+) -> None:
+    url, q = tansu.url, queue_name
+    on = ("--broker", url, "--queue", q)
+
+    async def fail_one() -> None:
+        async with Client(url, q) as client:
+            await client.submit({"n": 3}, key=f"{q}-k")
+
+            async def failed() -> None:
+                with pytest.raises(JobFailed, match="boom"):
+                    await client.result(f"{q}-k", timeout=120)
+
+            await run_worker_until(FAILING, url, q, failed)
+
+    asyncio.run(fail_one())
+    listed = [json.loads(line) for line in cli("dlq", "list", "--json", *on).stdout.splitlines()]
+    assert [(row["key"], row["id"], row["attempts"]) for row in listed] == [("0", f"{q}-k", 1)]
+    stats = json.loads(cli("queue", "stats", "--json", *on).stdout)
+    assert (stats["waiting"], stats["dead"], stats["results"]) == (0, 1, None)
+    for command in (("replay", "0"), ("purge", "--all", "--yes")):
+        result = cli("dlq", *command, *on, expect=1)
+        assert "append-only" in result.output

@@ -43,9 +43,24 @@ from aiokafka.abc import ConsumerRebalanceListener  # type: ignore[import-untype
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError  # type: ignore[import-untyped]
 
-from .base import Broker, BrokerError, Delivery, Outcome
+from .base import (
+    Broker,
+    BrokerError,
+    BrokerUnsupported,
+    DeadLetter,
+    Delivery,
+    Outcome,
+    QueueStats,
+    Replayed,
+)
 
 __all__ = ["KafkaBroker"]
+
+_APPEND_ONLY = (
+    "kafka:// cannot remove single dead letters (a topic is an append-only log), so it "
+    "cannot replay or purge them: read them with `flowbatch dlq list --json` / `dlq show`, "
+    "submit the jobs again with the same key, and give the .dead topic a retention"
+)
 
 log = logging.getLogger("flowbatch.brokers")
 
@@ -278,6 +293,12 @@ class KafkaBroker(Broker):
         return dict(self._results)
 
     async def dead_letters(self) -> list[bytes]:
+        return [x.record for x in await self.list_dead_letters()]
+
+    # ------------------------------------ dead letters and depth (tools)
+
+    async def list_dead_letters(self) -> list[DeadLetter]:
+        """The dead-letter topic's records, keyed by offset."""
         self._prod()
         reader = AIOKafkaConsumer(
             bootstrap_servers=self.servers, enable_auto_commit=False, group_id=None
@@ -288,10 +309,42 @@ class KafkaBroker(Broker):
             reader.assign([tp])
             await reader.seek_to_beginning(tp)
             end = (await reader.end_offsets([tp]))[tp]
-            out: list[bytes] = []
+            out: list[DeadLetter] = []
             while await reader.position(tp) < end:
                 batch = await reader.getmany(tp, timeout_ms=200)
-                out.extend(m.value or b"" for m in batch.get(tp, ()))
+                out.extend(DeadLetter(str(m.offset), m.value or b"") for m in batch.get(tp, ()))
             return out
+        finally:
+            await reader.stop()
+
+    async def remove_dead_letters(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        raise BrokerUnsupported(_APPEND_ONLY)
+
+    async def replay_dead_letters(self, keys: Sequence[str] | None = None) -> Replayed:
+        raise BrokerUnsupported(_APPEND_ONLY)
+
+    async def queue_stats(self) -> QueueStats:
+        """Waiting: the group's lag (end offsets minus committed ones); dead:
+        the dead-letter topic's length. In flight, delayed, results and ages
+        are not counted (the topics would have to be read)."""
+        self._prod()
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.servers, enable_auto_commit=False, group_id=self.group
+        )
+        await reader.start()
+        try:
+            await reader.topics()  # fetches the cluster's metadata
+            parts = reader.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            dead_tp = TopicPartition(self.dead_topic, 0)
+            ends = await reader.end_offsets([*tps, dead_tp])
+            starts = await reader.beginning_offsets([*tps, dead_tp])
+            waiting = 0
+            for tp in tps:
+                committed = await reader.committed(tp)
+                waiting += max(0, ends[tp] - (starts[tp] if committed is None else committed))
+            return QueueStats(waiting=waiting, dead=max(0, ends[dead_tp] - starts[dead_tp]))
         finally:
             await reader.stop()
