@@ -63,6 +63,11 @@ class Source:
     def records(self) -> AsyncIterator[Record]:
         raise NotImplementedError
 
+    async def values(self) -> AsyncIterator[Any]:
+        """The values alone: ``runner.map(src.values())`` when no key is needed."""
+        async for rec in self.records():
+            yield rec.value
+
     async def count(self) -> int | None:
         """The number of records, when cheap to know; else ``None``."""
         return None
