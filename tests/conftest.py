@@ -14,7 +14,9 @@ import pytest
 _HERE = Path(__file__).parent
 # Folders and files whose tests talk to brokers, HTTP servers in subprocesses,
 # terminals and browsers, or load the real model.
-_INTEGRATION = ("brokers", "http", "observe", "test_demo.py", "test_models.py")
+_INTEGRATION = (
+    "brokers", "bulk", "http", "observe", "scaleout", "test_demo.py", "test_models.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
