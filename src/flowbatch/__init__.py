@@ -43,12 +43,19 @@ _LAZY = {
 }
 
 
+# Optional executors, imported on first use (`fb.ray.actors(...)`): they need
+# their extra (`flowbatch[ray]`, `flowbatch[dask]`).
+_SUBMODULES = ("ray", "dask")
+
+
 def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"flowbatch.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'flowbatch' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -101,8 +101,10 @@ class Executor(ABC):
     - ``await stop()`` once, after the last call: run ``teardown()`` (when
       the function has one) in each worker and release them.
 
-    ``restarts`` counts workers replaced after they died; ``stats()`` shows
-    it per stage. An instance serves one running stage at a time.
+    ``restarts`` counts workers replaced after they died, ``pending`` the
+    workers asked for but not running yet (a cluster that cannot place them);
+    ``stats()`` shows both per stage. An instance serves one running stage
+    at a time.
 
     Usage::
 
@@ -115,6 +117,7 @@ class Executor(ABC):
     """
 
     restarts: int = 0
+    pending: int = 0
 
     @abstractmethod
     async def start(self, stage: Stage) -> None:

@@ -237,7 +237,9 @@ class StageStats:
     ``batch_max_size`` is 0 for an unbatched stage. ``utilization`` is the
     fraction of the workers' time spent in the stage function since the runner
     opened; ``padding_waste`` the fraction of a cost-bounded batch's padded
-    cost that was padding; ``restarts`` the workers replaced after dying.
+    cost that was padding; ``restarts`` the workers replaced after dying;
+    ``pending`` the workers the executor waits for (a Ray actor the cluster
+    cannot place yet).
     """
 
     name: str
@@ -261,6 +263,7 @@ class StageStats:
     batch_cost: Summary = field(default_factory=Summary)
     padding_waste: float = 0.0
     restarts: int = 0
+    pending: int = 0
 
     def since(self, prev: StageStats, seconds: float) -> StageStats:
         """What the stage did in the ``seconds`` after ``prev`` was taken.

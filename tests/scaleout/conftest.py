@@ -1,0 +1,60 @@
+"""One Ray for the whole folder (a two-node cluster on this machine) and a
+Dask LocalCluster of two worker processes; both stopped at the end.
+
+Ray starts once per session (about ten seconds here): every Ray test shares
+it, and each leaves no actor behind (a runner's close kills its actors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import scaleoutstages
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A head node with 2 CPUs; tests may add and remove nodes."""
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+    from ray.cluster_utils import Cluster
+
+    cloudpickle.register_pickle_by_value(scaleoutstages)
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "_system_config": {
+                # A removed node is noticed in a second or two, not 30 s.
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 300,
+                "health_check_failure_threshold": 3,
+            },
+        },
+    )
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[Any]:
+    """A LocalCluster of 2 worker processes with 1 thread each."""
+    distributed = pytest.importorskip("distributed")
+    from dask.base import normalize_token  # noqa: F401 - loads dask before the cluster
+
+    cloudpickle = pytest.importorskip("cloudpickle")
+    cloudpickle.register_pickle_by_value(scaleoutstages)
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
