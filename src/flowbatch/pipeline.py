@@ -12,14 +12,18 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PipelineError
 from .hooks import Hooks
 from .runner import DEFAULT_QUEUE_SIZE, Runner
 from .stage import Stage, stage
+
+if TYPE_CHECKING:
+    from .bulk.checkpoint import Checkpoint
 
 __all__ = ["Pipeline"]
 
@@ -100,12 +104,20 @@ class Pipeline:
         ordered: bool = True,
         return_exceptions: bool = False,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
+        fresh: bool = False,
     ) -> list[Any]:
         """Run every item and return the results as a list (synchronous).
 
         Shows a progress bar on a terminal when ``progress`` is true. Must not
         be called from inside a running event loop; use ``await
         pipe.arun(items)`` there (a notebook, an async application).
+
+        ``checkpoint="job.ckpt"`` makes the run resumable: a rerun skips the
+        keys of ``items`` (records of a ``flowbatch.bulk`` source; other
+        values are keyed by position) whose results came out before, and
+        returns the others' results; ``fresh=True`` starts over. See
+        ``Runner.map`` and, to write into a sink, ``flowbatch.bulk.run_job``.
         """
         try:
             asyncio.get_running_loop()
@@ -124,6 +136,8 @@ class Pipeline:
                 ordered=ordered,
                 return_exceptions=return_exceptions,
                 queue_size=queue_size,
+                checkpoint=checkpoint,
+                fresh=fresh,
             )
         )
 
@@ -135,6 +149,8 @@ class Pipeline:
         ordered: bool = True,
         return_exceptions: bool = False,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
+        fresh: bool = False,
     ) -> list[Any]:
         """``run`` for code already inside an event loop: ``await pipe.arun(items)``.
 
@@ -143,6 +159,11 @@ class Pipeline:
         """
         async with self.open(queue_size=queue_size) as runner:
             results = runner.map(
-                items, ordered=ordered, return_exceptions=return_exceptions, progress=progress
+                items,
+                ordered=ordered,
+                return_exceptions=return_exceptions,
+                progress=progress,
+                checkpoint=checkpoint,
+                fresh=fresh,
             )
             return [r async for r in results]

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from .stagerun import StageRun
 from .workers import Workers
 
 if TYPE_CHECKING:
+    from .bulk.checkpoint import Checkpoint
     from .pipeline import Pipeline
 
 __all__ = ["DEFAULT_QUEUE_SIZE", "Runner"]
@@ -350,6 +352,8 @@ class Runner:
         return_exceptions: bool = False,
         window: int | None = None,
         progress: bool = False,
+        checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
+        fresh: bool = False,
     ) -> AsyncIterator[Any]:
         """Run every item of a sync or async iterable; yield the results.
 
@@ -361,6 +365,13 @@ class Runner:
         ``return_exceptions=True``, which yields the error in its place.
         ``progress=True`` shows a progress bar (rich) while results come
         (with a total when ``items`` has a length), as ``pipe.run`` does.
+
+        ``checkpoint`` (a path, or a :class:`flowbatch.bulk.Checkpoint`):
+        a resumable map. ``items`` are keyed records (a source of
+        ``flowbatch.bulk``; other values are keyed by position); keys the
+        checkpoint holds are skipped, and a key is recorded once its result
+        is out (so the last stage should be the one that stores it).
+        Results come in input order; ``fresh=True`` forgets the checkpoint.
         """
         self._check_open()
         if not isinstance(items, Iterable | AsyncIterable):
@@ -368,7 +379,15 @@ class Runner:
         size = window if window is not None else self.window
         if size < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
-        results = self._map(items, ordered, return_exceptions, size)
+        if checkpoint is not None:
+            from .bulk.job import checkpointed_map
+
+            results = checkpointed_map(
+                self, items, checkpoint, fresh=fresh, return_exceptions=return_exceptions,
+                window=size,
+            )
+        else:
+            results = self._map(items, ordered, return_exceptions, size)
         if not progress:
             return results
         total: int | None = None
@@ -524,10 +543,8 @@ class Runner:
     @staticmethod
     def _stage_stats(sr: StageRun, now: float, elapsed: float) -> StageStats:
         snap = sr.metrics.snapshot(now, elapsed, len(sr.inq))
-        ex = sr.executor
-        if ex.restarts or ex.pending:
-            return dataclasses.replace(snap, restarts=ex.restarts, pending=ex.pending)
-        return snap
+        restarts = sr.executor.restarts
+        return dataclasses.replace(snap, restarts=restarts) if restarts else snap
 
     @property
     def closed(self) -> bool:

@@ -227,3 +227,34 @@ def test_urls_name_their_sources_and_sinks(tmp_path: Path) -> None:
         open_source("a.bin")
     with pytest.raises(ValueError, match="needs \\?table="):
         open_sink("sqlite:out.db")
+
+
+def test_pipe_run_and_runner_map_take_a_checkpoint(tmp_path: Path) -> None:
+    calls: list[str] = []
+    broken = {"b", "d"}
+
+    def shout(x: str) -> str:
+        calls.append(x)
+        if x in broken:
+            raise ValueError(x)
+        return x.upper()
+
+    pipe = fb.Pipeline([shout])
+    ckpt = tmp_path / "run.ckpt"
+    items = [Record(c, c) for c in "abcdef"]
+    first = pipe.run(items, checkpoint=ckpt, progress=False, return_exceptions=True)
+    assert [r if isinstance(r, str) else "!" for r in first] == ["A", "!", "C", "!", "E", "F"]
+    broken.clear()
+    calls.clear()
+    assert pipe.run(items, checkpoint=ckpt, progress=False) == ["B", "D"]  # the rest
+    assert calls == ["b", "d"]
+    assert pipe.run(items, checkpoint=ckpt, progress=False) == []
+
+    async def with_runner() -> list[str]:
+        async with pipe.open() as runner:
+            return [r async for r in runner.map("xyz", checkpoint=ckpt, fresh=True)]
+
+    assert asyncio.run(with_runner()) == ["X", "Y", "Z"]  # keyed by position: 0, 1, 2
+    calls.clear()
+    assert asyncio.run(with_runner()) == ["X", "Y", "Z"]  # fresh: all again
+    assert calls == ["x", "y", "z"]
