@@ -1,0 +1,80 @@
+"""Stages on a Dask LocalCluster of 2 worker processes: setup once per
+worker, per-item errors from the runner, a dead worker loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import scaleoutstages as st
+
+import flowbatch as fb
+
+fbdask = pytest.importorskip("flowbatch.dask")
+
+
+def test_setup_runs_once_per_dask_worker_not_per_task(dask_cluster: Any) -> None:
+    stage = fb.stage(st.DaskCounted(), executor=fbdask.workers(dask_cluster), concurrency=4,
+                     batch=fb.Batch(max_size=4))
+
+    async def main() -> tuple[list[Any], fb.PipelineStats]:
+        async with fb.Pipeline([stage]).open() as runner:
+            return [x async for x in runner.map(range(100))], runner.stats()
+
+    out, stats = asyncio.run(main())
+    assert [x for *_, x in out] == list(range(100))
+    pids = {pid for pid, _, _ in out}
+    assert os.getpid() not in pids and len(pids) <= 2
+    assert {setups for _, setups, _ in out} == {1}
+    assert stats.stages[0].batches >= 25  # many tasks, one setup per worker
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_one_bad_item_fails_alone(dask_cluster: Any, batched: bool) -> None:
+    if batched:
+        stage = fb.stage(st.double_or_fail, executor=fbdask.workers(dask_cluster.scheduler_address),
+                         concurrency=2, batch=fb.Batch(max_size=8))
+    else:
+        stage = fb.stage(st.double_one, executor=fbdask.workers(dask_cluster), concurrency=2)
+
+    async def main() -> list[Any]:
+        async with fb.Pipeline([stage]).open() as runner:
+            return [x async for x in runner.map(range(20), return_exceptions=True)]
+
+    out = asyncio.run(main())
+    bad = {7, 13} if batched else {7}
+    for i, r in enumerate(out):
+        if i in bad:
+            assert isinstance(r, fb.ItemFailed) and type(r.error) is ValueError
+        else:
+            assert r == 2 * i
+
+
+def test_a_dead_dask_worker_loses_nothing(dask_cluster: Any, tmp_path: Path) -> None:
+    """The task holding item 5 kills its worker process once: Dask runs it
+    again on a worker that lives; every item has exactly one result."""
+    stage = fb.stage(st.DieOnce(str(tmp_path), victim=5), executor=fbdask.workers(dask_cluster),
+                     concurrency=2, batch=fb.Batch(max_size=4))
+
+    async def main() -> tuple[list[Any], fb.PipelineStats]:
+        async with fb.Pipeline([stage]).open() as runner:
+            return [x async for x in runner.map(range(40))], runner.stats()
+
+    out, stats = asyncio.run(main())
+    assert Path(tmp_path, "died").exists()  # a worker did die
+    assert out == [2 * i for i in range(40)]
+    assert stats.stages[0].failed == 0
+
+
+def test_setup_failure_fails_the_open(dask_cluster: Any) -> None:
+    stage = fb.stage(st.BrokenSetup(), executor=fbdask.workers(dask_cluster))
+
+    async def main() -> None:
+        async with fb.Pipeline([stage]).open():
+            pass
+
+    with pytest.raises(fb.PipelineError, match="setup\\(\\) failed on Dask worker"):
+        asyncio.run(main())
