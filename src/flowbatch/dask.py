@@ -150,12 +150,12 @@ class DaskWorkers(Executor):
         failed = {w: e for w, e in errors.items() if e is not None}
         if failed:
             await self.stop()
-            worker, exc = next(iter(failed.items()))
+            worker, cause = next(iter(failed.items()))
             err = PipelineError(
                 f"stage {stage.name!r}: setup() failed on Dask worker {worker}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(cause).__name__}: {cause}"
             )
-            raise err from exc
+            raise err from cause
         log.info(
             "flowbatch: stage %r runs on the Dask cluster at %s (%d workers)",
             stage.name,
