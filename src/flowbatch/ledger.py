@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import DeadlineExceeded, ItemFailed, PipelineClosed
 from .executors import Unpicklable
 from .hooks import Hooks, call_hook
+from .limits import CapacityLimiter
 from .metrics import Histogram
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Ledger:
         self.live = 0  # envelopes inside the engine
         self.admitting = 0  # callers waiting for room in the first queue
         self.roots: set[Item] = set()  # admitted items not yet resolved
+        # Each admitted root holds a place in it until it is answered.
+        self.limiter: CapacityLimiter | None = None
         self.timers: set[asyncio.TimerHandle] = set()
         self.submitted = 0
         self.completed = 0
@@ -134,7 +137,7 @@ class Ledger:
         if not root.done:
             root.done = True
             self.cancelled += 1
-            self.roots.discard(root)
+            self._leave(root)
             if self.hooks is not None:
                 call_hook(self.hooks.resolved, root, asyncio.CancelledError())
 
@@ -145,7 +148,7 @@ class Ledger:
         if root.done:
             return
         root.done = True
-        self.roots.discard(root)
+        self._leave(root)
         if exc is None:
             self.completed += 1
             now = self.clock()
@@ -159,6 +162,12 @@ class Ledger:
             call_hook(self.hooks.resolved, root, exc)
         assert root.sink is not None
         root.sink(root, value, exc)
+
+    def _leave(self, root: Item) -> None:
+        """``root`` is answered: it no longer holds a place."""
+        if self.limiter is not None and root in self.roots:
+            self.limiter.release()
+        self.roots.discard(root)
 
     def deliver(self, item: Item, value: Any) -> None:
         """``item`` has its final value: hand it to its parent or caller."""

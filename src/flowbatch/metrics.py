@@ -324,6 +324,7 @@ class PipelineStats:
 
     ``bottleneck`` names the stage whose workers are busiest (the one to
     give more workers or larger batches), or is ``None`` before any work.
+    ``rejected`` counts items refused with ``Overloaded`` (never admitted).
     """
 
     name: str
@@ -338,6 +339,7 @@ class PipelineStats:
     latency: Summary
     stages: tuple[StageStats, ...]
     bottleneck: str | None
+    rejected: int = 0
 
     def stage(self, name: str) -> StageStats:
         """The figures of the stage called ``name``."""
@@ -376,6 +378,7 @@ class PipelineStats:
             failed=int(_increase(self.failed, prev.failed)),
             expired=int(_increase(self.expired, prev.expired)),
             cancelled=int(_increase(self.cancelled, prev.cancelled)),
+            rejected=int(_increase(self.rejected, prev.rejected)),
             items_per_s=completed / dt if dt > 0 else 0.0,
             latency=self.latency.since(prev.latency),
             stages=stages,

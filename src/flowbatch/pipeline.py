@@ -83,6 +83,7 @@ class Pipeline:
         hooks: Hooks | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        max_in_flight: int | None = None,
     ) -> Runner:
         """Start the pipeline: ``async with pipe.open() as runner``.
 
@@ -91,10 +92,20 @@ class Pipeline:
         ``submit_nowait`` raises ``Overloaded``, when the first one is full.
         ``window`` bounds how many items one ``map`` keeps in flight.
         ``hooks`` (a :class:`flowbatch.hooks.Hooks`) sees every item and
-        call, for tracing. ``clock`` (for tests) replaces ``time.perf_counter``
-        as the clock the runner measures with; see :class:`Runner`.
+        call, for tracing. ``max_in_flight`` bounds the items inside the
+        runner at once (``submit`` waits, ``submit_nowait`` raises
+        ``Overloaded`` past it). ``clock`` (for tests) replaces
+        ``time.perf_counter`` as the clock the runner measures with; see
+        :class:`Runner`.
         """
-        return Runner(self, queue_size=queue_size, window=window, hooks=hooks, clock=clock)
+        return Runner(
+            self,
+            queue_size=queue_size,
+            window=window,
+            hooks=hooks,
+            clock=clock,
+            max_in_flight=max_in_flight,
+        )
 
     def run(
         self,

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from time import perf_counter
@@ -37,6 +38,7 @@ from .envelope import Collector, FutureSink, Item
 from .errors import DeadlineExceeded, Overloaded, PipelineClosed
 from .hooks import Hooks
 from .ledger import Ledger
+from .limits import CapacityLimiter
 from .metrics import PipelineStats, StageStats, find_bottleneck
 from .stagerun import StageRun
 from .workers import Workers
@@ -63,6 +65,12 @@ class Runner:
     measures with (service and queue-wait times, latency, the batch service
     time that sizes the automatic linger). Default ``time.perf_counter``;
     a test passes a clock it moves by hand.
+
+    ``max_in_flight``: the most items inside the runner at once (admitted
+    and not yet answered), held by one :class:`~flowbatch.limits.CapacityLimiter`
+    (``runner.limiter``): past it ``submit`` and ``map`` wait in line and
+    ``submit_nowait`` raises ``Overloaded``; ``stats().rejected`` counts the
+    refusals. ``None`` (default): only the queues bound the work.
     """
 
     def __init__(
@@ -71,7 +79,9 @@ class Runner:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         window: int | None = None,
         hooks: Hooks | None = None,
+        *,
         clock: Callable[[], float] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
@@ -87,6 +97,10 @@ class Runner:
         self._stages: list[StageRun] = []
         self._hooks = hooks
         self._ledger = Ledger(self.name, hooks, self._clock)
+        #: The in-flight limiter (``max_in_flight``), or None.
+        self.limiter = CapacityLimiter(max_in_flight) if max_in_flight is not None else None
+        self._ledger.limiter = self.limiter
+        self._rejected = 0
         self._workers: Workers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -195,6 +209,8 @@ class Runner:
             self._fail_all(PipelineClosed(f"pipeline {self.name!r} was stopped: {exc!r}"))
         for sr in self._stages:
             sr.inq.close()
+        if self.limiter is not None:
+            self.limiter.total = math.inf  # wake every waiter: the closed queue refuses it
         if self._folder is not None:
             self._folder.cancel()
         tg, self._tg = self._tg, None
@@ -257,47 +273,59 @@ class Runner:
             root.deadline = self._loop.time() + timeout
         return root
 
-    def _try_admit(self, root: Item) -> bool:
+    def _try_admit(self, root: Item, wait: bool) -> bool:
         """The one admission path of ``submit``, ``submit_nowait`` and ``map``.
 
         Prices ``root`` for the first stage (a failing cost function fails
-        it here, counted as submitted and failed), puts it in the first
-        queue and counts it. Returns False, with nothing counted, when the
-        queue is full: the caller waits (:meth:`_admit_when_room`) or raises.
+        it here, counted as submitted and failed), then takes a place in the
+        in-flight limiter (when there is one), puts it in the first queue
+        and counts it. Returns False, holding nothing, when that cannot be
+        done now: a caller that waits (``wait``; it queues in the limiter's
+        line, first come first served) goes on with
+        :meth:`_admit_when_room`, one that does not raises ``Overloaded``.
         """
         first = self._stages[0]
         if first.cost is not None and not self._ledger.priced(first, root):
             return True
+        limiter = self.limiter
+        if limiter is not None and (wait or not limiter.try_acquire()):
+            return False
         if not first.inq.put_nowait(root):
+            if limiter is not None:
+                limiter.release()
             return False
         self._ledger.admitted(root)
         return True
 
     async def _admit_when_room(self, root: Item, timeout: float | None) -> None:
-        """Put an already priced ``root`` in the first queue once there is room
-        (within its deadline), and count it."""
+        """Admit an already priced ``root`` once the limiter has a place and
+        the first queue has room (within its deadline), and count it."""
         ch = self._stages[0].inq
+        limiter = self.limiter
         ledger = self._ledger
         ledger.admitting += 1
+        held = False
         try:
-            if root.deadline is None:
-                await ch.put(root)
-            else:
-                try:
-                    async with asyncio.timeout_at(root.deadline):
-                        await ch.put(root)
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"no room in pipeline {self.name!r} within the timeout of {timeout}s"
-                    ) from None
-        except ChannelClosed:
-            ledger.admitting -= 1
-            raise PipelineClosed(
-                f"pipeline {self.name!r} closed before the item was admitted"
-            ) from None
-        except BaseException:
+            try:
+                async with asyncio.timeout_at(root.deadline):
+                    if limiter is not None:
+                        await limiter.acquire()
+                        held = True
+                    await ch.put(root)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no room in pipeline {self.name!r} within the timeout of {timeout}s"
+                ) from None
+        except BaseException as exc:
+            if held:
+                assert limiter is not None
+                limiter.release()
             ledger.admitting -= 1
             ledger.check_settled()  # a drain may be waiting for this caller alone
+            if isinstance(exc, ChannelClosed):
+                raise PipelineClosed(
+                    f"pipeline {self.name!r} closed before the item was admitted"
+                ) from None
             raise
         # Counted as live before anyone checks whether the runner has settled.
         ledger.admitted(root)
@@ -318,7 +346,7 @@ class Runner:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         root.sink = FutureSink(fut)
-        if not self._try_admit(root):
+        if not self._try_admit(root, True):
             await self._admit_when_room(root, timeout)
         self._ledger.arm(root, fut, timeout)
         return await fut
@@ -326,7 +354,10 @@ class Runner:
     def submit_nowait(self, item: Any, timeout: float | None = None) -> asyncio.Future[Any]:
         """Admit ``item`` now or raise ``Overloaded``; returns a future of its result.
 
-        Cancelling the future removes the item from the work ahead. An item
+        Raises ``Overloaded`` when the first queue is full or
+        ``max_in_flight`` items are in flight (counted in
+        ``stats().rejected``). Cancelling the future removes the item from
+        the work ahead. An item
         the first stage's batch cost function fails on is admitted failed:
         its future holds the ``ItemFailed``.
         """
@@ -335,8 +366,15 @@ class Runner:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         root.sink = FutureSink(fut)
-        if not self._try_admit(root):
+        if not self._try_admit(root, False):
+            self._rejected += 1
+            limiter = self.limiter
             first = self._stages[0]
+            if limiter is not None and not first.inq.full():
+                raise Overloaded(
+                    f"pipeline {self.name!r} is full: {limiter.borrowed} items are in "
+                    f"flight (max_in_flight={limiter.total}); retry later"
+                )
             raise Overloaded(
                 f"pipeline {self.name!r} is full: {len(first.inq)} items are waiting at "
                 f"stage {first.name!r} (queue_size={first.inq.maxsize}); retry later"
@@ -497,7 +535,7 @@ class Runner:
                 root = Item(value, clock())
                 root.sink = col
                 root.index = col.admitted
-                if not try_admit(root):
+                if not try_admit(root, True):
                     await self._admit_when_room(root, None)
                 col.admitted += 1
                 col.outstanding += 1
@@ -533,6 +571,7 @@ class Runner:
             failed=led.failed,
             expired=led.expired,
             cancelled=led.cancelled,
+            rejected=self._rejected,
             in_flight=led.submitted - led.completed - led.failed - led.expired - led.cancelled,
             items_per_s=led.completed / busy_span if busy_span > 0 else 0.0,
             latency=led.latency.summary(),

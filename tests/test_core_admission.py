@@ -1,0 +1,147 @@
+"""The runner's in-flight limit: pipe.open(max_in_flight=...)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import flowbatch as fb
+from corehelpers import Gate, until
+
+
+async def settle() -> None:
+    """Let every task that can run, run (loop turns, not time)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_past_max_in_flight_submit_nowait_is_overloaded_and_submit_waits() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow", concurrency=4)])
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=2) as runner:
+            held = [runner.submit_nowait(1), runner.submit_nowait(2)]
+            with pytest.raises(fb.Overloaded, match="max_in_flight=2"):
+                runner.submit_nowait(3)
+            assert runner.stats().rejected == 1
+            waiting = asyncio.create_task(runner.submit(4))
+            await settle()
+            assert not waiting.done()
+            assert runner.stats().submitted == 2  # the third waits for a place
+            gate.open()
+            await asyncio.gather(*held, waiting)
+            s = runner.stats()
+            assert (s.completed, s.rejected, s.in_flight) == (3, 1, 0)
+            assert runner.limiter is not None and runner.limiter.borrowed == 0
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_counts_as_a_rejection_too() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow")])
+
+    async def main() -> None:
+        async with pipe.open(queue_size=1) as runner:
+            first = runner.submit_nowait(0)
+            await gate.wait_entered()
+            second = runner.submit_nowait(1)
+            with pytest.raises(fb.Overloaded, match="queue_size=1"):
+                runner.submit_nowait(2)
+            assert runner.stats().rejected == 1
+            gate.open()
+            await asyncio.gather(first, second)
+
+    asyncio.run(main())
+
+
+def test_map_keeps_within_max_in_flight() -> None:
+    peak = 0
+    runner_ref: list[fb.Runner] = []
+
+    async def work(x: int) -> int:
+        nonlocal peak
+        peak = max(peak, runner_ref[0].stats().in_flight)
+        await asyncio.sleep(0)
+        return x * 2
+
+    pipe = fb.Pipeline([fb.stage(work, concurrency=16)])
+
+    async def main() -> list[int]:
+        async with pipe.open(max_in_flight=3) as runner:
+            runner_ref.append(runner)
+            return [y async for y in runner.map(range(50))]
+
+    assert asyncio.run(main()) == [x * 2 for x in range(50)]
+    assert 1 <= peak <= 3
+
+
+def test_a_caller_waiting_for_a_place_can_time_out_or_be_cancelled_without_leaking_it() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow", concurrency=2)])
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=1) as runner:
+            first = runner.submit_nowait(0)
+            await gate.wait_entered()
+            with pytest.raises(fb.DeadlineExceeded, match="no room"):
+                await runner.submit(1, timeout=0.01)
+            cancelled = asyncio.create_task(runner.submit(2))
+            await settle()
+            cancelled.cancel()
+            await asyncio.gather(cancelled, return_exceptions=True)
+            assert runner.limiter is not None and runner.limiter.borrowed == 1
+            gate.open()
+            await first
+            await runner.submit(3)  # the places of the two that left came back
+            assert runner.limiter.borrowed == 0
+
+    asyncio.run(main())
+
+
+def test_a_drain_admits_callers_waiting_for_a_place_and_finishes_them() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow")])
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=1) as runner:
+            first = runner.submit_nowait(0)
+            await gate.wait_entered()
+            later = asyncio.create_task(runner.submit(1))
+            await settle()
+            draining = asyncio.create_task(runner.drain())
+            await settle()
+            assert not draining.done()
+            gate.open()
+            await draining
+            await asyncio.gather(first, later)
+            assert runner.stats().completed == 2
+
+    asyncio.run(main())
+
+
+def test_stopping_the_runner_answers_callers_waiting_for_a_place() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow")])
+
+    async def main() -> None:
+        tasks: list[asyncio.Future[object]] = []
+
+        async def body() -> None:
+            async with pipe.open(max_in_flight=1) as runner:
+                tasks.append(runner.submit_nowait(0))
+                await gate.wait_entered()
+                tasks.append(asyncio.create_task(runner.submit(1)))
+                await until(lambda: runner.limiter is not None and runner.limiter.waiting == 1)
+                gate.open()  # so that stopping does not wait for the thread
+                raise KeyboardInterrupt  # stops the runner at once
+
+        with pytest.raises(KeyboardInterrupt):
+            await body()
+        for task in tasks:
+            with pytest.raises(fb.PipelineClosed):
+                await task
+
+    asyncio.run(main())
