@@ -17,7 +17,20 @@ module imports its own (redis, aio-pika, nats-py, aiokafka) when chosen.
 
 from __future__ import annotations
 
-from .base import Broker, BrokerError, Delivery, JobFailed, Outcome, ResultRecord, ResultTimeout
+from .base import (
+    Broker,
+    BrokerError,
+    BrokerRefused,
+    BrokerUnreachable,
+    BrokerUnsupported,
+    DeadLetter,
+    Delivery,
+    JobFailed,
+    Outcome,
+    QueueStats,
+    ResultRecord,
+    ResultTimeout,
+)
 from .client import Client
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .memory import MemoryBroker
@@ -31,11 +44,16 @@ __all__ = [
     "DEFAULT_WORKER_CONFIG",
     "Broker",
     "BrokerError",
+    "BrokerRefused",
+    "BrokerUnreachable",
+    "BrokerUnsupported",
     "Client",
+    "DeadLetter",
     "Delivery",
     "JobFailed",
     "MemoryBroker",
     "Outcome",
+    "QueueStats",
     "ResultRecord",
     "ResultTimeout",
     "Worker",
