@@ -394,11 +394,15 @@ class RayActors(Executor):
         self._hi = hi
         self._target = self.min_replicas if self.max_replicas is not None else hi
         if not ray.is_initialized():
+            # Starts a local instance unless RAY_ADDRESS (or a `ray start` on
+            # this machine) names a cluster to join.
             ray.init(ignore_reinit_error=True)
             log.info(
-                "flowbatch: Ray was not initialised; started a local Ray instance for "
-                "stage %r (%s CPUs). Call ray.init(address=...) first to use a cluster.",
+                "flowbatch: Ray was not initialised; called ray.init() for stage %r: "
+                "Ray at %s, %s CPUs (a local instance unless RAY_ADDRESS names a "
+                "cluster). Call ray.init(address=...) first to choose the cluster.",
                 stage.name,
+                ray.get_runtime_context().gcs_address,
                 ray.cluster_resources().get("CPU", 0),
             )
         if stage.fan_out:

@@ -22,6 +22,10 @@ def ray_cluster() -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
     cloudpickle.register_pickle_by_value(scaleoutstages)
+    # Other Ray instances on this machine rewrite the shared token file
+    # (~/.ray/auth_token); this cluster and the drivers it starts use none.
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_AUTH_MODE", "disabled")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -41,6 +45,7 @@ def ray_cluster() -> Iterator[Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        patch.undo()
 
 
 @pytest.fixture(scope="session")
