@@ -166,7 +166,8 @@ def ray_job(dsn: str, replicas: int, threads: int, batch: int) -> float | None:
     import asyncpg
     import numpy as np
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             log_to_driver=False,
              logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
