@@ -237,16 +237,26 @@ def _close_rabbitmq_connection(name: str) -> int:
     return len(pids)
 
 
-@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def _abort_nats_transport(client: Client) -> int:
+    # NATS has no per-connection kill without a system account: the socket
+    # is aborted under the client library instead.
+    client.broker._nc._transport._io_writer.transport.abort()  # type: ignore[attr-defined]
+    return 1
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp", "nats"])
 def test_a_client_waiting_on_a_result_reconnects_after_the_server_drops_it(
     scheme: str, queue_name: str
 ) -> None:
     if scheme == "redis":
         services.ensure_redis()
         url = "redis://127.0.0.1:6379/0"
-    else:
+    elif scheme == "amqp":
         services.ensure_rabbitmq()
         url = f"amqp://guest:guest@127.0.0.1:5672/?name=fbtest-{queue_name}"
+    else:
+        services.ensure_nats()
+        url = "nats://127.0.0.1:4222"
 
     async def main() -> None:
         async with Client(url, queue_name) as client:
@@ -258,8 +268,10 @@ def test_a_client_waiting_on_a_result_reconnects_after_the_server_drops_it(
             )
             if scheme == "redis":
                 killed = await asyncio.to_thread(_kill_redis_client, client)
-            else:
+            elif scheme == "amqp":
                 killed = await asyncio.to_thread(_close_rabbitmq_connection, f"fbtest-{queue_name}")
+            else:
+                killed = _abort_nats_transport(client)
             assert killed >= 1
             assert not waiting.done()
             worker = Worker(
@@ -280,6 +292,8 @@ async def _has_read(client: Client) -> bool:
     broker: Any = client.broker
     if hasattr(broker, "_reading_results"):
         return bool(broker._reading_results)
+    if hasattr(broker, "_nc"):
+        return broker._nc is not None
     return broker._r is not None
 
 
