@@ -258,3 +258,28 @@ def test_pipe_run_and_runner_map_take_a_checkpoint(tmp_path: Path) -> None:
     calls.clear()
     assert asyncio.run(with_runner()) == ["X", "Y", "Z"]  # fresh: all again
     assert calls == ["x", "y", "z"]
+
+
+def test_flowbatch_run_from_a_file_with_progress_and_stats(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flowbatch.cli import main
+
+    src = tmp_path / "in.txt"
+    src.write_text("alpha\nbeta\n\ngamma\n")
+    out = tmp_path / "out.jsonl"
+    args = ["run", "bulkpipes:upper", "--source", f"lines:{src}", "--sink", f"jsonl:{out}",
+            "--checkpoint", str(tmp_path / "c.ckpt"), "--progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "done 3, failed 0, skipped 0" in result.output
+    assert "jsonl_sink" in result.output and "upper" in result.output  # the stats table
+    assert [(r["key"], r["value"]) for r in read_jsonl(out)] == [
+        (1, "ALPHA"), (2, "BETA"), (4, "GAMMA"),
+    ]
+    again = CliRunner().invoke(main, args)
+    assert "done 0, failed 0, skipped 3" in again.output
+    bad = CliRunner().invoke(main, ["run", "bulkpipes:upper", "--source", "x.bin"])
+    assert bad.exit_code == 2 and "cannot tell what 'x.bin' is" in bad.output
+    helped = CliRunner().invoke(main, ["run", "--help"])
+    assert "postgresql://USER@HOST/DB?query=SQL" in helped.output
