@@ -213,6 +213,12 @@ def test_glob_of_a_thousand_files(tmp_path: Path) -> None:
     assert (report.done, report.failed) == (1000, 0)
     got = {r["key"]: r["value"] for r in read_jsonl(out)}
     assert got == {str(folder / f"f{i:04d}.txt"): i % 37 for i in range(1000)}
+    streams = asyncio.run(collect(GlobSource(str(folder / "f000[0-2].txt"), read="open")))
+    read_back = []
+    for _, opened in streams:
+        with opened as f:
+            read_back.append(f.read())
+    assert read_back == [b"", b"x", b"xx"]
 
 
 def test_urls_name_their_sources_and_sinks(tmp_path: Path) -> None:

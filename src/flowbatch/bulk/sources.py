@@ -325,8 +325,12 @@ class GlobSource(Source):
             for p in paths:
                 yield Record(name(p), name(p))
         elif self.read == "open":
+            from fsspec.core import OpenFile
+
             for p in paths:
-                yield Record(name(p), fs.open(p, "rb"))  # opened lazily by fsspec
+                # Opened by the stage (``with value as f``), not here: no
+                # file handle is held while the item waits in a queue.
+                yield Record(name(p), OpenFile(fs, p, "rb"))
         else:
             for p in paths:
                 data = await asyncio.to_thread(fs.cat_file, p)
