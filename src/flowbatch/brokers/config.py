@@ -69,8 +69,9 @@ class WorkerConfig:
     - ``name``: the worker's name in its log lines and, where the broker has
       one, its consumer name there (default: host-pid-random).
     - ``stop_timeout``: on stop, how long to wait for in-flight messages to
-      finish and be settled. A broker that is unreachable at that point is
-      not waited for: what could not be settled is redelivered by the broker.
+      finish and be settled. A broker that is away at that point is retried
+      for about a second after ``stop()``, no longer: what could not be
+      settled is redelivered by the broker.
     """
 
     prefetch: int = DEFAULT_PREFETCH

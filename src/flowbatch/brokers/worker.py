@@ -129,6 +129,10 @@ class Worker:
         # The one backoff (jittered) between reconnection attempts.
         self._backoff = Retry(backoff=config.reconnect_backoff, max_backoff=config.max_reconnect_backoff)
         self._down = False  # the last broker call failed
+        # Set _STOP_GRACE after stop(): from then on a broker that is away is
+        # not waited for (no reconnect, no retry, waits interrupted).
+        self._give_up = asyncio.Event()
+        self._give_up_timer: asyncio.TimerHandle | None = None
         self._started = asyncio.Event()
         self._counts = dict.fromkeys(
             ("fetched", "succeeded", "retried", "dead", "released", "redelivered",
@@ -139,9 +143,21 @@ class Worker:
     # ------------------------------------------------------------- public
 
     def stop(self) -> None:
-        """Stop fetching; in-flight messages finish and are settled, then ``run`` returns."""
+        """Stop fetching; in-flight messages finish and are settled, then ``run`` returns.
+
+        A broker that is away is waited for no longer than ``_STOP_GRACE``
+        (about a second) after this call: what it could not settle by then,
+        the broker redelivers.
+        """
         self._stopping.set()
         self._wake_fetcher.set()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._give_up.set()
+        else:
+            if self._give_up_timer is None:
+                self._give_up_timer = loop.call_later(_STOP_GRACE, self._give_up.set)
 
     @property
     def stopping(self) -> bool:
@@ -493,9 +509,10 @@ class Worker:
     ) -> Any:
         """Run a broker call until it succeeds, reconnecting with backoff.
 
-        Gives up (``_GaveUp``) after ``attempts`` failures, or at once when
-        it fails while stopping: a worker told to stop does not wait for a
-        broker that is down (what it could not settle, the broker redelivers).
+        Gives up (``_GaveUp``) after ``attempts`` failures, or when it fails
+        more than ``_STOP_GRACE`` after ``stop()``: a worker told to stop
+        does not wait for a broker that is away (what it could not settle,
+        the broker redelivers).
         """
         failures = 0
         while True:
@@ -503,7 +520,7 @@ class Worker:
                 if failures:
                     # The broker has just failed: a retry that hangs must
                     # not hold up a stop.
-                    result = await self._unless_stopped(op(), _MIN_OP_TIMEOUT)
+                    result = await self._unless_stopped(op(), _MIN_OP_TIMEOUT, self._give_up)
                 else:
                     async with asyncio.timeout(max(self.config.lease, _MIN_OP_TIMEOUT)):
                         result = await op()
@@ -514,13 +531,13 @@ class Worker:
                 failures += 1
                 if attempts is not None and failures >= attempts:
                     raise _GaveUp(f"{what} failed {failures} times: {_brief(exc)}") from exc
-                if self._stopping.is_set():
+                if self._give_up.is_set():
                     raise _GaveUp(f"{what} failed while stopping: {_brief(exc)}") from exc
                 delay = self._backoff.delay(failures)
                 log.warning(
                     "worker %s: %s failed (%s); retrying in %.1f s", self.name, what, _brief(exc), delay
                 )
-                if not await self._pause(delay):
+                if not await self._pause(delay, self._give_up):
                     raise _GaveUp(f"{what} interrupted by stop") from exc
                 if reconnect:
                     await self._reconnect(exc)
@@ -533,18 +550,21 @@ class Worker:
 
         Retries with backoff (``Retry.delay``, jittered, so that workers do
         not reconnect in lockstep after a broker restart) until it succeeds
-        or ``stop()`` is called; a stop interrupts it at once.
+        or ``_STOP_GRACE`` has passed since ``stop()`` (which interrupts a
+        reconnect attempt or a wait between them).
         """
         epoch = self.broker.epoch
         async with self._reconnect_lock:
-            if self.broker.epoch != epoch or self._stopping.is_set():
-                return  # another task already reconnected, or no need any more
+            if self.broker.epoch != epoch or self._give_up.is_set():
+                return  # another task already reconnected, or stopping for good
             failures = 0
             while True:
                 try:
                     # A reconnect that hangs (a client library waiting on a
                     # dead socket) is abandoned and tried again.
-                    await self._unless_stopped(self.broker.reconnect(), _MIN_OP_TIMEOUT)
+                    await self._unless_stopped(
+                        self.broker.reconnect(), _MIN_OP_TIMEOUT, self._give_up
+                    )
                 except _Stopped:
                     return
                 except Exception as err:
@@ -555,7 +575,7 @@ class Worker:
                         "worker %s: broker unreachable at %s (%s); retrying in %.1f s",
                         self.name, redact(self.broker.url), _brief(err), delay,
                     )
-                    if not await self._pause(delay):
+                    if not await self._pause(delay, self._give_up):
                         return
                 else:
                     self._down = False
@@ -578,7 +598,7 @@ class Worker:
         while True:
             try:
                 await self._unless_stopped(
-                    self.broker.open(), max(0.0, deadline - time.monotonic())
+                    self.broker.open(), max(0.0, deadline - time.monotonic()), self._stopping
                 )
             except _Stopped:
                 return False
@@ -599,22 +619,24 @@ class Worker:
                     "worker %s: broker unreachable at %s (%s); retrying in %.1f s",
                     self.name, url, _brief(exc), delay,
                 )
-                if not await self._pause(delay):
+                if not await self._pause(delay, self._stopping):
                     return False
             else:
                 return True
 
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep ``seconds``; False (at once) if ``stop()`` is called meanwhile."""
+    @staticmethod
+    async def _pause(seconds: float, stop: asyncio.Event) -> bool:
+        """Sleep ``seconds``; False (at once) if ``stop`` is set meanwhile."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self._stopping.wait()
-        return not self._stopping.is_set()
+                await stop.wait()
+        return not stop.is_set()
 
-    async def _unless_stopped(self, aw: Awaitable[T], timeout: float | None) -> T:
-        """Await ``aw``, cancelled by ``stop()`` (``_Stopped``) or after ``timeout`` s."""
+    @staticmethod
+    async def _unless_stopped(aw: Awaitable[T], timeout: float | None, stopped: asyncio.Event) -> T:
+        """Await ``aw``, cancelled once ``stopped`` is set (``_Stopped``) or after ``timeout`` s."""
         task = asyncio.ensure_future(aw)
-        stop = asyncio.ensure_future(self._stopping.wait())
+        stop = asyncio.ensure_future(stopped.wait())
         try:
             await asyncio.wait({task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -624,7 +646,7 @@ class Worker:
                 await asyncio.wait({task})
         if not task.cancelled():
             return task.result()
-        if self._stopping.is_set():
+        if stopped.is_set():
             raise _Stopped
         raise TimeoutError(f"no answer from the broker within {timeout:g}s")
 
@@ -642,6 +664,9 @@ class _Stopped(Exception):
 _SETTLE_ATTEMPTS = 16
 # The shortest time a broker call may take before it counts as hung.
 _MIN_OP_TIMEOUT = 30.0
+# After stop(), how long a broker that is away is still retried (reconnect,
+# settle) before what is unsettled is left to the broker's redelivery.
+_STOP_GRACE = 1.0
 
 
 def _is_release(o: Outcome) -> bool:
