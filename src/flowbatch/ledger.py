@@ -1,7 +1,9 @@
 """The ledger: the one place that admits items and records how each one ends.
 
-Every item that enters a runner is counted here once (``admitted``, or
-``priced`` when the first stage's cost function fails it on the way in), and
+Every item that enters a runner comes in through :meth:`Ledger.admit_nowait`
+(and :meth:`Ledger.admit_when_room` for callers that wait), the one admission
+path of ``submit``, ``submit_nowait`` and ``map``; it is counted here once
+(admitted, or failed on the way in by the first stage's cost function), and
 leaves through exactly one of ``resolve`` (its caller gets a value or an
 error) or ``cancel_root`` (its caller went away). Worker loops report what
 happens to each envelope: passed on (``deliver``), dropped because its
@@ -22,6 +24,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .channel import ChannelClosed
 from .errors import DeadlineExceeded, ItemFailed, PipelineClosed
 from .executors import Unpicklable
 from .hooks import Hooks, call_hook
@@ -48,6 +51,7 @@ class Ledger:
         self.hooks = hooks
         self.clock = clock
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.first: StageRun | None = None  # the stage items are admitted to
         self.call_later: Scheduler | None = None
         self.live = 0  # envelopes inside the engine
         self.admitting = 0  # callers waiting for room in the first queue
@@ -67,10 +71,15 @@ class Ledger:
         self._settled: asyncio.Future[None] | None = None
 
     def bind(
-        self, loop: asyncio.AbstractEventLoop, call_later: Scheduler | None = None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        first: StageRun,
+        call_later: Scheduler | None = None,
     ) -> None:
-        """Attach to the runner's event loop; ``call_later`` schedules retries."""
+        """Attach to the runner's event loop and first stage; ``call_later``
+        schedules retries."""
         self.loop = loop
+        self.first = first
         self.call_later = call_later if call_later is not None else loop.call_later
 
     # ------------------------------------------------------------ admission
@@ -98,7 +107,66 @@ class Ledger:
             return False
         return True
 
-    def admitted(self, root: Item) -> None:
+    def admit_nowait(self, root: Item, wait: bool) -> bool:
+        """The one admission path of ``submit``, ``submit_nowait`` and ``map``.
+
+        Prices ``root`` for the first stage (a failing cost function fails
+        it here, counted as submitted and failed), then takes a place in the
+        in-flight limiter (when there is one), puts it in the first queue
+        and counts it as inside the engine. Returns False, holding nothing,
+        when that cannot be done now: a caller that waits (``wait``; it
+        queues in the limiter's line, first come first served) goes on with
+        :meth:`admit_when_room`, one that does not raises ``Overloaded``.
+        """
+        first = self.first
+        assert first is not None
+        if first.cost is not None and not self.priced(first, root):
+            return True
+        limiter = self.limiter
+        if limiter is not None and (wait or not limiter.try_acquire()):
+            return False
+        if not first.inq.put_nowait(root):
+            if limiter is not None:
+                limiter.release()
+            return False
+        self._admitted(root)
+        return True
+
+    async def admit_when_room(self, root: Item, timeout: float | None) -> None:
+        """Admit an already priced ``root`` once the limiter has a place and
+        the first queue has room (within its deadline), and count it."""
+        assert self.first is not None
+        ch = self.first.inq
+        limiter = self.limiter
+        self.admitting += 1
+        held = False
+        try:
+            try:
+                async with asyncio.timeout_at(root.deadline):
+                    if limiter is not None:
+                        await limiter.acquire()
+                        held = True
+                    await ch.put(root)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no room in pipeline {self.name!r} within the timeout of {timeout}s"
+                ) from None
+        except BaseException as exc:
+            if held:
+                assert limiter is not None
+                limiter.release()
+            self.admitting -= 1
+            self.check_settled()  # a drain may be waiting for this caller alone
+            if isinstance(exc, ChannelClosed):
+                raise PipelineClosed(
+                    f"pipeline {self.name!r} closed before the item was admitted"
+                ) from None
+            raise
+        # Counted as live before anyone checks whether the runner has settled.
+        self._admitted(root)
+        self.admitting -= 1
+
+    def _admitted(self, root: Item) -> None:
         """``root`` was just put in the first queue: count it as inside the engine."""
         # _register written out: this runs once per item.
         self._ids += 1
@@ -148,7 +216,11 @@ class Ledger:
         if root.done:
             return
         root.done = True
-        self._leave(root)
+        # _leave written out: this runs once per item.
+        roots = self.roots
+        if self.limiter is not None and root in roots:
+            self.limiter.release()
+        roots.discard(root)
         if exc is None:
             self.completed += 1
             now = self.clock()
@@ -189,7 +261,10 @@ class Ledger:
         self.live -= 1
         if not self.live and self._settled is not None:
             self.check_settled()
-        self.deliver(item, value)
+        if item.parent is None:
+            self.resolve(item, value, None)
+        else:
+            self.deliver(item, value)
 
     def retire(self, n: int = 1) -> None:
         """``n`` envelopes left the engine."""

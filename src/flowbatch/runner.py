@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .channel import ChannelClosed
 from .envelope import Collector, FutureSink, Item
-from .errors import DeadlineExceeded, Overloaded, PipelineClosed
+from .errors import Overloaded, PipelineClosed
 from .hooks import Hooks
 from .ledger import Ledger
 from .limits import CapacityLimiter
@@ -124,8 +124,8 @@ class Runner:
                 self._hooks = None  # installed but switched off: keep the fast path
         ledger = self._ledger
         ledger.hooks = self._hooks
-        ledger.bind(loop)
         self._stages = [StageRun(s, self.queue_size, self._hooks) for s in self.pipeline.stages]
+        ledger.bind(loop, self._stages[0])
         for a, b in zip(self._stages, self._stages[1:], strict=False):
             a.next = b
         started: list[StageRun] = []
@@ -273,64 +273,6 @@ class Runner:
             root.deadline = self._loop.time() + timeout
         return root
 
-    def _try_admit(self, root: Item, wait: bool) -> bool:
-        """The one admission path of ``submit``, ``submit_nowait`` and ``map``.
-
-        Prices ``root`` for the first stage (a failing cost function fails
-        it here, counted as submitted and failed), then takes a place in the
-        in-flight limiter (when there is one), puts it in the first queue
-        and counts it. Returns False, holding nothing, when that cannot be
-        done now: a caller that waits (``wait``; it queues in the limiter's
-        line, first come first served) goes on with
-        :meth:`_admit_when_room`, one that does not raises ``Overloaded``.
-        """
-        first = self._stages[0]
-        if first.cost is not None and not self._ledger.priced(first, root):
-            return True
-        limiter = self.limiter
-        if limiter is not None and (wait or not limiter.try_acquire()):
-            return False
-        if not first.inq.put_nowait(root):
-            if limiter is not None:
-                limiter.release()
-            return False
-        self._ledger.admitted(root)
-        return True
-
-    async def _admit_when_room(self, root: Item, timeout: float | None) -> None:
-        """Admit an already priced ``root`` once the limiter has a place and
-        the first queue has room (within its deadline), and count it."""
-        ch = self._stages[0].inq
-        limiter = self.limiter
-        ledger = self._ledger
-        ledger.admitting += 1
-        held = False
-        try:
-            try:
-                async with asyncio.timeout_at(root.deadline):
-                    if limiter is not None:
-                        await limiter.acquire()
-                        held = True
-                    await ch.put(root)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no room in pipeline {self.name!r} within the timeout of {timeout}s"
-                ) from None
-        except BaseException as exc:
-            if held:
-                assert limiter is not None
-                limiter.release()
-            ledger.admitting -= 1
-            ledger.check_settled()  # a drain may be waiting for this caller alone
-            if isinstance(exc, ChannelClosed):
-                raise PipelineClosed(
-                    f"pipeline {self.name!r} closed before the item was admitted"
-                ) from None
-            raise
-        # Counted as live before anyone checks whether the runner has settled.
-        ledger.admitted(root)
-        ledger.admitting -= 1
-
     async def submit(self, item: Any, timeout: float | None = None) -> Any:
         """Run ``item`` through the pipeline and return its result.
 
@@ -346,8 +288,8 @@ class Runner:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         root.sink = FutureSink(fut)
-        if not self._try_admit(root, True):
-            await self._admit_when_room(root, timeout)
+        if not self._ledger.admit_nowait(root, True):
+            await self._ledger.admit_when_room(root, timeout)
         self._ledger.arm(root, fut, timeout)
         return await fut
 
@@ -366,7 +308,7 @@ class Runner:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         root.sink = FutureSink(fut)
-        if not self._try_admit(root, False):
+        if not self._ledger.admit_nowait(root, False):
             self._rejected += 1
             limiter = self.limiter
             first = self._stages[0]
@@ -510,7 +452,8 @@ class Runner:
         assert self._loop is not None
         loop = self._loop
         clock = self._clock
-        try_admit = self._try_admit
+        ledger = self._ledger
+        admit_nowait = ledger.admit_nowait
         it: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
         is_async = isinstance(items, AsyncIterable)
         try:
@@ -535,8 +478,8 @@ class Runner:
                 root = Item(value, clock())
                 root.sink = col
                 root.index = col.admitted
-                if not try_admit(root, True):
-                    await self._admit_when_room(root, None)
+                if not admit_nowait(root, True):
+                    await ledger.admit_when_room(root, None)
                 col.admitted += 1
                 col.outstanding += 1
         except asyncio.CancelledError:
