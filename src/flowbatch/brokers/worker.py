@@ -156,6 +156,8 @@ class Worker:
         except RuntimeError:
             self._give_up.set()
         else:
+            if not self._unsettled:
+                self._give_up.set()  # nothing to settle: no reason to wait
             if self._give_up_timer is None:
                 self._give_up_timer = loop.call_later(_STOP_GRACE, self._give_up.set)
 
