@@ -12,35 +12,27 @@ workers replaced after dying; ``stats()`` shows it per stage.
 
 The built-ins, chosen by name (``"async"``, ``"thread"``, ``"process"``):
 thread workers are dedicated threads, each holding its own copy of a
-stateful stage object (a model replica). Process workers are spawned
-interpreters with a request pipe and an answer pipe each, both read and
-written by the event loop through asyncio transports; the idle worker used
-last takes the next call. A worker that dies fails only the call it held
+stateful stage object (a model replica). Process workers (processes.py) are
+spawned interpreters; a worker that dies fails only the call it held
 (``WorkerCrashed``) and is replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import inspect
-import multiprocessing as mp
 import os
 import pickle
 import queue
-import re
-import signal
-import sys
 import threading
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from .errors import PipelineError, WorkerCrashed
+from .errors import PipelineError
 from .hooks import activated
 
 if TYPE_CHECKING:
@@ -50,7 +42,6 @@ __all__ = [
     "AsyncExecutor",
     "CallTimedOut",
     "Executor",
-    "ProcessExecutor",
     "RemoteError",
     "ThreadExecutor",
     "Unpicklable",
@@ -154,38 +145,18 @@ def _setup_error(stage: str, exc: BaseException) -> PipelineError:
     return err
 
 
-_MAIN_GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]""")
-
-
-def _unguarded_script() -> str | None:
-    """The main script's path when it has no ``if __name__ == "__main__":`` guard."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if not isinstance(path, str) or not path.endswith(".py"):
-        return None
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives a pickle round trip, else a ``RemoteError`` saying so."""
+    tb = "".join(traceback.format_exception(exc))
     try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return None if _MAIN_GUARD.search(source) else path
-
-
-def _start_up_error(stage: str, exc: BaseException) -> PipelineError:
-    """A process worker died before it was ready: say what usually causes it."""
-    script = _unguarded_script()
-    if script is None:
-        return _setup_error(stage, exc)
-    err = PipelineError(
-        f"stage {stage!r}: {exc}. "
-        f"The script {script} runs its pipeline without an "
-        "'if __name__ == \"__main__\":' guard: each worker process is a fresh "
-        "interpreter that imports the main script, so code at its top level runs "
-        "again in every worker. Put the code that runs the pipeline under "
-        "'if __name__ == \"__main__\":' (functions and stages stay at top level)."
-    )
-    err.__cause__ = exc
-    return err
+        exc.add_note(f"traceback in worker process {os.getpid()}:\n{tb}")
+        pickle.loads(pickle.dumps(exc))
+    except Exception as why:
+        return RemoteError(
+            f"{type(exc).__qualname__}: {exc} (the exception could not be "
+            f"pickled back from the worker process: {type(why).__name__}: {why})\n{tb}"
+        )
+    return exc
 
 
 # --------------------------------------------------------------------- async
@@ -379,409 +350,6 @@ class ThreadExecutor(Executor):
             await asyncio.to_thread(t.join)
 
 
-# ------------------------------------------------------------------- process
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives a pickle round trip, else a ``RemoteError`` saying so."""
-    tb = "".join(traceback.format_exception(exc))
-    try:
-        exc.add_note(f"traceback in worker process {os.getpid()}:\n{tb}")
-        pickle.loads(pickle.dumps(exc))
-    except Exception as why:
-        return RemoteError(
-            f"{type(exc).__qualname__}: {exc} (the exception could not be "
-            f"pickled back from the worker process: {type(why).__name__}: {why})\n{tb}"
-        )
-    return exc
-
-
-def _encode_result(out: Any) -> bytes:
-    try:
-        return pickle.dumps((True, out))
-    except Exception as exc:
-        why: BaseException = exc
-    if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
-        # A batch result holding an exception that cannot travel: make it portable.
-        fixed = [_portable(x) if isinstance(x, BaseException) else x for x in out]
-        try:
-            return pickle.dumps((True, fixed))
-        except Exception as exc:
-            why = exc
-    err = RemoteError(
-        f"the result ({type(out).__name__}) could not be pickled back from "
-        f"the worker process: {type(why).__name__}: {why}"
-    )
-    return pickle.dumps((False, err))
-
-
-# A frame on a worker's pipes: 8-byte little-endian length, then a pickle.
-_HEADER = 8
-_STOP = b""  # an empty frame tells a worker process to finish (a pickle is never empty)
-
-
-def _frame(data: bytes) -> bytes:
-    return len(data).to_bytes(_HEADER, "little") + data
-
-
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    """``n`` bytes from a blocking ``fd``; None at end of file."""
-    chunks: list[bytes] = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _process_main(
-    requests: Connection,
-    answers: Connection,
-    payload: bytes,
-    post: Callable[[Any], Any] | None,
-    activate: Activate | None,
-) -> None:
-    """Body of a worker process: set up once, then answer calls until told to stop.
-
-    Calls come as frames on ``requests``; each answer, a pickled
-    ``(ok, value)``, goes back as a frame on ``answers``. Plain blocking
-    reads and writes: this process does one thing at a time.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    rfd, wfd = requests.fileno(), answers.fileno()
-    try:
-        fn = pickle.loads(payload)
-        setup = getattr(fn, "setup", None)
-        if callable(setup):
-            setup()
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            _write_all(wfd, _frame(pickle.dumps((False, _portable(exc)))))
-        return
-    try:
-        _write_all(wfd, _frame(pickle.dumps((True, os.getpid()))))
-    except OSError:
-        return  # the parent stopped before we were ready
-    while True:
-        try:
-            head = _read_exactly(rfd, _HEADER)
-            data = _read_exactly(rfd, int.from_bytes(head, "little")) if head else None
-        except OSError:
-            break
-        if not data:
-            break  # end of file (the parent is gone) or the parent's "stop"
-        try:
-            arg, carrier = pickle.loads(data)
-            with activated(activate, carrier):
-                out = fn(arg)
-            if inspect.iscoroutine(out):
-                out.close()
-                raise TypeError(
-                    "the stage returned a coroutine instead of a result: an 'await' is "
-                    "missing, or an async function is hidden behind a plain function"
-                )
-            if post is not None:
-                out = post(out)
-        except BaseException as exc:
-            msg = pickle.dumps((False, _portable(exc)))
-        else:
-            msg = _encode_result(out)
-        del data
-        try:
-            _write_all(wfd, _frame(msg))
-        except OSError:
-            break
-    teardown = getattr(fn, "teardown", None)
-    if callable(teardown):
-        teardown()
-
-
-class _Answers(asyncio.Protocol):
-    """Reads a worker's answer frames on the event loop; notices its death.
-
-    The worker's end of the answer pipe closes when it exits, is stopped or
-    dies, whatever the cause: ``connection_lost`` reports it.
-    """
-
-    def __init__(self, executor: ProcessExecutor, proc: _Proc) -> None:
-        self.executor = executor
-        self.proc = proc
-        self.chunks: list[bytes] = []
-        self.have = 0
-        self.need = -1  # the length of the frame being read; -1: its header first
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.have += len(data)
-        while True:
-            want = _HEADER if self.need < 0 else self.need
-            if self.have < want:
-                return
-            chunks = self.chunks
-            buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            rest = buf[want:]
-            self.chunks = [rest] if rest else []
-            self.have = len(rest)
-            if self.need < 0:
-                self.need = int.from_bytes(buf[:_HEADER], "little")
-                continue
-            self.need = -1
-            self.executor._answer(self.proc, buf[:want])
-
-    def eof_received(self) -> bool:
-        return False  # close the transport: connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.executor._died(self.proc, exc)
-
-
-class _Requests(asyncio.BaseProtocol):
-    """The write side of a worker's request pipe (writes never block the loop)."""
-
-    def __init__(self, executor: ProcessExecutor, proc: _Proc) -> None:
-        self.executor = executor
-        self.proc = proc
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:  # the worker's end closed under a write: it died
-            self.executor._died(self.proc, exc)
-
-
-class _Proc:
-    __slots__ = ("answers", "dead", "fut", "process", "ready", "requests")
-
-    def __init__(self, process: Any, fut: asyncio.Future[Any]) -> None:
-        self.process = process
-        self.fut = fut
-        self.dead = False
-        self.ready = False  # set once its setup() has succeeded
-        self.requests: asyncio.WriteTransport | None = None
-        self.answers: asyncio.ReadTransport | None = None
-
-
-class ProcessExecutor(Executor):
-    """``workers`` spawned processes; a dead one is replaced, failing only its call.
-
-    Each worker has two pipes: calls go out through an asyncio write
-    transport (a large item never blocks the event loop), answers come back
-    through a read transport, so the event loop itself is woken by an answer
-    (no thread in between: one wake-up less per call, which on an idle
-    machine is a good part of the hop's cost). The answer pipe closing tells
-    that the worker exited, was stopped or died.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        workers: int,
-        stage: str,
-        post: Callable[[Any], Any] | None = None,
-        activate: Activate | None = None,
-    ) -> None:
-        self.stage = stage
-        self.workers = workers
-        self.post = post
-        self.activate = activate
-        try:
-            self._payload = pickle.dumps(fn)
-        except Exception as exc:
-            raise PipelineError(
-                f"stage {stage!r} runs in worker processes, but its function cannot be "
-                f"pickled ({type(exc).__name__}: {exc}); define it at module level"
-            ) from exc
-        self._ctx = mp.get_context("spawn")
-        # Last in, first out: at low load one warm worker (its model's
-        # weights in the CPU caches) takes every call; the others join in as
-        # the load grows.
-        self._idle: asyncio.LifoQueue[_Proc] = asyncio.LifoQueue()
-        self._procs: set[_Proc] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
-        self._broken: BaseException | None = None
-        self.restarts = 0
-
-    async def start(self, stage: Stage | None = None) -> None:
-        procs = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
-        results = await asyncio.gather(*(p.fut for p in procs), return_exceptions=True)
-        for r in results:
-            if isinstance(r, WorkerCrashed):  # died before it could answer at all
-                await self.stop()
-                raise _start_up_error(self.stage, r) from r
-            if isinstance(r, BaseException):
-                await self.stop()
-                raise _setup_error(self.stage, r) from r
-        for p in procs:
-            p.ready = True
-            self._idle.put_nowait(p)
-
-    async def _spawn(self) -> _Proc:
-        loop = asyncio.get_running_loop()
-        req_r, req_w = self._ctx.Pipe(duplex=False)
-        ans_r, ans_w = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(
-            target=_process_main,
-            args=(req_r, ans_w, self._payload, self.post, self.activate),
-            name=f"flowbatch-{self.stage}",
-            daemon=True,
-        )
-        try:
-            process.start()
-        finally:
-            req_r.close()
-            ans_w.close()
-        proc = _Proc(process, loop.create_future())
-        self._procs.add(proc)
-        # The transports own their pipes from here on (and close them).
-        proc.answers, _ = await loop.connect_read_pipe(
-            lambda: _Answers(self, proc), _own_file(ans_r, "rb")
-        )
-        proc.requests, _ = await loop.connect_write_pipe(
-            lambda: _Requests(self, proc), _own_file(req_w, "wb")
-        )
-        return proc
-
-    def _answer(self, proc: _Proc, data: bytes) -> None:
-        try:
-            ok, value = pickle.loads(data)
-        except Exception as exc:
-            ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
-        _resolve(proc.fut, ok, value)
-
-    def _died(self, proc: _Proc, cause: BaseException | None = None) -> None:
-        """``proc``'s pipe closed: it exited, was stopped or died. Fail its
-        call (once its exit code is known) and start its replacement.
-
-        Never blocks the event loop: a process whose exit code is not known
-        yet is waited for in a thread.
-        """
-        if proc.dead:
-            return
-        proc.dead = True
-        self._procs.discard(proc)
-        for transport in (proc.requests, proc.answers):
-            if transport is not None:
-                transport.close()
-        if proc.process.exitcode is not None:  # a non-blocking poll
-            self._report_death(proc, cause)
-        else:
-            self._own(self._reap(proc, cause))
-        # A worker that never got through setup() is not replaced here: its
-        # replacer reports the failure (else a broken setup would loop).
-        if not self._closing and proc.ready:
-            self.restarts += 1
-            self._own(self._replace())
-
-    def _own(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _reap(self, proc: _Proc, cause: BaseException | None) -> None:
-        try:
-            # Its pipe closed, so it is exiting now; join it off the loop.
-            await asyncio.to_thread(proc.process.join, 1.0)
-        finally:
-            self._report_death(proc, cause)
-
-    def _report_death(self, proc: _Proc, cause: BaseException | None) -> None:
-        code = proc.process.exitcode
-        how = f"exit code {code}" if code is None or code >= 0 else f"signal {-code}"
-        held = "while it held this item" if proc.ready else "while starting"
-        err = WorkerCrashed(
-            f"worker process {proc.process.pid} of stage {self.stage!r} died ({how}) {held}"
-        )
-        err.__cause__ = cause
-        _resolve(proc.fut, False, err)
-
-    async def _replace(self) -> None:
-        proc = await self._spawn()
-        try:
-            await proc.fut
-        except BaseException as exc:
-            # A replacement that cannot set up means the stage cannot run any
-            # more: fail callers instead of letting them wait for a worker.
-            self._broken = exc
-            self._idle.put_nowait(proc)  # wakes a waiting caller, who sees _broken
-            return
-        proc.ready = True
-        self._idle.put_nowait(proc)
-
-    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
-        try:
-            data = pickle.dumps((arg, carrier))
-        except Exception as exc:
-            raise Unpicklable(
-                f"the item ({type(arg).__name__}) cannot be pickled to send it to "
-                f"worker processes: {type(exc).__name__}: {exc}"
-            ) from exc
-        while True:
-            proc = await self._idle.get()
-            if self._broken is not None:
-                self._idle.put_nowait(proc)
-                raise WorkerCrashed(
-                    f"stage {self.stage!r} has no worker: a replacement process failed "
-                    f"its setup: {self._broken!r}"
-                ) from self._broken
-            if not proc.dead:
-                break
-            # It died while idle; its replacement is (or will be) in the queue.
-        assert proc.requests is not None
-        loop = asyncio.get_running_loop()
-        proc.fut = fut = loop.create_future()
-        proc.requests.write(_frame(data))
-        try:
-            if timeout is None:
-                return await fut
-            try:
-                async with asyncio.timeout(timeout):
-                    return await asyncio.shield(fut)
-            except TimeoutError as exc:
-                # A process can be stopped: kill it; _died() fails fut and replaces it.
-                proc.process.kill()
-                self._died(proc)
-                raise CallTimedOut(
-                    f"stage {self.stage!r} call took longer than {timeout}s; "
-                    "its worker process was killed and replaced"
-                ) from exc
-        finally:
-            if not proc.dead:
-                self._idle.put_nowait(proc)
-
-    async def stop(self) -> None:
-        self._closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        procs = list(self._procs)
-        for proc in procs:
-            if proc.requests is not None and not proc.requests.is_closing():
-                proc.requests.write(_frame(_STOP))
-        for proc in procs:
-            await asyncio.to_thread(proc.process.join, 5.0)
-            if proc.process.is_alive():
-                proc.process.kill()
-                await asyncio.to_thread(proc.process.join, 5.0)
-            self._died(proc)  # closes its transports (a no-op if they closed already)
-        if self._tasks:  # deaths noticed while stopping: their exit codes are known now
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _own_file(conn: Connection, mode: str) -> Any:
-    """A file object on ``conn``'s pipe, for a transport; ``conn`` is closed."""
-    fd = os.dup(conn.fileno())
-    conn.close()
-    return os.fdopen(fd, mode, buffering=0)
-
-
 def make_executor(
     kind: str,
     fn: Callable[..., Any],
@@ -795,4 +363,6 @@ def make_executor(
         return AsyncExecutor(fn, workers, stage, activate)
     if kind == "thread":
         return ThreadExecutor(fn, workers, stage, post, activate)
+    from .processes import ProcessExecutor  # here: processes.py imports this module
+
     return ProcessExecutor(fn, workers, stage, post, activate)
