@@ -21,14 +21,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
 import msgspec
-
-from flowbatch.retry import Retry
 
 from .base import (
     Broker,
@@ -41,44 +38,12 @@ from .base import (
 )
 from .cli import BrokerFailed
 from .config import DEFAULT_CONNECT_TIMEOUT
+from .connect import open_within
 from .registry import DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
 
-__all__ = ["dlq", "open_within", "queue"]
+__all__ = ["dlq", "queue"]
 
 T = TypeVar("T")
-
-_CONNECT = Retry(backoff=0.1, max_backoff=2.0)
-
-
-async def open_within(broker: Broker, timeout: float) -> None:
-    """Open ``broker``, retrying an unreachable one for ``timeout`` s.
-
-    Raises ``BrokerRefused`` at once for refused settings and
-    ``BrokerUnreachable`` once ``timeout`` passes.
-    """
-    deadline = time.monotonic() + timeout
-    failures = 0
-    last: Exception | None = None
-    while True:
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await broker.open()
-        except BrokerRefused:
-            raise
-        except Exception as exc:
-            failures += 1
-            if not (isinstance(exc, TimeoutError) and last is not None):
-                last = exc
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerUnreachable(
-                    f"broker unreachable at {redact(broker.url)} within the connect timeout "
-                    f"({timeout:g}s): {type(last).__name__}: {last}"
-                ) from last
-            await asyncio.sleep(min(left, _CONNECT.delay(failures)))
-        else:
-            return
-
 
 def _with_broker(url: str, queue: str, timeout: float, fn: Callable[[Broker], Awaitable[T]]) -> T:
     """Run ``fn(broker)`` on an open broker; broker failures become click errors."""
@@ -88,7 +53,7 @@ def _with_broker(url: str, queue: str, timeout: float, fn: Callable[[Broker], Aw
         raise click.BadParameter(str(exc), param_hint="--broker") from exc
 
     async def run() -> T:
-        await open_within(broker, timeout)
+        await open_within(broker, timeout, who="flowbatch")
         try:
             return await fn(broker)
         finally:

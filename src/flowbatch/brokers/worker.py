@@ -23,6 +23,11 @@ owned by the worker, cancelled (and their deliveries released) on stop.
 Failures of the broker itself (a lost connection, a restart) never lose a
 message: the failing call is retried after a reconnect, with backoff, and
 outcomes stay queued until they are written.
+
+Why one module of about 600 lines: the fetch loop, the per-message outcomes,
+the settler and the stop sequence all work on the same unsettled set; the
+waits for a broker (bounded, interruptible, the one backoff) are in
+``connect.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -48,8 +53,6 @@ from flowbatch.runner import Runner
 
 from .base import (
     Broker,
-    BrokerRefused,
-    BrokerUnreachable,
     Delivery,
     Envelope,
     Outcome,
@@ -61,6 +64,7 @@ from .base import (
     redact,
 )
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
+from .connect import Stopped, open_within, pause, unless_stopped
 
 __all__ = ["Worker", "WorkerStats", "worker_name"]
 
@@ -522,11 +526,11 @@ class Worker:
                 if failures:
                     # The broker has just failed: a retry that hangs must
                     # not hold up a stop.
-                    result = await self._unless_stopped(op(), _MIN_OP_TIMEOUT, self._give_up)
+                    result = await unless_stopped(op(), _MIN_OP_TIMEOUT, self._give_up)
                 else:
                     async with asyncio.timeout(max(self.config.lease, _MIN_OP_TIMEOUT)):
                         result = await op()
-            except _Stopped:
+            except Stopped:
                 raise _GaveUp(f"{what} interrupted by stop") from None
             except Exception as exc:
                 self._down = True
@@ -539,7 +543,7 @@ class Worker:
                 log.warning(
                     "worker %s: %s failed (%s); retrying in %.1f s", self.name, what, _brief(exc), delay
                 )
-                if not await self._pause(delay, self._give_up):
+                if not await pause(delay, self._give_up):
                     raise _GaveUp(f"{what} interrupted by stop") from exc
                 if reconnect:
                     await self._reconnect(exc)
@@ -564,10 +568,10 @@ class Worker:
                 try:
                     # A reconnect that hangs (a client library waiting on a
                     # dead socket) is abandoned and tried again.
-                    await self._unless_stopped(
+                    await unless_stopped(
                         self.broker.reconnect(), _MIN_OP_TIMEOUT, self._give_up
                     )
-                except _Stopped:
+                except Stopped:
                     return
                 except Exception as err:
                     self._down = True
@@ -577,7 +581,7 @@ class Worker:
                         "worker %s: broker unreachable at %s (%s); retrying in %.1f s",
                         self.name, redact(self.broker.url), _brief(err), delay,
                     )
-                    if not await self._pause(delay, self._give_up):
+                    if not await pause(delay, self._give_up):
                         return
                 else:
                     self._down = False
@@ -592,72 +596,13 @@ class Worker:
         seconds, then ``BrokerUnreachable``; one that refuses the settings
         (credentials, virtual host) raises ``BrokerRefused`` at once.
         """
-        cfg = self.config
-        url = redact(self.broker.url)
-        deadline = time.monotonic() + cfg.connect_timeout
-        failures = 0
-        last: Exception | None = None
-        while True:
-            try:
-                await self._unless_stopped(
-                    self.broker.open(), max(0.0, deadline - time.monotonic()), self._stopping
-                )
-            except _Stopped:
-                return False
-            except BrokerRefused:
-                raise
-            except Exception as exc:
-                failures += 1
-                if not (isinstance(exc, TimeoutError) and last is not None):
-                    last = exc  # a cut-short last try hides nothing
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BrokerUnreachable(
-                        f"broker unreachable at {url} within the connect timeout "
-                        f"({cfg.connect_timeout:g}s): {_brief(last)}"
-                    ) from last
-                delay = min(left, self._backoff.delay(failures))
-                log.warning(
-                    "worker %s: broker unreachable at %s (%s); retrying in %.1f s",
-                    self.name, url, _brief(exc), delay,
-                )
-                if not await self._pause(delay, self._stopping):
-                    return False
-            else:
-                return True
-
-    @staticmethod
-    async def _pause(seconds: float, stop: asyncio.Event) -> bool:
-        """Sleep ``seconds``; False (at once) if ``stop`` is set meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stop.wait()
-        return not stop.is_set()
-
-    @staticmethod
-    async def _unless_stopped(aw: Awaitable[T], timeout: float | None, stopped: asyncio.Event) -> T:
-        """Await ``aw``, cancelled once ``stopped`` is set (``_Stopped``) or after ``timeout`` s."""
-        task = asyncio.ensure_future(aw)
-        stop = asyncio.ensure_future(stopped.wait())
-        try:
-            await asyncio.wait({task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-        if not task.cancelled():
-            return task.result()
-        if stopped.is_set():
-            raise _Stopped
-        raise TimeoutError(f"no answer from the broker within {timeout:g}s")
+        return await open_within(
+            self.broker, self.config.connect_timeout, backoff=self._backoff,
+            stop=self._stopping, who=f"worker {self.name}",
+        )
 
 
 class _GaveUp(Exception):
-    pass
-
-
-class _Stopped(Exception):
     pass
 
 
