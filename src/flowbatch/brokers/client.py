@@ -33,6 +33,7 @@ from .base import (
     new_job_id,
     redact,
 )
+from .connect import DEFAULT_RECONNECT
 from .registry import DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
 
 __all__ = ["Client"]
@@ -42,7 +43,7 @@ _PUBLISH_CHUNK = 500
 # Waiting for a result polls the store from 2 ms up to 250 ms apart, and
 # retries a lost broker from 0.1 s up to 5 s apart (both jittered).
 _POLL = Retry(backoff=0.002, max_backoff=0.25)
-_RECONNECT = Retry(backoff=0.1, max_backoff=5.0)
+_RECONNECT = DEFAULT_RECONNECT
 
 log = logging.getLogger("flowbatch.brokers")
 # How many submitted job ids a client remembers (to tell "no such job" apart).
