@@ -2,12 +2,14 @@
 
 A table of ``--rows`` sentences (``docs(id, body)``) in a database made for
 the run (dropped after); each job embeds every body with the sentence model
-and upserts the vector into ``docs_vec(id, embedding real[])``. Measured in
-the same run, one after the other (the machine is shared: read the ratios,
-not the absolute figures):
+and upserts the vector into ``docs_vec(id, embedding real[])``. The table
+is done in ``--rounds`` slices (``id % rounds``); in each round the limit,
+flowbatch, the naive loop and Ray Data run one after the other on that
+slice, and each ratio is the median over the rounds (the machine is shared:
+read the ratios, not the absolute figures):
 
 - the limit: the model alone, the same replicas, batches of ``--batch``
-  (no database), on ``--limit-rows`` rows;
+  (no database), on ``--limit-rows`` of the rows;
 - flowbatch: ``run_job(pipe, PostgresSource, PostgresSink)`` on every row
   (server-side cursor in, upsert in batches out), wall time including the
   model's load, and its steady rate (first row in to last row out);
@@ -44,7 +46,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CONFIGS, Replicas, cycle, load_sentences, quiet_model_loading, r3, report
+from _common import (
+    CONFIGS,
+    Replicas,
+    cycle,
+    load_sentences,
+    median,
+    quiet_model_loading,
+    r3,
+    report,
+)
 
 HERE = Path(__file__).resolve().parent
 TARGET_LIMIT = 0.9
@@ -120,36 +131,36 @@ UPSERT = ("INSERT INTO docs_vec (id, embedding) VALUES ($1, $2) "
 QUERY = "SELECT id, body FROM docs ORDER BY id"
 
 
-async def flowbatch_job(dsn: str, batch: int) -> tuple[float, float]:
+def sliced(rounds: int, r: int) -> str:
+    return f"SELECT id, body FROM docs WHERE id % {rounds} = {r} ORDER BY id"
+
+
+async def flowbatch_job(dsn: str, query: str, rows: int) -> tuple[float, float]:
+    """(end-to-end rows/s including the model's load, steady rows/s) of one job."""
     from flowbatch.bulk import PostgresSink, PostgresSource, run_job
 
     t0 = perf_counter()
     report_ = await run_job(
         pipeline(),
-        PostgresSource(dsn, QUERY, key="id", value="body"),
+        PostgresSource(dsn, query, key="id", value="body"),
         PostgresSink(dsn, "docs_vec", key="id", column="embedding", batch_size=500),
     )
     wall = perf_counter() - t0
     assert report_.ok, report_
-    assert report_.done == await count(dsn), report_
-    return wall, report_.stats.items_per_s
+    assert report_.done == rows, report_
+    return rows / wall, report_.stats.items_per_s
 
 
-async def naive_loop(dsn: str, rows: int) -> float:
+async def naive_loop(dsn: str, emb: Any, query: str, rows: int) -> float:
     """Rows/s: read one (cursor), embed it alone, insert it, commit; next."""
     import asyncpg
 
-    from flowbatch.models import SentenceEmbedder
-
-    emb = SentenceEmbedder()
-    emb.setup()
-    emb(["warm up"])
     read = await asyncpg.connect(dsn)
     write = await asyncpg.connect(dsn)
     try:
         t0 = perf_counter()
         async with read.transaction():
-            async for row in read.cursor(f"{QUERY} LIMIT {rows}"):
+            async for row in read.cursor(f"{query} LIMIT {rows}"):
                 vec = emb([row["body"]])[0]
                 await write.execute(UPSERT, row["id"], vec.tolist())  # autocommit: one commit
         return rows / (perf_counter() - t0)
@@ -158,19 +169,24 @@ async def naive_loop(dsn: str, rows: int) -> float:
         await write.close()
 
 
-def ray_job(dsn: str, replicas: int, threads: int, batch: int) -> float | None:
+def ray_start() -> bool:
     try:
         import ray
     except ImportError:
-        return None
-    import asyncpg
-    import numpy as np
-
+        return False
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-             log_to_driver=False,
-             logging_level=logging.WARNING)
+             log_to_driver=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return True
+
+
+def ray_job(dsn: str, query: str, rows: int, *, replicas: int, threads: int,
+            batch: int) -> float:
+    """Rows/s of Ray Data on ``query``'s rows, its actors' model load included."""
+    import asyncpg
+    import numpy as np
+    import ray
 
     class Embed:
         def __init__(self) -> None:
@@ -189,7 +205,7 @@ def ray_job(dsn: str, replicas: int, threads: int, batch: int) -> float | None:
         async def read() -> list[dict[str, Any]]:
             conn = await asyncpg.connect(dsn)
             try:
-                return [dict(r.items()) for r in await conn.fetch(QUERY)]
+                return [dict(r.items()) for r in await conn.fetch(query)]
             finally:
                 await conn.close()
 
@@ -197,14 +213,16 @@ def ray_job(dsn: str, replicas: int, threads: int, batch: int) -> float | None:
         ds = ds.map_batches(Embed, batch_size=batch, concurrency=replicas, num_cpus=threads,
                             batch_format="numpy")
         conn = loop.run_until_complete(asyncpg.connect(dsn))
+        n = 0
         for out in ds.iter_batches(batch_size=500, batch_format="numpy"):
-            rows = [(int(i), v.tolist()) for i, v in zip(out["id"], out["embedding"], strict=True)]
-            loop.run_until_complete(conn.executemany(UPSERT, rows))
+            got = [(int(i), v.tolist()) for i, v in zip(out["id"], out["embedding"], strict=True)]
+            loop.run_until_complete(conn.executemany(UPSERT, got))
+            n += len(got)
         loop.run_until_complete(conn.close())
-        return perf_counter() - t0
+        assert n == rows, (n, rows)
+        return rows / (perf_counter() - t0)
     finally:
         loop.close()
-        ray.shutdown()
 
 
 def cli_job(dsn: str, ckpt: Path, *, fresh: bool, kill_at: int | None) -> float:
@@ -246,11 +264,14 @@ def cli_job(dsn: str, ckpt: Path, *, fresh: bool, kill_at: int | None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="the table is done in this many slices, each measured between "
+                         "the limit and the baselines (medians of the ratios)")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="2x1",
                     help="model replicas x torch threads")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--limit-rows", type=int, default=4000)
-    ap.add_argument("--naive-rows", type=int, default=300)
+    ap.add_argument("--limit-rows", type=int, default=3000, help="in all rounds together")
+    ap.add_argument("--naive-rows", type=int, default=300, help="in all rounds together")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray Data column")
     args = ap.parse_args()
     quiet_model_loading()
@@ -259,35 +280,59 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     replicas, threads = CONFIGS[args.config]
+    rounds = args.rounds
     name = f"fb_bench_{uuid.uuid4().hex[:8]}"
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     dsn = ADMIN.rsplit("/", 1)[0] + "/" + name
     notes = [
-        (f"{args.rows:,} rows, config {args.config}, batch {args.batch}; one run on a "
-         "shared, noisy machine: the ratios are what counts"),
+        (f"{args.rows:,} rows in {rounds} slices, config {args.config}, batch {args.batch}; "
+         "a shared, noisy machine: read the ratios (medians over the slices)"),
     ]
+    limit: list[float] = []
+    fb_e2e: list[float] = []
+    fb_steady: list[float] = []
+    naive: list[float] = []
+    ray_rate: list[float] = []
     try:
         asyncio.run(prepare(dsn, args.rows))
-        texts = cycle(load_sentences(), args.limit_rows)
+        table = cycle(load_sentences(), args.rows)
         reps = Replicas(replicas, threads)
-        reps.run_all(lambda e: e(texts[:args.batch]))
-        limit = reps.throughput(texts, args.batch)
-        reps.close()
+        reps.run_all(lambda e: e(table[:args.batch]))
+        from flowbatch.models import SentenceEmbedder
 
-        fb_wall, fb_rate = asyncio.run(flowbatch_job(dsn, args.batch))
-        fb_e2e = args.rows / fb_wall
-
-        asyncio.run(fresh_table(dsn))
-        naive = asyncio.run(naive_loop(dsn, args.naive_rows))
-
-        ray_wall: float | None = None
+        plain = SentenceEmbedder()  # the naive loop's model: torch's defaults, inline
+        plain.setup()
+        plain(["warm up"])
+        use_ray = not args.no_ray and ray_start()
         if args.no_ray:
             notes.append("Ray Data: skipped (--no-ray)")
-        else:
+        elif not use_ray:
+            notes.append("Ray Data: skipped (ray is not installed: pip install 'ray[data]')")
+        for r in range(rounds):
+            query = sliced(rounds, r)
+            n = len(range(r or rounds, args.rows + 1, rounds))  # ids r, r+R, ... <= rows
+            # The model alone on the same slice's texts (a sample of them).
+            sample = table[(r - 1) % rounds :: rounds]  # row id i+1 holds table[i]
+            sample = sample[: max(args.batch * replicas, args.limit_rows // rounds)]
+            limit.append(reps.throughput(sample, args.batch))
             asyncio.run(fresh_table(dsn))
-            ray_wall = ray_job(dsn, replicas, threads, args.batch)
-            if ray_wall is None:
-                notes.append("Ray Data: skipped (ray is not installed: pip install 'ray[data]')")
+            e2e, steady = asyncio.run(flowbatch_job(dsn, query, n))
+            fb_e2e.append(e2e)
+            fb_steady.append(steady)
+            naive.append(asyncio.run(naive_loop(dsn, plain, query, args.naive_rows // rounds)))
+            if use_ray:
+                asyncio.run(fresh_table(dsn))
+                ray_rate.append(ray_job(dsn, query, n, replicas=replicas, threads=threads,
+                                        batch=args.batch))
+            print(f"round {r + 1}/{rounds}: limit {limit[-1]:.1f}, flowbatch {e2e:.1f} "
+                  f"(steady {steady:.1f}), naive {naive[-1]:.1f}"
+                  + (f", Ray Data {ray_rate[-1]:.1f}" if ray_rate else "") + " rows/s",
+                  flush=True)
+        reps.close()
+        if use_ray:
+            import ray
+
+            ray.shutdown()
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp) / "job.ckpt"
@@ -301,25 +346,32 @@ def main() -> None:
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
+    def ratio(a: list[float], b: list[float]) -> float:
+        return median([x / y for x, y in zip(a, b, strict=True)])
+
     rows: list[list[Any]] = [
-        ["model alone (the limit)", limit, "", ""],
-        ["flowbatch, steady (first in to last out)", fb_rate, fb_rate / limit,
+        ["model alone (the limit)", median(limit), "", ""],
+        ["flowbatch, steady (first in to last out)", median(fb_steady), ratio(fb_steady, limit),
          f">= {TARGET_LIMIT}x limit"],
-        ["flowbatch, end to end (with model load)", fb_e2e, fb_e2e / limit, ""],
-        ["naive loop (one row, insert, commit)", naive, fb_e2e / naive, "flowbatch / naive"],
+        ["flowbatch, end to end (with model load)", median(fb_e2e), ratio(fb_e2e, limit), ""],
+        ["naive loop (one row, insert, commit)", median(naive), ratio(fb_e2e, naive),
+         "flowbatch / naive"],
     ]
     figures: dict[str, Any] = {
-        "rows": args.rows, "config": args.config, "limit_rows_s": r3(limit),
-        "flowbatch_rows_s": r3(fb_rate), "flowbatch_e2e_rows_s": r3(fb_e2e),
-        "flowbatch_vs_limit": r3(fb_rate / limit), "flowbatch_e2e_vs_limit": r3(fb_e2e / limit),
-        "naive_rows_s": r3(naive), "flowbatch_vs_naive": r3(fb_e2e / naive),
+        "rows": args.rows, "rounds": rounds, "config": args.config,
+        "limit_rows_s": r3(median(limit)), "flowbatch_rows_s": r3(median(fb_steady)),
+        "flowbatch_e2e_rows_s": r3(median(fb_e2e)),
+        "flowbatch_vs_limit": r3(ratio(fb_steady, limit)),
+        "flowbatch_e2e_vs_limit": r3(ratio(fb_e2e, limit)),
+        "naive_rows_s": r3(median(naive)), "flowbatch_vs_naive": r3(ratio(fb_e2e, naive)),
     }
-    if ray_wall is not None:
-        ray_rate = args.rows / ray_wall
-        rows.append(["Ray Data (with actors' model load)", ray_rate, fb_e2e / ray_rate,
-                     f"flowbatch / Ray, >= {TARGET_RAY}x"])
-        figures.update(ray_rows_s=r3(ray_rate), flowbatch_vs_ray=r3(fb_e2e / ray_rate))
-    rows.append([f"resume after a kill at {written:,} rows: {resume:.1f}s vs full {full:.1f}s",
+    if ray_rate:
+        rows.append(["Ray Data (with actors' model load)", median(ray_rate),
+                     ratio(fb_e2e, ray_rate), f"flowbatch / Ray, >= {TARGET_RAY}x"])
+        figures.update(ray_rows_s=r3(median(ray_rate)),
+                       flowbatch_vs_ray=r3(ratio(fb_e2e, ray_rate)))
+    rows.append([(f"flowbatch run, resumed after a kill at {written:,} rows "
+                  f"({resume:.1f}s vs {full:.1f}s full)"),
                  args.rows / resume, resume / full, f"<= {TARGET_RESUME}x full"])
     figures.update(full_run_s=r3(full), resume_s=r3(resume), resume_vs_full=r3(resume / full),
                    written_at_kill=written)
