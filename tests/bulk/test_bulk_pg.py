@@ -16,8 +16,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from bulkhelpers import pg_run
 
-from conftest import pg_run
 from flowbatch.bulk import PostgresSink, Record, run_job
 
 asyncpg = pytest.importorskip("asyncpg")
