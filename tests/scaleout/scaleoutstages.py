@@ -201,3 +201,8 @@ class BrokenSetup:
 
     def __call__(self, x: int) -> int:
         return x
+
+
+def split_words(texts: list[str]) -> list[Any]:
+    """A batched fan-out stage: each text becomes its numbers (a generator each)."""
+    return [(int(w) for w in t.split()) for t in texts]

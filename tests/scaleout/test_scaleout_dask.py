@@ -78,3 +78,49 @@ def test_setup_failure_fails_the_open(dask_cluster: Any) -> None:
 
     with pytest.raises(fb.PipelineError, match="setup\\(\\) failed on Dask worker"):
         asyncio.run(main())
+
+
+def test_retries_order_and_a_broken_contract_on_dask(dask_cluster: Any, tmp_path: Path) -> None:
+    retry = fb.Retry(attempts=2, backoff=0.001, on=(ConnectionError,))
+    flaky = fb.stage(st.FlakyOnce(str(tmp_path)), executor=fbdask.workers(dask_cluster),
+                     concurrency=2, batch=fb.Batch(max_size=8), retry=retry)
+    broken = fb.stage(st.wrong_length, executor=fbdask.workers(dask_cluster),
+                      batch=fb.Batch(max_size=4))
+
+    async def main() -> tuple[list[Any], fb.PipelineStats, list[Any]]:
+        async with fb.Pipeline([flaky]).open() as runner:
+            out = [x async for x in runner.map(range(30), ordered=True)]
+            stats = runner.stats()
+        async with fb.Pipeline([broken]).open() as runner:
+            bad = [x async for x in runner.map(range(4), return_exceptions=True)]
+        return out, stats, bad
+
+    out, stats, bad = asyncio.run(main())
+    assert out == [2 * i for i in range(30)]  # each once, in input order
+    assert stats.stages[0].retried == 30
+    assert all(isinstance(r, fb.ItemFailed) and isinstance(r.error, fb.BatchContractError)
+               for r in bad)
+
+
+def test_broker_worker_with_its_stage_on_dask(dask_cluster: Any) -> None:
+    from flowbatch.brokers import Client, MemoryBroker, Worker, WorkerConfig
+
+    pipe = fb.Pipeline([fb.stage(st.DaskCounted(), executor=fbdask.workers(dask_cluster),
+                                 concurrency=2, batch=fb.Batch(max_size=16))], name="t")
+
+    async def main() -> list[Any]:
+        broker = MemoryBroker("q")
+        async with Client(broker) as client:
+            ids = await client.submit_many(range(100))
+            worker = Worker(pipe, broker, WorkerConfig(prefetch=64, poll=0.02, stop_timeout=30))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(worker.run())
+                await worker.wait_started()
+                await broker.join()
+                worker.stop()
+            return [await client.result(job_id, timeout=10) for job_id in ids]
+
+    outs = asyncio.run(main())
+    assert [x for *_, x in outs] == list(range(100))
+    assert os.getpid() not in {pid for pid, *_ in outs}
+    assert {setups for _, setups, _ in outs} == {1}

@@ -133,6 +133,18 @@ def test_a_broken_batch_contract_is_reported(kind: str) -> None:
     assert re.search(r"returned \d+ results for a batch of \d+ items", str(out[0]))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fan_out_stage_on_ray(kind: str) -> None:
+    """Children made in the actor (a generator per input) flow on and batch."""
+    pipe = fb.Pipeline([
+        fb.stage(st.split_words, executor=executor(kind), batch=fb.Batch(max_size=4),
+                 fan_out=True),
+        fb.stage(st.double_one, executor=executor(kind)),
+    ])
+    out = pipe.run(["1 2", "3", "", "4 5 6"], progress=False)
+    assert out == [[2, 4], [6], [], [8, 10, 12]]
+
+
 def test_order_and_a_mixed_pipeline_with_local_stages() -> None:
     async def fetch(x: int) -> int:
         await asyncio.sleep(0)
