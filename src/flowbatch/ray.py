@@ -613,7 +613,7 @@ class RayActors(Executor):
             )
             if step:
                 self.resize(self._target + step)
-                if step > 0:
+                if step > 0 and self._waiting:
                     self._waiting_since = now  # give the new actor time to come up
 
     # ------------------------------------------------------------- calls
