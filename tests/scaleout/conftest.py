@@ -1,17 +1,47 @@
 """One Ray for the whole folder (a two-node cluster on this machine) and a
 Dask LocalCluster of two worker processes; both stopped at the end.
 
-Ray starts once per session (about ten seconds here): every Ray test shares
-it, and each leaves no actor behind (a runner's close kills its actors).
+Ray starts once (about ten seconds here): every Ray test shares it, and
+each leaves no actor behind (a runner's close kills its actors). Both
+clusters stop after this folder's last test, not at the end of the session.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import scaleoutstages
+
+_HERE = Path(__file__).parent
+_STOPS: list[Callable[[], None]] = []
+
+
+def _running(stop: Callable[[], None], value: Any) -> Iterator[Any]:
+    """Yield ``value``; ``stop`` runs once: after this folder's last test
+    (so that no cluster idles through the rest of the suite) or at the end."""
+    done = False
+
+    def once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            stop()
+
+    _STOPS.append(once)
+    try:
+        yield value
+    finally:
+        once()
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is None or Path(str(nextitem.path)).parent != _HERE:
+        while _STOPS:
+            _STOPS.pop()()
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +56,7 @@ def ray_cluster() -> Iterator[Any]:
     # (~/.ray/auth_token); this cluster and the drivers it starts use none.
     patch = pytest.MonkeyPatch()
     patch.setenv("RAY_AUTH_MODE", "disabled")
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it for good
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -40,12 +71,14 @@ def ray_cluster() -> Iterator[Any]:
         },
     )
     ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster
-    finally:
+
+    def stop() -> None:
         ray.shutdown()
         cluster.shutdown()
         patch.undo()
+        signal.signal(signal.SIGTERM, sigterm)
+
+    yield from _running(stop, cluster)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +92,4 @@ def dask_cluster() -> Iterator[Any]:
     cluster = distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     )
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    yield from _running(cluster.close, cluster)
