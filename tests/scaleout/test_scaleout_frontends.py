@@ -1,4 +1,5 @@
-"""Every front end, unchanged, with its model stage on Ray actors: the
+"""Every front end, unchanged, with its model stage on Ray actors (the HTTP
+service on Dask workers too): the
 HTTP service under concurrent requests, a broker worker, ``pipe.run``; and a
 pipeline opened with Ray not initialised starts a local Ray and says so."""
 
@@ -21,7 +22,7 @@ ray = pytest.importorskip("ray")
 fbray = pytest.importorskip("flowbatch.ray")
 
 
-def model_pipeline(name: str) -> fb.Pipeline:
+def model_pipeline(name: str, executor: Any = None) -> fb.Pipeline:
     async def parse(x: Any) -> int:
         await asyncio.sleep(0)
         return int(x)
@@ -29,19 +30,28 @@ def model_pipeline(name: str) -> fb.Pipeline:
     return fb.Pipeline(
         [
             fb.stage(parse, concurrency=16),
-            fb.stage(st.Counted(), name="model", executor=fbray.actors(num_cpus=0.25),
+            fb.stage(st.Counted(), name="model",
+                     executor=executor if executor is not None else fbray.actors(num_cpus=0.25),
                      concurrency=2, batch=fb.Batch(max_size=16)),
         ],
         name=name,
     )
 
 
-@pytest.mark.usefixtures("ray_cluster")
-def test_http_service_with_its_model_on_ray_actors() -> None:
+@pytest.mark.parametrize("where", ["ray", "dask"])
+def test_http_service_with_its_model_on_the_cluster(
+    where: str, request: pytest.FixtureRequest
+) -> None:
     httpx = pytest.importorskip("httpx")
     from flowbatch.http import create_app
 
-    app = create_app(model_pipeline("embed"))
+    if where == "ray":
+        request.getfixturevalue("ray_cluster")
+        app = create_app(model_pipeline("embed"))
+    else:
+        fbdask = pytest.importorskip("flowbatch.dask")
+        app = create_app(model_pipeline("embed", fbdask.workers(
+            request.getfixturevalue("dask_cluster"))))
 
     async def main() -> tuple[list[Any], fb.PipelineStats]:
         async with app.lifespan(app):
@@ -64,7 +74,8 @@ def test_http_service_with_its_model_on_ray_actors() -> None:
     assert os.getpid() not in {pid for pid, *_ in outs}  # the model ran in the actors
     assert {setups for _, setups, _, _ in outs} == {1}
     model = stats.stage("model")
-    assert model.executor == "RayActors" and model.done == 60
+    assert model.executor == ("RayActors" if where == "ray" else "DaskWorkers")
+    assert model.done == 60
     assert model.mean_batch_size > 1  # concurrent requests shared batches on the actors
 
 
