@@ -1,7 +1,7 @@
-"""Every front end, unchanged, with its model stage on Ray actors (the HTTP
-service on Dask workers too): the
-HTTP service under concurrent requests, a broker worker, ``pipe.run``; and a
-pipeline opened with Ray not initialised starts a local Ray and says so."""
+"""Every front end, unchanged, with its model stage on a cluster: the HTTP
+service under concurrent requests (Ray actors, Dask workers), a broker
+worker, ``pipe.run``; and a pipeline opened with Ray not initialised calls
+``ray.init()`` and says so."""
 
 from __future__ import annotations
 
