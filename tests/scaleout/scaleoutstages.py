@@ -206,3 +206,11 @@ class BrokenSetup:
 def split_words(texts: list[str]) -> list[Any]:
     """A batched fan-out stage: each text becomes its numbers (a generator each)."""
     return [(int(w) for w in t.split()) for t in texts]
+
+
+async def aio_double(x: int) -> tuple[int, int]:
+    """An async stage: runs on the actor's event loop."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    return os.getpid(), 2 * x

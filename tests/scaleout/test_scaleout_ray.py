@@ -145,6 +145,24 @@ def test_a_fan_out_stage_on_ray(kind: str) -> None:
     assert out == [[2, 4], [6], [], [8, 10, 12]]
 
 
+def test_an_async_stage_runs_in_the_actors() -> None:
+    pipe = fb.Pipeline([fb.stage(st.aio_double, executor=on_ray(), concurrency=2)])
+    out = pipe.run(range(10), progress=False)
+    assert [x for _, x in out] == [2 * i for i in range(10)]
+    assert os.getpid() not in {pid for pid, _ in out}
+
+
+def test_a_failing_setup_fails_the_open() -> None:
+    pipe = fb.Pipeline([fb.stage(st.BrokenSetup(), executor=on_ray())])
+
+    async def main() -> None:
+        async with pipe.open():
+            pass
+
+    with pytest.raises(fb.PipelineError, match=r"setup\(\) failed: RuntimeError: no model"):
+        asyncio.run(main())
+
+
 def test_order_and_a_mixed_pipeline_with_local_stages() -> None:
     async def fetch(x: int) -> int:
         await asyncio.sleep(0)
