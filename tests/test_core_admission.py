@@ -145,3 +145,69 @@ def test_stopping_the_runner_answers_callers_waiting_for_a_place() -> None:
                 await task
 
     asyncio.run(main())
+
+
+def test_admit_many_nowait_admits_a_request_whole_or_not_at_all() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow", concurrency=4)])
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=3) as runner:
+            held = runner.admit_many_nowait([1, 2])
+            with pytest.raises(fb.Overloaded, match="max_in_flight=3"):
+                runner.admit_many_nowait([3, 4])  # 2 + 2 > 3: neither goes in
+            s = runner.stats()
+            assert (s.submitted, s.rejected) == (2, 2)
+            assert runner.limiter is not None and runner.limiter.borrowed == 2
+            held += runner.admit_many_nowait([5])  # the one place left
+            assert runner.admit_many_nowait([]) == []
+            gate.open()
+            assert await asyncio.gather(*held) == [None, None, None]
+            assert runner.limiter.borrowed == 0
+            assert sorted(gate.calls) == [1, 2, 5]  # type: ignore[type-var]
+
+    asyncio.run(main())
+
+
+def test_admit_many_waits_in_line_for_all_places_and_a_cancel_admits_nothing() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow", concurrency=4)])
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=3) as runner:
+            first = runner.admit_many_nowait([0, 1])
+            waiting = asyncio.create_task(runner.admit_many([2, 3]))
+            gone = asyncio.create_task(runner.admit_many([4]))
+            await until(lambda: runner.limiter is not None and runner.limiter.waiting == 2)
+            # a place is free, but the two-item request ahead is not overtaken
+            assert runner.stats().submitted == 2
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            with pytest.raises(ValueError, match="never be admitted at once"):
+                await runner.admit_many([9, 9, 9, 9])
+            gate.open()
+            await asyncio.gather(*first)
+            later = await waiting
+            assert await asyncio.gather(*later) == [None, None]
+            assert runner.stats().submitted == 4  # the cancelled request never went in
+            assert 4 not in gate.calls
+
+    asyncio.run(main())
+
+
+def test_map_and_submit_nowait_share_the_limiter() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow", concurrency=4)])
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=2) as runner:
+            results = runner.map(range(5))
+            first = asyncio.ensure_future(anext(results))
+            await until(lambda: runner.limiter is not None and runner.limiter.borrowed == 2)
+            with pytest.raises(fb.Overloaded, match="max_in_flight=2"):
+                runner.submit_nowait(99)  # map holds every place
+            gate.open()
+            assert await first is None
+            assert [y async for y in results] == [None] * 4
+
+    asyncio.run(main())

@@ -166,6 +166,81 @@ class Ledger:
         self._admitted(root)
         self.admitting -= 1
 
+    def admit_all_nowait(self, roots: list[Item]) -> bool:
+        """:meth:`admit_nowait` for many items at once, all or none.
+
+        Takes ``len(roots)`` places in the limiter in one acquisition and
+        checks that the first queue has room for all of them; False, holding
+        nothing and admitting nothing, when either has not (one rejection in
+        the limiter). Then each is priced and queued as by
+        :meth:`admit_nowait`: one its cost function fails on is admitted
+        failed and gives its place back.
+        """
+        first = self.first
+        assert first is not None
+        n = len(roots)
+        limiter = self.limiter
+        if limiter is not None and not limiter.try_acquire(n):
+            return False
+        ch = first.inq
+        if ch.maxsize - len(ch) < n:
+            if limiter is not None:
+                limiter.release(n)
+            return False
+        for root in roots:
+            if first.cost is not None and not self.priced(first, root):
+                if limiter is not None:
+                    limiter.release()
+                continue
+            ch.put_nowait(root)  # room checked above
+            self._admitted(root)
+        return True
+
+    async def admit_all_when_room(self, roots: list[Item], timeout: float | None) -> None:
+        """Admit every one of ``roots``, waiting in the limiter's line for all
+        of their places at once (first come, first served), then for room in
+        the first queue.
+
+        Each is priced first (one its cost function fails on is failed at
+        once and needs no place). ``timeout`` sets each item's deadline from
+        the moment it is admitted: the wait in line is not counted. Cancelled
+        (or closed) while waiting: none of ``roots`` stays admitted.
+        """
+        first = self.first
+        assert first is not None and self.loop is not None
+        ch = first.inq
+        limiter = self.limiter
+        todo = [r for r in roots if first.cost is None or self.priced(first, r)]
+        admitted: list[Item] = []
+        self.admitting += 1
+        held = 0
+        try:
+            if limiter is not None and todo:
+                await limiter.acquire(len(todo))
+                held = len(todo)
+            deadline = None if timeout is None else self.loop.time() + timeout
+            for root in todo:
+                root.deadline = deadline
+                if not ch.put_nowait(root):
+                    await ch.put(root)
+                held = max(held - 1, 0)  # its place now goes with it
+                self._admitted(root)
+                admitted.append(root)
+        except BaseException as exc:
+            if held:
+                assert limiter is not None
+                limiter.release(held)
+            for root in admitted:
+                self.cancel_root(root)  # dropped at its next stage
+            self.admitting -= 1
+            self.check_settled()
+            if isinstance(exc, ChannelClosed):
+                raise PipelineClosed(
+                    f"pipeline {self.name!r} closed before the items were admitted"
+                ) from None
+            raise
+        self.admitting -= 1
+
     def _admitted(self, root: Item) -> None:
         """``root`` was just put in the first queue: count it as inside the engine."""
         # _register written out: this runs once per item.

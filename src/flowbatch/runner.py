@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -313,19 +313,81 @@ class Runner:
         root.sink = FutureSink(fut)
         if not self._ledger.admit_nowait(root, False):
             self._rejected += 1
-            limiter = self.limiter
-            first = self._stages[0]
-            if limiter is not None and not first.inq.full():
-                raise Overloaded(
-                    f"pipeline {self.name!r} is full: {limiter.borrowed} items are in "
-                    f"flight (max_in_flight={limiter.total}); retry later"
-                )
-            raise Overloaded(
-                f"pipeline {self.name!r} is full: {len(first.inq)} items are waiting at "
-                f"stage {first.name!r} (queue_size={first.inq.maxsize}); retry later"
-            )
+            raise self._overloaded(1)
         self._ledger.arm(root, fut, timeout)
         return fut
+
+    def admit_many_nowait(
+        self, items: Sequence[Any], timeout: float | None = None
+    ) -> list[asyncio.Future[Any]]:
+        """Admit every one of ``items`` now, or none and raise ``Overloaded``.
+
+        :meth:`submit_nowait` for a request of many items, which is admitted
+        whole or not at all: ``len(items)`` places of ``max_in_flight`` are
+        taken in one go (a refusal counts ``len(items)`` in
+        ``stats().rejected``). Returns one future per item, in order;
+        ``timeout`` as for ``submit_nowait``.
+        """
+        self._check_open()
+        roots, futs = self._new_roots(items, timeout)
+        if roots and not self._ledger.admit_all_nowait(roots):
+            self._rejected += len(roots)
+            raise self._overloaded(len(roots))
+        for root, fut in zip(roots, futs, strict=True):
+            self._ledger.arm(root, fut, timeout)
+        return futs
+
+    async def admit_many(
+        self, items: Sequence[Any], timeout: float | None = None
+    ) -> list[asyncio.Future[Any]]:
+        """Admit every one of ``items``, waiting in line for all their places.
+
+        The waiting twin of :meth:`admit_many_nowait` (for work that can
+        wait: a job, a stream): it queues in ``max_in_flight``'s line, first
+        come first served, until ``len(items)`` places are free at once, and
+        returns one future per item. ``timeout`` counts from admission (the
+        wait in line is not counted; wrap the call in ``asyncio.timeout`` to
+        bound it). Cancelled while waiting, it admits nothing.
+        """
+        self._check_open()
+        limiter = self.limiter
+        if limiter is not None and len(items) > limiter.total:
+            raise ValueError(
+                f"{len(items)} items can never be admitted at once: max_in_flight={limiter.total}"
+            )
+        roots, futs = self._new_roots(items, timeout)
+        await self._ledger.admit_all_when_room(roots, timeout)
+        for root, fut in zip(roots, futs, strict=True):
+            self._ledger.arm(root, fut, timeout)
+        return futs
+
+    def _new_roots(
+        self, items: Sequence[Any], timeout: float | None
+    ) -> tuple[list[Item], list[asyncio.Future[Any]]]:
+        assert self._loop is not None
+        roots: list[Item] = []
+        futs: list[asyncio.Future[Any]] = []
+        for value in items:
+            root = self._new_root(value, timeout)
+            fut: asyncio.Future[Any] = self._loop.create_future()
+            root.sink = FutureSink(fut)
+            roots.append(root)
+            futs.append(fut)
+        return roots, futs
+
+    def _overloaded(self, n: int) -> Overloaded:
+        """The error for ``n`` items refused now: what is full, and how full."""
+        limiter = self.limiter
+        first = self._stages[0]
+        if limiter is not None and first.inq.maxsize - len(first.inq) >= n:
+            return Overloaded(
+                f"pipeline {self.name!r} is full: {limiter.borrowed} items are in "
+                f"flight (max_in_flight={limiter.total}); retry later"
+            )
+        return Overloaded(
+            f"pipeline {self.name!r} is full: {len(first.inq)} items are waiting at "
+            f"stage {first.name!r} (queue_size={first.inq.maxsize}); retry later"
+        )
 
     def map(
         self,
