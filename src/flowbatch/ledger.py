@@ -207,7 +207,8 @@ class Ledger:
         (or closed) while waiting: none of ``roots`` stays admitted.
         """
         first = self.first
-        assert first is not None and self.loop is not None
+        assert first is not None
+        assert self.loop is not None
         ch = first.inq
         limiter = self.limiter
         todo = [r for r in roots if first.cost is None or self.priced(first, r)]
