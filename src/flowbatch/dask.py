@@ -125,6 +125,7 @@ class DaskWorkers(Executor):
 
     async def start(self, stage: Stage) -> None:
         self.stage = stage.name
+        self.restarts = 0  # per run: an instance may be opened again after it stopped
         if inspect.iscoroutinefunction(stage.fn) or inspect.iscoroutinefunction(
             getattr(type(stage.fn), "__call__", None)  # noqa: B004
         ):

@@ -325,9 +325,15 @@ class RayActors(Executor):
         self.pass_refs = pass_refs
         self.scaling = scaling if scaling is not None else Scaling()
         self.pending_after = pending_after
+        self.stage = "?"
+        self._want = _request(num_cpus, num_gpus, resources)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state for one run: an instance may be opened again after it stopped
+        (``pipe.run`` twice), each time on a new event loop."""
         self.restarts = 0
         self.pending = 0
-        self.stage = "?"
         self._batched = False
         self._target = 0
         self._hi = 0
@@ -343,7 +349,6 @@ class RayActors(Executor):
         self._cls: Any = None
         self._fn_ref: Any = None
         self._post: Callable[[Any], Any] | None = None
-        self._want = _request(num_cpus, num_gpus, resources)
 
     # ----------------------------------------------------------- figures
 
@@ -372,6 +377,7 @@ class RayActors(Executor):
     # ---------------------------------------------------------- lifetime
 
     async def start(self, stage: Stage) -> None:
+        self._reset()
         self.stage = stage.name
         self._batched = stage.batch is not None
         if self.pass_refs and stage.fan_out:

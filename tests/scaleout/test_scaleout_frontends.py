@@ -102,9 +102,11 @@ def test_broker_worker_with_its_stage_on_ray_actors() -> None:
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_pipe_run_unchanged() -> None:
+def test_pipe_run_unchanged_and_again() -> None:
+    """The same executor instance serves a second run (a new event loop)."""
     pipe = fb.Pipeline([fb.stage(st.double_one, executor=fbray.actors(num_cpus=0.25))])
     assert pipe.run(range(7), progress=False) == [2 * i for i in range(7)]
+    assert pipe.run(range(3), progress=False) == [0, 2, 4]
 
 
 def test_opening_without_ray_initialised_calls_ray_init_and_logs_it(
