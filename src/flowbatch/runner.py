@@ -590,8 +590,10 @@ class Runner:
     @staticmethod
     def _stage_stats(sr: StageRun, now: float, elapsed: float) -> StageStats:
         snap = sr.metrics.snapshot(now, elapsed, len(sr.inq))
-        restarts = sr.executor.restarts
-        return dataclasses.replace(snap, restarts=restarts) if restarts else snap
+        ex = sr.executor
+        if ex.restarts or ex.pending:
+            return dataclasses.replace(snap, restarts=ex.restarts, pending=ex.pending)
+        return snap
 
     @property
     def closed(self) -> bool:
