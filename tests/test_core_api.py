@@ -15,6 +15,7 @@ EXPECTED = {
     "BatchContractError",
     "Client",
     "DeadlineExceeded",
+    "Devices",
     "Executor",
     "FlowbatchError",
     "ItemFailed",

@@ -17,6 +17,7 @@ Usage::
 
 
 from .batching import Batch
+from .devices import Devices
 from .errors import (
     BatchContractError,
     DeadlineExceeded,
@@ -65,6 +66,7 @@ __all__ = [
     "BatchContractError",
     "Client",
     "DeadlineExceeded",
+    "Devices",
     "Executor",
     "FlowbatchError",
     "ItemFailed",

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 __all__ = [
     "PER_OCTAVE",
+    "DeviceStats",
     "Histogram",
     "PipelineStats",
     "StageMetrics",
@@ -227,6 +228,34 @@ class Summary:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceStats:
+    """One model replica placed on a device (a stage with ``devices=``).
+
+    ``batch_cap`` is the most items a batch may hold on this replica, learned
+    from out-of-memory errors (``None``: none yet, the batch's own
+    ``max_size``); ``cost_cap`` the same for the padded cost (``Batch.cost``);
+    ``largest_batch`` the largest batch that ran; ``oom_splits`` the batches
+    split in halves after running out of memory. ``memory_used`` /
+    ``memory_total`` (bytes) and ``utilization`` (0..1) are the device's, from
+    NVML (or torch's allocator, memory only), ``None`` where neither tells.
+    """
+
+    device: str
+    replica: int
+    batch_cap: int | None = None
+    cost_cap: float | None = None
+    largest_batch: int = 0
+    oom_splits: int = 0
+    memory_used: int | None = None
+    memory_total: int | None = None
+    utilization: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready data, keyed by field name."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
 class StageStats:
     """One stage's figures since the runner opened.
 
@@ -239,7 +268,8 @@ class StageStats:
     opened; ``padding_waste`` the fraction of a cost-bounded batch's padded
     cost that was padding; ``restarts`` the workers replaced after dying;
     ``pending`` the workers the executor waits for (a Ray actor the cluster
-    cannot place yet).
+    cannot place yet); ``devices`` one :class:`DeviceStats` per replica of a
+    stage placed with ``devices=`` (learned batch caps, memory, utilization).
     """
 
     name: str
@@ -264,6 +294,7 @@ class StageStats:
     padding_waste: float = 0.0
     restarts: int = 0
     pending: int = 0
+    devices: tuple[DeviceStats, ...] = ()
 
     def since(self, prev: StageStats, seconds: float) -> StageStats:
         """What the stage did in the ``seconds`` after ``prev`` was taken.
@@ -569,7 +600,7 @@ def _unused(s: StageStats) -> StageStats:
 
 def _plain(v: Any) -> Any:
     """``v`` as JSON-ready data (see the ``to_dict`` methods)."""
-    if isinstance(v, Summary | StageStats):
+    if isinstance(v, Summary | StageStats | DeviceStats):
         return v.to_dict()
     if isinstance(v, tuple):
         return [_plain(x) for x in v]

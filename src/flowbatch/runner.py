@@ -37,6 +37,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .channel import ChannelClosed
+from .devices import DeviceExecutor
 from .envelope import Collector, FutureSink, Item
 from .errors import Overloaded, PipelineClosed
 from .hooks import Hooks
@@ -127,7 +128,9 @@ class Runner:
                 self._hooks = None  # installed but switched off: keep the fast path
         ledger = self._ledger
         ledger.hooks = self._hooks
-        self._stages = [StageRun(s, self.queue_size, self._hooks) for s in self.pipeline.stages]
+        self._stages = [
+            StageRun(s, self.queue_size, self._hooks, self._clock) for s in self.pipeline.stages
+        ]
         ledger.bind(loop, self._stages[0])
         for a, b in zip(self._stages, self._stages[1:], strict=False):
             a.next = b
@@ -591,6 +594,8 @@ class Runner:
     def _stage_stats(sr: StageRun, now: float, elapsed: float) -> StageStats:
         snap = sr.metrics.snapshot(now, elapsed, len(sr.inq))
         ex = sr.executor
+        if isinstance(ex, DeviceExecutor):
+            snap = dataclasses.replace(snap, devices=ex.device_stats())
         if ex.restarts or ex.pending:
             return dataclasses.replace(snap, restarts=ex.restarts, pending=ex.pending)
         return snap

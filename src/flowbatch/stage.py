@@ -11,12 +11,14 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from .batching import Batch
+from .devices import Devices
 from .errors import PipelineError
 from .executors import Executor
 from .retry import NO_RETRY, Retry
@@ -59,6 +61,9 @@ class Stage:
     retry: Retry
     timeout: float | None
     fan_out: bool
+    #: Where the replicas run (``devices=``), resolved: ``None`` for an
+    #: ordinary stage, or when ``"auto"`` found no GPU.
+    devices: Devices | None = None
 
     @property
     def executor_name(self) -> str:
@@ -77,6 +82,11 @@ class Stage:
             opts.append(f"batch={self.batch!r}")
         if self.fan_out:
             opts.append("fan_out=True")
+        if self.devices is not None:
+            opts.append(
+                f"devices={list(self.devices.names)!r} "
+                f"replicas_per_device={self.devices.replicas_per_device}"
+            )
         return f"<Stage {self.name!r} {' '.join(opts)}>"
 
 
@@ -90,6 +100,8 @@ def _make_stage(
     retry: Retry | None,
     timeout: float | None,
     fan_out: bool,
+    devices: str | Sequence[str] | Devices | None = None,
+    replicas_per_device: int | None = None,
 ) -> Stage:
     label = name or _callable_name(fn)
     if isinstance(fn, Stage):
@@ -115,6 +127,14 @@ def _make_stage(
     if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
         raise PipelineError(f"stage {label!r}: timeout must be a number > 0, got {timeout!r}")
     is_async = _is_async_callable(fn)
+    placed, concurrency = _placement(
+        label,
+        devices=devices,
+        replicas_per_device=replicas_per_device,
+        executor=executor,
+        concurrency=concurrency,
+        is_async=is_async,
+    )
     kind: Literal["async", "thread", "process"] | Executor
     if isinstance(executor, Executor):
         kind = executor  # sync or async, the function is the executor's business
@@ -143,7 +163,56 @@ def _make_stage(
         retry=retry if retry is not None else NO_RETRY,
         timeout=float(timeout) if timeout is not None else None,
         fan_out=bool(fan_out),
+        devices=placed,
     )
+
+
+def _placement(
+    label: str,
+    *,
+    devices: str | Sequence[str] | Devices | None,
+    replicas_per_device: int | None,
+    executor: str | Executor,
+    concurrency: int,
+    is_async: bool,
+) -> tuple[Devices | None, int]:
+    """The stage's resolved ``devices=`` (or None) and its concurrency (its replicas)."""
+    if devices is None:
+        if replicas_per_device is not None:
+            raise PipelineError(f"stage {label!r}: replicas_per_device needs devices=")
+        return None, concurrency
+    if isinstance(executor, Executor):
+        raise PipelineError(
+            f"stage {label!r}: devices= places replicas in thread or process workers; "
+            f"{type(executor).__name__} places its own (Ray: num_gpus=, Dask: resources)"
+        )
+    if is_async or executor == "async":
+        raise PipelineError(
+            f"stage {label!r}: devices= needs a plain def or an object with __call__ "
+            "(each replica runs in a worker of its own); an async function runs on the loop"
+        )
+    if concurrency != 1:
+        raise PipelineError(
+            f"stage {label!r}: with devices=, the workers are devices x "
+            "replicas_per_device; pass replicas_per_device instead of concurrency"
+        )
+    try:
+        if isinstance(devices, Devices):
+            option = devices
+            if replicas_per_device is not None:
+                option = dataclasses.replace(option, replicas_per_device=replicas_per_device)
+        else:
+            option = Devices(
+                devices if isinstance(devices, str) else tuple(devices),
+                replicas_per_device if replicas_per_device is not None else 1,
+            )
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"stage {label!r}: {exc}") from exc
+    placed = option.resolved()
+    if placed is None:
+        # "auto" without a GPU: today's CPU stage, with one worker per replica.
+        return None, option.replicas_per_device
+    return placed, placed.replicas
 
 
 @overload
@@ -162,6 +231,8 @@ def stage(
     retry: Retry | None = None,
     timeout: float | None = None,
     fan_out: bool = False,
+    devices: str | Sequence[str] | Devices | None = None,
+    replicas_per_device: int | None = None,
 ) -> Stage: ...
 
 
@@ -177,6 +248,8 @@ def stage(
     retry: Retry | None = None,
     timeout: float | None = None,
     fan_out: bool = False,
+    devices: str | Sequence[str] | Devices | None = None,
+    replicas_per_device: int | None = None,
 ) -> Callable[[Callable[..., Any]], Stage]: ...
 
 
@@ -191,6 +264,8 @@ def stage(
     retry: Retry | None = None,
     timeout: float | None = None,
     fan_out: bool = False,
+    devices: str | Sequence[str] | Devices | None = None,
+    replicas_per_device: int | None = None,
 ) -> Stage | Callable[[Callable[..., Any]], Stage]:
     """Make a pipeline stage from a function or a callable object.
 
@@ -208,6 +283,12 @@ def stage(
       input; the input's result is the list of its children's results.
     - ``retry=fb.Retry(...)``: retry failed items; ``timeout``: seconds one
       call may take.
+    - ``devices="auto" | ["cuda:0", ...]`` with ``replicas_per_device=N``
+      (or ``devices=fb.Devices(...)``): one replica per (device, slot), each
+      in its own thread (or process) worker, placed by ``setup(device=...)``
+      or its ``device`` attribute; a batch that runs out of device memory is
+      split and the size that fits is learned (see flowbatch/devices.py).
+      ``"auto"`` without a GPU runs ``replicas_per_device`` CPU workers.
     - ``executor=``: ``"auto"`` (async def on the loop, else threads),
       ``"async"``, ``"thread"``, ``"process"``, or an instance of
       :class:`flowbatch.Executor` that runs the calls anywhere else.
@@ -222,6 +303,8 @@ def stage(
         "retry": retry,
         "timeout": timeout,
         "fan_out": fan_out,
+        "devices": devices,
+        "replicas_per_device": replicas_per_device,
     }
     if fn is None:
         return lambda f: _make_stage(f, **opts)

@@ -7,11 +7,13 @@ what to do with an item is theirs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .batching import next_service_time
+from .batching import Batch, next_service_time
 from .channel import Channel
+from .devices import device_executor
 from .envelope import Item
 from .executors import Executor, make_executor, materialize, materialize_each
 from .metrics import StageMetrics
@@ -34,6 +36,7 @@ class StageRun:
         "executor",
         "fan_out",
         "inq",
+        "limits",
         "metrics",
         "name",
         "next",
@@ -42,7 +45,13 @@ class StageRun:
         "spec",
     )
 
-    def __init__(self, spec: Stage, queue_size: int, hooks: Hooks | None) -> None:
+    def __init__(
+        self,
+        spec: Stage,
+        queue_size: int,
+        hooks: Hooks | None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.batch = spec.batch
@@ -64,20 +73,33 @@ class StageRun:
         )
         self.next: StageRun | None = None
         self.executor: Executor
+        # A device stage's learned memory caps lower its next batch (devices.py).
+        self.limits: Callable[[Batch], Batch] | None = None
         if isinstance(spec.executor, Executor):
             self.executor = spec.executor
         else:
             post: Callable[[Any], Any] | None = None
             if spec.fan_out and spec.executor != "async":
                 post = materialize_each if spec.batch is not None else materialize
-            self.executor = make_executor(
-                spec.executor,
-                spec.fn,
-                spec.concurrency,
-                spec.name,
-                post=post,
-                activate=hooks.activate if hooks is not None else None,
-            )
+            if spec.devices is not None:
+                placed = device_executor(
+                    spec,
+                    post=post,
+                    activate=hooks.activate if hooks is not None else None,
+                    clock=clock if clock is not None else time.perf_counter,
+                )
+                self.executor = placed
+                if spec.batch is not None:
+                    self.limits = placed.batch_limits
+            else:
+                self.executor = make_executor(
+                    spec.executor,
+                    spec.fn,
+                    spec.concurrency,
+                    spec.name,
+                    post=post,
+                    activate=hooks.activate if hooks is not None else None,
+                )
         timeout = spec.timeout
         # An async function without a timeout is awaited as is: no wrapper.
         self.direct = (

@@ -25,6 +25,7 @@ from typing import Any
 
 from .batching import (
     LINGER_GAP,
+    Batch,
     fair_share,
     holds_open,
     linger_bound,
@@ -296,19 +297,21 @@ class Workers:
             if not len(ch):
                 if not await ch.wait_nonempty():
                     return
+            # A device's learned memory caps lower max_size / max_cost (devices.py).
+            options = opts if sr.limits is None else sr.limits(opts)
             if not self.flushing:
-                if holds_open(opts, len(ch)):
-                    await self._hold_open(sr)
+                if holds_open(options, len(ch)):
+                    await self._hold_open(sr, options)
                     if not len(ch):
                         continue
                 else:
-                    want = linger_target(opts, len(ch), last)
+                    want = linger_target(options, len(ch), last)
                     if want:
                         await self._linger(sr, want)
                         if not len(ch):
                             continue
             share = fair_share(len(ch), holding)
-            picked = ch.take(functools.partial(pick_batch, options=opts, limit=share))
+            picked = ch.take(functools.partial(pick_batch, options=options, limit=share))
             batch: list[Item] = []
             now = time()
             for item in picked:
@@ -327,10 +330,8 @@ class Workers:
                 # closed loop of callers sees a run of tiny batches.
                 await asyncio.sleep(0)
 
-    async def _hold_open(self, sr: StageRun) -> None:
+    async def _hold_open(self, sr: StageRun, opts: Batch) -> None:
         """Keep a non-full batch open for up to ``max_wait``; a drain ends it at once."""
-        opts = sr.batch
-        assert opts is not None
         ch = sr.inq
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(opts.max_wait):
