@@ -194,6 +194,64 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         submitted, outcomes, in_flight_p, uptime, latency, items, retries, info, depth, in_flight, workers,
         busy, busy_ratio, wait, service, bsize, bcost, waste, bottleneck,
     )
+    yield from _device_families(stats)
+
+
+def _device_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
+    """The replicas of stages placed with ``devices=`` (see flowbatch/devices.py)."""
+    per_replica = ["pipeline", "stage", "device", "replica"]
+    per_device = ["pipeline", "stage", "device"]
+    cap = GaugeMetricFamily(
+        "flowbatch_device_batch_cap",
+        "Most items per batch on the replica, learned from out-of-memory errors "
+        "(absent: no cap, the batch's max_size).",
+        labels=per_replica,
+    )
+    cost_cap = GaugeMetricFamily(
+        "flowbatch_device_cost_cap",
+        "Most padded cost (size x largest cost) per batch on the replica, learned "
+        "from out-of-memory errors (absent: no cap).",
+        labels=per_replica,
+    )
+    splits = CounterMetricFamily(
+        "flowbatch_device_oom_splits",
+        "Batches split in halves after running out of device memory.",
+        labels=per_replica,
+    )
+    used = GaugeMetricFamily(
+        "flowbatch_device_memory_used_bytes", "Device memory in use (NVML or torch).",
+        labels=per_device,
+    )
+    total = GaugeMetricFamily(
+        "flowbatch_device_memory_total_bytes", "Device memory in all.", labels=per_device
+    )
+    busy = GaugeMetricFamily(
+        "flowbatch_device_utilization",
+        "Fraction of time the device was busy (NVML), 0..1.",
+        labels=per_device,
+    )
+    for name, s in stats:
+        for st in s.stages:
+            seen: set[str] = set()
+            for d in st.devices:
+                lab = [name, st.name, d.device, str(d.replica)]
+                if d.batch_cap is not None:
+                    cap.add_metric(lab, d.batch_cap)
+                if d.cost_cap is not None:
+                    cost_cap.add_metric(lab, d.cost_cap)
+                splits.add_metric(lab, d.oom_splits)
+                if d.device in seen:
+                    continue
+                seen.add(d.device)
+                dlab = [name, st.name, d.device]
+                if d.memory_used is not None:
+                    used.add_metric(dlab, d.memory_used)
+                if d.memory_total is not None:
+                    total.add_metric(dlab, d.memory_total)
+                if d.utilization is not None:
+                    busy.add_metric(dlab, d.utilization)
+    yield from (cap, cost_cap, splits, used, total, busy)
+
 
 
 def render(runners: Runners, *more: Collector) -> bytes:
