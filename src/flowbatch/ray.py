@@ -483,6 +483,7 @@ class RayActors(Executor):
                 log.warning(
                     "flowbatch: a Ray actor of stage %r failed to start: %s", self.stage, exc
                 )
+                self._idle.put_nowait(h)  # wakes a waiting caller, who sees _broken
             return
         if not ok:
             h.dead = True
