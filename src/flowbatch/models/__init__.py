@@ -9,6 +9,8 @@ from flowbatch.models.sentence import (
     MODEL_PACKAGE,
     ModelNotInstalled,
     SentenceEmbedder,
+    SentenceTokenizer,
+    Tokens,
     Vector,
     default_model_path,
 )
@@ -18,6 +20,8 @@ __all__ = [
     "MODEL_PACKAGE",
     "ModelNotInstalled",
     "SentenceEmbedder",
+    "SentenceTokenizer",
+    "Tokens",
     "Vector",
     "default_model_path",
 ]

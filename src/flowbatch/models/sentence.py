@@ -14,6 +14,17 @@ Usage::
 
     embed = fb.stage(SentenceEmbedder(torch_threads=1), concurrency=2,
                      batch=fb.Batch(max_size=64))
+
+On GPUs, tokenize in a CPU stage ahead of the device stage, so the GPU never
+waits for Python, and let the engine place the replicas::
+
+    model = SentenceEmbedder(dtype="float16")
+    pipe = fb.Pipeline([
+        fb.stage(model.tokenizer(), name="tokenize", concurrency=2,
+                 batch=fb.Batch(max_size=256)),
+        fb.stage(model, name="embed", devices="auto", replicas_per_device=2,
+                 batch=fb.Batch(max_size=512, cost=len)),
+    ])
 """
 
 from __future__ import annotations
@@ -29,12 +40,17 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from flowbatch.staging import Staging
+
 __all__ = [
     "DEFAULT_MAX_LENGTH",
+    "DTYPES",
     "EMBEDDING_DIMENSION",
     "MODEL_PACKAGE",
     "ModelNotInstalled",
     "SentenceEmbedder",
+    "SentenceTokenizer",
+    "Tokens",
     "Vector",
     "default_model_path",
 ]
@@ -56,6 +72,10 @@ _COUNT_LOCK = threading.Lock()
 
 #: One embedding: a float32 row of length ``EMBEDDING_DIMENSION``.
 Vector = npt.NDArray[np.float32]
+#: One tokenized text: its token ids (with the special tokens), from :class:`SentenceTokenizer`.
+Tokens = npt.NDArray[np.int64]
+#: The weights' precision: ``None`` keeps float32; half precision is for GPUs.
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ModelNotInstalled(RuntimeError):
@@ -113,6 +133,14 @@ class SentenceEmbedder:
         normalize: scale each embedding to unit length, so that the dot
             product is the cosine similarity (what this model is meant for).
         max_length: inputs longer than this many tokens are truncated.
+        dtype: the weights' precision, ``"float16"`` or ``"bfloat16"`` (for
+            GPUs; embeddings still come back as float32), ``None`` float32.
+
+    Placed on a GPU (``fb.stage(model, devices=...)`` calls
+    ``setup(device=...)``), each replica copies its inputs through pinned
+    buffers on a CUDA stream of its own (flowbatch/staging.py). It takes
+    texts, or the token ids of :meth:`tokenizer` (tokenize in a CPU stage
+    ahead of it, so the GPU never waits for Python).
     """
 
     dimension: int = EMBEDDING_DIMENSION
@@ -124,11 +152,16 @@ class SentenceEmbedder:
         torch_threads: int | None = None,
         normalize: bool = True,
         max_length: int = DEFAULT_MAX_LENGTH,
+        *,
+        dtype: str | None = None,
     ) -> None:
         if torch_threads is not None and torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1 or None, got {torch_threads}")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
+        self.dtype = dtype
         self.model_path = None if model_path is None else Path(model_path)
         self.device = device
         self.torch_threads = torch_threads
@@ -137,6 +170,7 @@ class SentenceEmbedder:
         self._tokenizer: Any = None
         self._model: Any = None
         self._counter: Any = None  # a tokenizer of its own for count_tokens()
+        self._staging: Staging | None = None  # a GPU replica's stream and pinned buffers
 
     def __repr__(self) -> str:
         return (
@@ -151,18 +185,28 @@ class SentenceEmbedder:
         state["_tokenizer"] = None
         state["_model"] = None
         state["_counter"] = None
+        state["_staging"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.setdefault("dtype", None)
+        self.__dict__.setdefault("_staging", None)
         self.__dict__.update(state)
+
+    def tokenizer(self) -> SentenceTokenizer:
+        """A batched CPU stage that turns texts into this model's token ids."""
+        return SentenceTokenizer(self.model_path, self.max_length)
 
     @property
     def loaded(self) -> bool:
         """Whether ``setup()`` has loaded the model in this object."""
         return self._model is not None
 
-    def setup(self) -> None:
-        """Load the tokenizer and the model from disk (offline)."""
+    def setup(self, device: str | None = None) -> None:
+        """Load the tokenizer and the model from disk (offline), on ``device``
+        (given by ``fb.stage(..., devices=...)``) or ``self.device``."""
+        if device is not None:
+            self.device = device
         path = self.model_path if self.model_path is not None else default_model_path()
         missing = [name for name in _REQUIRED_FILES if not (path / name).is_file()]
         if missing:
@@ -177,10 +221,14 @@ class SentenceEmbedder:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = AutoModel.from_pretrained(str(path), local_files_only=True)
             model.eval()
-            model.to(self.device)
+            model.to(self.device, dtype=getattr(torch, self.dtype or "float32"))
         # Per OS thread: this worker's setting (see the class docstring).
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)
+        if torch.device(self.device).type == "cuda":
+            from flowbatch.staging import Staging
+
+            self._staging = Staging(self.device)
         self._tokenizer, self._model = tokenizer, model
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -208,13 +256,74 @@ class SentenceEmbedder:
             )
         return [len(ids) for ids in encoded["input_ids"]]
 
-    def __call__(self, texts: Sequence[str]) -> list[Vector]:
-        """Embed ``texts``; the result has the same length and order."""
+    def __call__(self, texts: Sequence[str] | Sequence[Tokens]) -> list[Vector]:
+        """Embed ``texts`` (or their token ids); the result has the same length and order."""
         if not texts:
             return []
         if self._model is None:
             self.setup()
-        return list(self.encode(texts))
+        if not isinstance(texts[0], str):
+            return list(self.encode_tokens(texts))  # type: ignore[arg-type]
+        return list(self.encode(texts))  # type: ignore[arg-type]
+
+    def encode_tokens(self, tokens: Sequence[Tokens]) -> npt.NDArray[np.float32]:
+        """Embed texts given as token ids (from :meth:`tokenizer`): ``(n, 384)`` float32."""
+        if self._model is None:
+            self.setup()
+        n = len(tokens)
+        if not n:
+            return np.empty((0, self.dimension), dtype=np.float32)
+        width = max(len(t) for t in tokens)
+        ids = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        for i, t in enumerate(tokens):
+            k = min(len(t), self.max_length)
+            ids[i, :k] = t[:k]
+            mask[i, :k] = 1
+        if width > self.max_length:
+            ids, mask = ids[:, : self.max_length], mask[:, : self.max_length]
+        return self._forward(ids, mask)
+
+    def _forward(
+        self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        """Padded ids and mask to pooled embeddings, through the replica's staging."""
+        import torch
+
+        staging = self._staging
+        with torch.inference_mode():
+            if staging is None:
+                t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+                if self.device != "cpu":
+                    t_ids, t_mask = t_ids.to(self.device), t_mask.to(self.device)
+                pooled: npt.NDArray[np.float32] = (
+                    self._pool(t_ids, t_mask).to("cpu", torch.float32).numpy()
+                )
+                return pooled
+            h_ids = staging.host("ids", ids.shape, torch.int64)
+            h_mask = staging.host("mask", mask.shape, torch.int64)
+            h_ids.numpy()[...] = ids
+            h_mask.numpy()[...] = mask
+            with staging.stream():
+                on_device = self._pool(
+                    staging.to_device("ids", h_ids), staging.to_device("mask", h_mask)
+                )
+                out = staging.to_host("out", on_device.float())
+            staging.synchronize()
+            # The pinned buffer is reused by the next batch: the rows get their own.
+            array: npt.NDArray[np.float32] = out.numpy().copy()
+        return array
+
+    def _pool(self, ids: Any, mask: Any) -> Any:
+        import torch
+
+        hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        # Mean over real tokens only: padding must not pull the average.
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        return pooled
 
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed ``texts`` into one ``(len(texts), 384)`` float32 array."""
@@ -229,6 +338,14 @@ class SentenceEmbedder:
                 raise TypeError(
                     f"SentenceEmbedder takes str items; item {i} is {type(text).__name__}"
                 )
+        if self._staging is not None:
+            encoded = self._tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length,
+                return_tensors="np", return_token_type_ids=False,
+            )
+            return self._forward(
+                encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+            )
         with torch.inference_mode():
             encoded = self._tokenizer(
                 list(texts),
@@ -237,7 +354,7 @@ class SentenceEmbedder:
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
-            hidden = self._model(**encoded).last_hidden_state
+            hidden = self._model(**encoded).last_hidden_state.float()
             # Mean over real tokens only: padding must not pull the average.
             mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -245,3 +362,47 @@ class SentenceEmbedder:
                 pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
             array: npt.NDArray[np.float32] = pooled.to("cpu", torch.float32).numpy()
         return array
+
+
+class SentenceTokenizer:
+    """Batched CPU stage: texts in, their token ids out (``Tokens``, int64 arrays).
+
+    Made by :meth:`SentenceEmbedder.tokenizer`; put it ahead of the embedder's
+    device stage so that tokenizing (Python and Rust, on the CPU) overlaps
+    the GPU's work. ``len(tokens)`` is the item's token count: use
+    ``fb.Batch(cost=len, max_cost=...)`` on the device stage for a token budget.
+    """
+
+    def __init__(self, model_path: Path | None = None, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        self.model_path = model_path
+        self.max_length = max_length
+        self._tokenizer: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def setup(self) -> None:
+        """Load the tokenizer (one per worker: a fast tokenizer is not thread-safe)."""
+        path = self.model_path if self.model_path is not None else default_model_path()
+        with _LOAD_LOCK:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+    def __call__(self, texts: Sequence[str]) -> list[Tokens]:
+        """The token ids of each text, with special tokens, truncated to ``max_length``."""
+        if self._tokenizer is None:
+            self.setup()
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"SentenceTokenizer takes str items; item {i} is {type(text).__name__}"
+                )
+        encoded = self._tokenizer(
+            list(texts), truncation=True, max_length=self.max_length,
+            return_attention_mask=False, return_token_type_ids=False,
+        )
+        return [np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]]
