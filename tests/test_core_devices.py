@@ -351,6 +351,7 @@ def test_the_token_budget_is_learned_and_parts_are_cut_longest_first() -> None:
     assert sorted(map(len, second)) == [1, 2, 3, 4]
     dev = stats.stages[0].devices[0]
     assert dev.cost_cap is not None and dev.cost_cap <= 40
+    assert dev.batch_cap is None  # the budget is learned, not a size: short items still batch
 
 
 def test_learned_limit_bisects_up_to_the_failure_and_lifts_at_the_ceiling() -> None:

@@ -13,9 +13,10 @@ Memory: a call that raises the device's out-of-memory error
 again on the same replica: the batch does not fail. The largest batch that
 fitted is remembered per replica (:class:`LearnedLimit`) and caps later
 batches, as dispatched by the worker loop and, for a batch that still
-exceeds it, by running it in parts; with ``Batch(cost=..., max_cost=...)`` the
-padded cost (size x largest cost, e.g. tokens) is learned the same way.
-Parts are cut longest first, so each holds items of similar cost and pads
+exceeds it, by running it in parts. With ``Batch(cost=...)`` (e.g. tokens)
+the padded cost (size x largest cost) is learned instead, the same way: the
+memory a padded batch takes follows it, and a cap on size would hold batches
+of short items to what long ones fit. Parts are cut longest first, so each holds items of similar cost and pads
 little. After ``probe_after`` seconds (on the runner's clock) without an
 out-of-memory error, the cap is raised halfway to the size that failed, so
 memory freed since is used again.
@@ -673,17 +674,21 @@ class DeviceExecutor(Executor):
             if n == 1 or not self.devices.is_oom(exc):
                 raise
             now = self.clock()
-            slot.size.overflowed(n, now)
+            # With a cost function, memory follows the padded cost: learn that
+            # alone (a cap on size would hold short items to long items' batches).
             if padded is not None:
                 slot.cost.overflowed(padded, now)
+            else:
+                slot.size.overflowed(n, now)
             slot.oom_splits += 1
             log.info(
                 "stage %r: a batch of %d ran out of memory on %s; split in halves "
-                "(cap now %s items)",
+                "(cap now %s items, %s cost)",
                 self.stage,
                 n,
                 slot.device,
                 _cap_int(slot.size.cap),
+                slot.cost.cap,
                 extra={"stage": self.stage, "device": slot.device},
             )
             order = sorted(range(n), key=lambda i: -costs[i]) if costs else list(range(n))
@@ -701,9 +706,10 @@ class DeviceExecutor(Executor):
                 for i, out in zip(idx, part, strict=True):
                     results[i] = out
             return results
-        slot.size.fitted(n)
         if padded is not None:
             slot.cost.fitted(padded)
+        else:
+            slot.size.fitted(n)
         slot.fitted = max(slot.fitted, n)
         if whole:
             return outs
