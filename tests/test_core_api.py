@@ -13,6 +13,7 @@ import flowbatch as fb
 EXPECTED = {
     "Batch",
     "BatchContractError",
+    "CapacityLimiter",
     "Client",
     "DeadlineExceeded",
     "Devices",
@@ -20,6 +21,7 @@ EXPECTED = {
     "FlowbatchError",
     "ItemFailed",
     "JobFailed",
+    "LimiterStats",
     "Overloaded",
     "Pipeline",
     "PipelineClosed",

@@ -138,3 +138,40 @@ def test_http_series_are_written_by_the_same_writer() -> None:
         if "pipeline" in s.labels
     ]
     assert labelled and {s.labels["pipeline"] for s in labelled} == {"a.b-c_1"}
+
+
+def test_rejections_restarts_and_pending_workers_are_exported_and_read_back() -> None:
+    import dataclasses
+
+    import pytest
+
+    from flowbatch.observe.top import parse
+
+    pipe = fb.Pipeline([fb.stage(double, name="prep")], name="p")
+
+    async def main() -> fb.PipelineStats:
+        async with pipe.open(max_in_flight=1) as runner:
+            first = runner.submit_nowait("a")
+            with pytest.raises(fb.Overloaded):
+                runner.admit_many_nowait(["b", "c"])
+            assert await first == "aa"
+            return runner.stats()
+
+    s = asyncio.run(main())
+    (st,) = s.stages
+    # a stage whose executor replaced 2 workers and waits for 1 (as a Ray pool reports)
+    s = dataclasses.replace(s, stages=(dataclasses.replace(st, restarts=2, pending=1),))
+
+    class Snapshot:
+        def stats(self) -> fb.PipelineStats:
+            return s
+
+    text = render({"p": Snapshot()}).decode()  # type: ignore[dict-item]
+    got = samples(text)
+    lab = (("pipeline", "p"), ("stage", "prep"))
+    assert got[("flowbatch_pipeline_rejected_total", (("pipeline", "p"),))] == 2
+    assert got[("flowbatch_stage_restarts_total", lab)] == 2
+    assert got[("flowbatch_stage_pending_workers", lab)] == 1
+    back = parse(text)["p"]
+    assert back.rejected == 2
+    assert (back.stages[0].restarts, back.stages[0].pending) == (2, 1)

@@ -29,6 +29,7 @@ from .errors import (
     WorkerCrashed,
 )
 from .executors import Executor
+from .limits import CapacityLimiter, LimiterStats
 from .metrics import PipelineStats, StageStats, Summary
 from .pipeline import Pipeline
 from .retry import Retry
@@ -64,6 +65,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Batch",
     "BatchContractError",
+    "CapacityLimiter",
     "Client",
     "DeadlineExceeded",
     "Devices",
@@ -71,6 +73,7 @@ __all__ = [
     "FlowbatchError",
     "ItemFailed",
     "JobFailed",
+    "LimiterStats",
     "Overloaded",
     "Pipeline",
     "PipelineClosed",

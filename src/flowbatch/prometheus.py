@@ -91,6 +91,11 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         "Items that left the pipeline, by outcome (completed, failed, expired, cancelled).",
         labels=[*ps, "outcome"],
     )
+    rejected = CounterMetricFamily(
+        "flowbatch_pipeline_rejected",
+        "Items refused with Overloaded (past max_in_flight, or a full first queue).",
+        labels=ps,
+    )
     in_flight_p = GaugeMetricFamily(
         "flowbatch_pipeline_in_flight", "Items admitted and not yet answered.", labels=ps
     )
@@ -120,6 +125,14 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         "flowbatch_stage_in_flight", "Items inside the stage's running calls.", labels=pss
     )
     workers = GaugeMetricFamily("flowbatch_stage_workers", "Workers of the stage.", labels=pss)
+    restarts = CounterMetricFamily(
+        "flowbatch_stage_restarts", "Workers of the stage replaced after dying.", labels=pss
+    )
+    pending = GaugeMetricFamily(
+        "flowbatch_stage_pending_workers",
+        "Workers the stage's executor waits for (a Ray actor the cluster cannot place yet).",
+        labels=pss,
+    )
     busy = CounterMetricFamily(
         "flowbatch_stage_busy_seconds",
         "Worker time spent in the stage function (rate / workers = utilization).",
@@ -162,6 +175,7 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
             ("cancelled", s.cancelled),
         ):
             outcomes.add_metric([name, outcome], n)
+        rejected.add_metric([name], s.rejected)
         in_flight_p.add_metric([name], s.in_flight)
         uptime.add_metric([name], s.elapsed)
         latency.add_metric([name], _hist_buckets(s.latency), s.latency.total)
@@ -179,6 +193,8 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
             depth.add_metric(lab, st.queued)
             in_flight.add_metric(lab, st.in_flight)
             workers.add_metric(lab, st.workers)
+            restarts.add_metric(lab, st.restarts)
+            pending.add_metric(lab, st.pending)
             busy.add_metric(lab, st.busy_seconds)
             busy_ratio.add_metric(lab, st.utilization)
             wait.add_metric(lab, _hist_buckets(st.queue_wait), st.queue_wait.total)
@@ -191,8 +207,9 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
                 waste.add_metric(lab, st.padding_waste)
             bottleneck.add_metric(lab, 1.0 if st.name == s.bottleneck else 0.0)
     yield from (
-        submitted, outcomes, in_flight_p, uptime, latency, items, retries, info, depth, in_flight, workers,
-        busy, busy_ratio, wait, service, bsize, bcost, waste, bottleneck,
+        submitted, outcomes, rejected, in_flight_p, uptime, latency, items, retries, info, depth,
+        in_flight, workers, restarts, pending, busy, busy_ratio, wait, service, bsize, bcost, waste,
+        bottleneck,
     )
     yield from _device_families(stats)
 
@@ -251,7 +268,6 @@ def _device_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]
                 if d.utilization is not None:
                     busy.add_metric(dlab, d.utilization)
     yield from (cap, cost_cap, splits, used, total, busy)
-
 
 
 def render(runners: Runners, *more: Collector) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from typing import Any
 
 import httpx
@@ -15,7 +16,9 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
+import flowbatch as fb
 from flowbatch.http import ServeConfig, create_app
+from flowbatch.http.service import MIN_IN_FLIGHT, default_in_flight
 
 
 def test_overload_answers_503_at_once_without_touching_the_model() -> None:
@@ -35,6 +38,10 @@ def test_overload_answers_503_at_once_without_touching_the_model() -> None:
             assert HOLD.entered == 2  # the rejected requests never reached a stage
             metrics = (await c.get("/metrics")).text
             assert 'flowbatch_http_rejected_total{pipeline="hold"} 2' in metrics
+            # the engine counted the refused items: the runner's limiter refused them
+            assert 'flowbatch_pipeline_rejected_total{pipeline="hold"} 2.0' in metrics
+            runner = app.service.endpoints["hold"].runner
+            assert runner is not None and runner.stats().rejected == 2
             HOLD.release()
             answers = await asyncio.gather(*held)
             assert [a.json() for a in answers] == [{"output": 0}, {"output": 1}]
@@ -43,7 +50,8 @@ def test_overload_answers_503_at_once_without_touching_the_model() -> None:
 
     with serve_in_thread(app) as srv:
         asyncio.run(main(srv.url))
-        assert app.service.endpoints["hold"].gate.used == 0
+        limiter = app.service.endpoints["hold"].limiter
+        assert limiter is not None and limiter.borrowed == 0
 
 
 def test_deadline_gives_504_and_the_item_is_dropped() -> None:
@@ -81,8 +89,9 @@ def test_client_disconnect_cancels_its_items() -> None:
             task.cancel()  # closes the connection
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        gate = app.service.endpoints["hold"].gate
-        await until(lambda: gate.used == 0, what="the items to be cancelled")
+        limiter = app.service.endpoints["hold"].limiter
+        assert limiter is not None
+        await until(lambda: limiter.borrowed == 0, what="the items to be cancelled")
         HOLD.release()
         runner = app.service.endpoints["hold"].runner
         assert runner is not None
@@ -342,3 +351,55 @@ def test_a_users_middleware_sees_every_route() -> None:
         r = c.post("/v1/pipelines/echo/jobs", json={"input": 1}, headers=auth)
         assert r.status_code == 202 and r.headers.get("x-tag") == "1"
     assert seen.count("POST /v1/pipelines/echo") == 3
+
+
+def test_defaults_admit_a_few_items_to_an_unbatched_slow_stage_and_503_the_rest() -> None:
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(x: Any) -> Any:  # one worker, no batch: every call is one item's service time
+        entered.set()
+        assert release.wait(30)
+        return x
+
+    app = create_app(fb.Pipeline([fb.stage(slow, name="slow")], name="slow"))
+
+    async def main(url: str) -> None:
+        ep = app.service.endpoints["slow"]
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            first = asyncio.ensure_future(c.post("/v1/pipelines/slow", json={"input": 0}))
+            await until(entered.is_set, what="the first item in the stage")
+            more = [asyncio.ensure_future(c.post("/v1/pipelines/slow", json={"input": i}))
+                    for i in (1, 2, 3)]
+            await until(lambda: ep.limiter is not None and ep.limiter.borrowed == 4,
+                        what="three more items admitted")
+            # Admitted: a few (the floor of 4). The rest are told at once.
+            for i in range(4, 10):
+                r = await c.post("/v1/pipelines/slow", json={"input": i}, timeout=10)
+                assert r.status_code == 503
+            release.set()
+            answers = await asyncio.gather(first, *more)
+            assert [a.json() for a in answers] == [{"output": i} for i in range(4)]
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
+        assert app.service.endpoints["slow"].capacity == MIN_IN_FLIGHT == 4
+
+
+def test_default_in_flight_follows_the_stage_shapes() -> None:
+    def model(xs: list[Any]) -> list[Any]:
+        return xs
+
+    def prep(x: Any) -> Any:
+        return x
+
+    batched = fb.stage(model, name="model", batch=fb.Batch(max_size=64), concurrency=2)
+    # the served model shape (benchmarks/serving.py) keeps the default it had: 64
+    assert default_in_flight(fb.Pipeline([batched])) == 64
+    # a one-worker preprocessing stage does not shrink the model's batches
+    assert default_in_flight(fb.Pipeline([fb.stage(prep, name="prep"), batched])) == 64
+    # an unbatched stage: two items per worker (at least MIN_IN_FLIGHT)
+    assert default_in_flight(fb.Pipeline([fb.stage(prep, name="prep")])) == MIN_IN_FLIGHT
+    assert default_in_flight(fb.Pipeline([fb.stage(prep, name="prep", concurrency=4)])) == 8
+    # a small batch: at least two items per worker
+    small = fb.stage(model, name="m", batch=fb.Batch(max_size=3), concurrency=3)
+    assert default_in_flight(fb.Pipeline([small])) == 6

@@ -74,8 +74,9 @@ def test_job_cancel_and_ttl() -> None:
         assert c.get(url).json()["status"] == "running"
         doc = c.delete(url).json()
         assert doc["status"] == "cancelled" and doc["result"] is None
-        gate = app.service.endpoints["hold"].gate
-        wait_until(lambda: gate.used == 0, what="the job's places to be freed")
+        limiter = app.service.endpoints["hold"].limiter
+        assert limiter is not None
+        wait_until(lambda: limiter.borrowed == 0, what="the job's places to be freed")
         # finished long ago by a 1 ms TTL: gone
         wait_until(lambda: c.get(url).status_code == 404, what="the result to expire")
 

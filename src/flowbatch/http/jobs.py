@@ -1,7 +1,8 @@
 """Async jobs: accept work now (202), run it in the background, answer later.
 
-A job's items go through the same runner and the same admission gate as
-requests; a job waits for room instead of getting 503. Its record lives in a
+A job's items go through the same runner and the same in-flight limiter as
+requests; a job waits in the limiter's line (``runner.admit_many``) instead of
+getting 503, and its items' timeout counts from their admission. Its record lives in a
 :class:`JobStore`; a finished job's result is kept ``job_ttl`` seconds.
 Every job runs as a task of the manager's task group, which the service's
 lifespan owns: stopping the manager finishes every accepted job.
@@ -134,13 +135,7 @@ class JobManager:
         futs: list[asyncio.Future[Any]] = []
         try:
             try:
-                await ep.gate.acquire(len(values))
-                try:
-                    runner = service.runner_of(ep, draining_ok=True)
-                except ApiError:
-                    ep.gate.release(len(values))
-                    raise
-                futs = service.submit_admitted(ep, runner, values, job.timeout)
+                futs = await service.admit_waiting(ep, values, job.timeout)
                 await self.store.put(job.replace(status="running"))
                 if futs:
                     await asyncio.wait(futs)

@@ -1,7 +1,10 @@
-"""``/metrics``: the engine's figures (``flowbatch.prometheus``) plus the gate's.
+"""``/metrics``: the engine's figures (``flowbatch.prometheus``) plus the service's.
 
-The HTTP layer adds only what the engine cannot see: requests turned away
-at admission, and the places taken in each pipeline's gate. Its series are
+Admission is the runner's in-flight limiter; the engine exports the items it
+refused (``flowbatch_pipeline_rejected_total``). The HTTP layer adds the
+requests it answered 503 (one per refused acquisition of the limiter: a
+request's items are admitted together), the places taken and the limit,
+under the names they had when the service kept a gate of its own. Its series are
 prometheus_client metric families written by the same writer as the
 engine's (:func:`flowbatch.prometheus.render`), so escaping is done once.
 """
@@ -50,9 +53,10 @@ class ServiceCollector:
             labels=["pipeline"],
         )
         for name, ep in service.endpoints.items():
-            rejected.add_metric([name], ep.gate.rejected)
-            admitted.add_metric([name], ep.gate.used)
-            capacity.add_metric([name], ep.gate.capacity)
+            limiter = ep.limiter
+            rejected.add_metric([name], limiter.rejected if limiter is not None else 0)
+            admitted.add_metric([name], limiter.borrowed if limiter is not None else 0)
+            capacity.add_metric([name], ep.capacity)
         yield rejected
         yield admitted
         yield capacity

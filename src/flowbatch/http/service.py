@@ -1,10 +1,14 @@
-"""The service behind the routes: the served pipelines, their runners and gates.
+"""The service behind the routes: the served pipelines and their runners.
 
 One :class:`Service` is built by ``create_app``. Its ``lifespan`` opens every
-pipeline (running each stage's ``setup``), starts the job manager, and on the
-way out stops taking work, finishes what was admitted and closes the runners.
-Every route admits items through :meth:`Service.admit` so overload, deadlines
-and cancellation behave the same everywhere.
+pipeline (running each stage's ``setup``) with ``max_in_flight``, starts the
+job manager, and on the way out stops taking work, finishes what was admitted
+and closes the runners. Admission is the runner's own limiter
+(``runner.limiter``): a request that holds a connection is admitted whole
+through :meth:`Service.admit` (``runner.admit_many_nowait``, 503 at once when
+there is no room); jobs and streams wait in its line (``runner.admit_many``).
+So overload, deadlines and cancellation behave the same everywhere, and the
+engine counts every refusal (``stats().rejected``).
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from flowbatch.errors import FlowbatchError
+from flowbatch.errors import FlowbatchError, Overloaded
+from flowbatch.limits import CapacityLimiter
 from flowbatch.pipeline import Pipeline
 from flowbatch.runner import DEFAULT_QUEUE_SIZE, Runner
 
-from .admission import Admission
 from .config import ServeConfig
 from .errors import (
     ApiError,
@@ -40,42 +44,73 @@ if TYPE_CHECKING:
 
     from .jobs import JobManager, JobStore
 
-__all__ = ["MIN_IN_FLIGHT", "Endpoint", "Service", "parse_timeout"]
+__all__ = ["MIN_IN_FLIGHT", "Endpoint", "Service", "default_in_flight", "parse_timeout"]
 
 log = logging.getLogger("flowbatch.http")
 
-#: The least ``max_in_flight`` chosen automatically.
-MIN_IN_FLIGHT = 64
+#: The least ``max_in_flight`` chosen automatically: a request of a few
+#: inputs can always be admitted whole (more than ``max_in_flight`` is a 413).
+MIN_IN_FLIGHT = 4
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def default_in_flight(pipeline: Pipeline) -> int:
-    """Half of what would give every worker of every stage a full batch.
+    """The ``max_in_flight`` a served pipeline gets when none is set.
 
-    Every replica still runs a large batch (models on CPU and GPU alike
-    gain little past half their largest batch), while an admitted request
-    waits about one batch, not two, when the service is overloaded: measured
-    with ``benchmarks/serving.py``, the p99 under a 3x overload went from
-    2.3x to 1.3x its value at concurrency 64, at the same throughput.
+    Each stage needs ``concurrency * max(2, batch.max_size // 2)`` items
+    to stay busy (an unbatched stage counts a batch of 1): half a full batch
+    per worker of a batched stage, two items per worker of an unbatched one
+    (the one in the call and the next). The default is the largest of these
+    needs (at least :data:`MIN_IN_FLIGHT`, so that a request of a few inputs
+    is not refused as too large), so whichever stage is the bottleneck can be
+    kept busy, and no more, so that an admitted request finds about one batch
+    (or one call) per worker ahead of it there, whatever the stage's shape:
+
+    - one model stage, ``Batch(max_size=64)``, 2 replicas: 64 (every replica
+      still runs large batches; models on CPU and GPU alike gain little past
+      half their largest batch; measured with ``benchmarks/serving.py``, the
+      p99 under a 3x overload is 1.3x its value at concurrency 64, not 2.3x
+      as with a full batch per worker, at the same throughput);
+    - one unbatched stage of 1 worker taking 0.2 s a call: 4 (its need of 2,
+      raised to the floor), so an admitted request waits at most about 0.8 s
+      while the rest get 503 (the former floor of 64 items let one wait 13 s);
+    - a fast preprocessing stage before a batched model: the model's need,
+      so its batches stay large.
+
+    The largest need, not the sum nor the smallest: the smallest would starve
+    a batched model behind a one-worker preprocessing stage (batches of 2),
+    and the sum counts items the fast stages never hold. Where a wide stage
+    that is not the bottleneck sits before a narrow slow one (64 concurrent
+    fetches, then a one-worker model), set ``max_in_flight`` yourself.
     """
-    per_call = sum(s.concurrency * (s.batch.max_size if s.batch else 1) for s in pipeline.stages)
-    return max(per_call // 2, MIN_IN_FLIGHT)
+    need = max(
+        s.concurrency * max(2, (s.batch.max_size if s.batch else 1) // 2)
+        for s in pipeline.stages
+    )
+    return max(need, MIN_IN_FLIGHT)
 
 
 class Endpoint:
-    """One served pipeline: its runner (once open) and its admission gate."""
+    """One served pipeline: its runner (once open) and its ``max_in_flight``."""
 
-    __slots__ = ("gate", "name", "pipeline", "runner")
+    __slots__ = ("capacity", "name", "pipeline", "runner")
 
     def __init__(self, name: str, pipeline: Pipeline, capacity: int) -> None:
         self.name = name
         self.pipeline = pipeline
-        self.gate = Admission(capacity)
+        #: the runner's ``max_in_flight`` (its limiter's total)
+        self.capacity = capacity
         self.runner: Runner | None = None
 
     @property
     def ready(self) -> bool:
         return self.runner is not None and not self.runner.closed
+
+    @property
+    def limiter(self) -> CapacityLimiter | None:
+        """The runner's in-flight limiter, the one admission gate (None until open)."""
+        return self.runner.limiter if self.runner is not None else None
 
 
 def normalize_pipelines(pipelines: Pipeline | Mapping[str, Pipeline]) -> dict[str, Pipeline]:
@@ -184,9 +219,12 @@ class Service:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._set_stopped)  # runs last
             for ep in self.endpoints.values():
-                size = max(DEFAULT_QUEUE_SIZE, ep.gate.capacity)
-                ep.runner = await stack.enter_async_context(ep.pipeline.open(queue_size=size))
-                log.info("pipeline %r is open (max %d items in flight)", ep.name, ep.gate.capacity)
+                # The queue is never what refuses: the limiter is (max_in_flight).
+                size = max(DEFAULT_QUEUE_SIZE, ep.capacity)
+                ep.runner = await stack.enter_async_context(
+                    ep.pipeline.open(queue_size=size, max_in_flight=ep.capacity)
+                )
+                log.info("pipeline %r is open (max %d items in flight)", ep.name, ep.capacity)
             await self.jobs.start()
             stack.push_async_callback(self.jobs.stop)
             if self.state == "starting":
@@ -235,7 +273,7 @@ class Service:
         return runner
 
     def check_count(self, ep: Endpoint, n: int) -> None:
-        limit = min(self.config.max_inputs, ep.gate.capacity)
+        limit = min(self.config.max_inputs, ep.capacity)
         if n > limit:
             raise too_large(
                 f"{n} inputs in one request; pipeline {ep.name!r} takes at most {limit}: "
@@ -245,42 +283,37 @@ class Service:
     def admit(
         self, ep: Endpoint, values: Sequence[Any], timeout: float | None
     ) -> list[asyncio.Future[Any]]:
-        """Admit every value now or raise 503; one future per value.
+        """Admit every value now, all or none, or raise 503; one future per value.
 
-        Each place in the gate is given back when its item's future is done
-        (result, error, deadline or cancellation).
+        ``runner.admit_many_nowait``: the values take their places in the
+        runner's limiter together; each place is given back when its item is
+        answered (result, error, deadline or cancellation).
         """
         runner = self.runner_of(ep)
-        n = len(values)
-        gate = ep.gate
-        if not gate.try_acquire(n):
+        try:
+            return runner.admit_many_nowait(values, timeout)
+        except Overloaded as exc:
             raise overloaded(
-                f"pipeline {ep.name!r} is at capacity ({gate.capacity} items in flight); "
+                f"pipeline {ep.name!r} is at capacity ({ep.capacity} items in flight); "
                 "retry later",
                 self.config.retry_after,
-            )
-        return self.submit_admitted(ep, runner, values, timeout)
+            ) from exc
+        except FlowbatchError as exc:
+            raise from_engine(exc, self.config.retry_after) from exc
 
-    def submit_admitted(
-        self, ep: Endpoint, runner: Runner, values: Sequence[Any], timeout: float | None
+    async def admit_waiting(
+        self, ep: Endpoint, values: Sequence[Any], timeout: float | None
     ) -> list[asyncio.Future[Any]]:
-        """Submit values whose places in ``ep.gate`` are already taken."""
-        gate = ep.gate
-        futs: list[asyncio.Future[Any]] = []
-        release = _Releaser(gate)
+        """Admit every value, waiting in the limiter's line (jobs and streams).
+
+        ``timeout`` counts from admission. A 503 when the runner is not open
+        (jobs accepted before a drain are still admitted).
+        """
+        runner = self.runner_of(ep, draining_ok=True)
         try:
-            for value in values:
-                fut = runner.submit_nowait(value, timeout)
-                fut.add_done_callback(release)
-                futs.append(fut)
-        except BaseException as exc:
-            for fut in futs:
-                fut.cancel()
-            gate.release(len(values) - len(futs))
-            if isinstance(exc, FlowbatchError):
-                raise from_engine(exc, self.config.retry_after) from exc
-            raise
-        return futs
+            return await runner.admit_many(values, timeout)
+        except FlowbatchError as exc:
+            raise from_engine(exc, self.config.retry_after) from exc
 
     async def wait(self, futs: list[asyncio.Future[Any]], receive: Receive) -> None:
         """Wait for every future; if the client goes away first, cancel them.
@@ -316,18 +349,6 @@ class Service:
             watch.cancel()
         if left:
             raise ClientGone
-
-
-class _Releaser:
-    """Done-callback that gives one place back to the gate."""
-
-    __slots__ = ("gate",)
-
-    def __init__(self, gate: Admission) -> None:
-        self.gate = gate
-
-    def __call__(self, _: asyncio.Future[Any]) -> None:
-        self.gate.release(1)
 
 
 def outcome(fut: asyncio.Future[Any]) -> tuple[Any, BaseException | None]:

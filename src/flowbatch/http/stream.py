@@ -7,8 +7,8 @@ results complete. A line that is not JSON, or longer than the body limit,
 gets an error line of its own and the stream goes on.
 
 Backpressure: at most ``stream_window`` lines are read and not yet answered,
-and items wait for room in the pipeline's gate (a stream is never answered
-503 for one item). A client that stops reading the answers stops the
+and items wait in line for a place in the runner's in-flight limiter
+(``runner.admit_many``; a stream is never answered 503 for one item). A client that stops reading the answers stops the
 reading of its input; a client that disconnects has its items cancelled.
 """
 
@@ -123,7 +123,6 @@ class _Stream:
         self._emit(_error_line(index, err))
 
     def _done(self, index: int, fut: asyncio.Future[Any]) -> None:
-        self.ep.gate.release(1)
         self.pending.discard(fut)
         if self.gone:
             return
@@ -224,12 +223,9 @@ class _Stream:
         await self.window.acquire()
         index = self.index
         self.index += 1
-        gate = self.ep.gate
-        await gate.acquire(1)
         try:
-            fut = self.runner.submit_nowait(value, self.timeout)
+            (fut,) = await self.runner.admit_many([value], self.timeout)
         except FlowbatchError as exc:
-            gate.release(1)
             self._emit_error(index, from_engine(exc, self.service.config.retry_after))
             return
         self.pending.add(fut)

@@ -97,6 +97,8 @@ class _Stage:
             mean_batch_size=self.batch_sum / batches if batches else 0.0,
             batch_cost=self.cost.summary(),
             padding_waste=c("padding_waste", 0.0),
+            restarts=int(c("restarts", 0)),
+            pending=int(c("pending", 0)),
         )
 
 
@@ -120,6 +122,7 @@ class _Pipeline:
             failed=int(c("failed", 0)),
             expired=int(c("expired", 0)),
             cancelled=int(c("cancelled", 0)),
+            rejected=int(c("rejected", 0)),
             in_flight=int(c("in_flight", 0)),
             items_per_s=c("completed", 0) / elapsed if elapsed > 0 else 0.0,
             latency=self.latency.summary(),
@@ -132,6 +135,7 @@ _STAGE_OUTCOMES = {"ok", "failed", "expired", "dropped"}
 _PIPELINE_OUTCOMES = {"completed", "failed", "expired", "cancelled"}
 _PIPELINE_GAUGES = {
     "flowbatch_pipeline_submitted_total": "submitted",
+    "flowbatch_pipeline_rejected_total": "rejected",
     "flowbatch_pipeline_in_flight": "in_flight",
     "flowbatch_pipeline_uptime_seconds": "elapsed",
 }
@@ -140,6 +144,8 @@ _STAGE_GAUGES = {
     "flowbatch_stage_queue_depth": "queued",
     "flowbatch_stage_in_flight": "in_flight",
     "flowbatch_stage_workers": "workers",
+    "flowbatch_stage_restarts_total": "restarts",
+    "flowbatch_stage_pending_workers": "pending",
     "flowbatch_stage_busy_seconds_total": "busy_seconds",
     "flowbatch_stage_busy_ratio": "utilization",
     "flowbatch_stage_padding_waste_ratio": "padding_waste",
