@@ -43,15 +43,16 @@ def test_http_service_with_its_model_on_the_cluster(
     where: str, request: pytest.FixtureRequest
 ) -> None:
     httpx = pytest.importorskip("httpx")
-    from flowbatch.http import create_app
+    from flowbatch.http import ServeConfig, create_app
 
+    config = ServeConfig(max_in_flight=128)  # every request admitted: none answered 503
     if where == "ray":
         request.getfixturevalue("ray_cluster")
-        app = create_app(model_pipeline("embed"))
+        app = create_app(model_pipeline("embed"), config=config)
     else:
         fbdask = pytest.importorskip("flowbatch.dask")
         app = create_app(model_pipeline("embed", fbdask.workers(
-            request.getfixturevalue("dask_cluster"))))
+            request.getfixturevalue("dask_cluster"))), config=config)
 
     async def main() -> tuple[list[Any], fb.PipelineStats]:
         async with app.lifespan(app):
