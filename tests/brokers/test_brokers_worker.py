@@ -489,3 +489,37 @@ def test_a_graceful_stop_costs_no_attempt_with_max_attempts_1() -> None:
         assert all(r.ok and r.attempts == 1 for r in results.values())
 
     asyncio.run(main())
+
+
+def test_prefetch_is_the_runners_limiter_and_counts_every_unsettled_message() -> None:
+    release = asyncio.Event()
+
+    async def slow(xs: list[int]) -> list[int]:
+        await release.wait()
+        return xs
+
+    async def main() -> None:
+        broker = MemoryBroker("q")
+        # 3 retries not due for a long while (held by the worker), then 20 to run now
+        later = time.time() + 3600
+        await broker.publish(
+            [encode_job(f"later-{i}", i, attempt=2, not_before=later) for i in range(3)]
+        )
+        await broker.publish([encode_job(str(i), i) for i in range(20)])
+        worker = Worker(batched(slow, 4), broker, config(prefetch=8))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(worker.run())
+            await until(lambda: broker.unacked == 8)
+            limiter = worker.runners["t"].limiter
+            assert limiter is not None and limiter.total == 8
+            # one count: the 3 held retries and the 5 items in the runner hold its places
+            assert limiter.borrowed == worker.in_flight() == 8
+            assert worker.runners["t"].stats().in_flight == 5
+            release.set()
+            await until(lambda: broker.ready == 0 and worker.in_flight() == 3)
+            assert limiter.borrowed == 3  # the retries still wait for their time
+            worker.stop()
+        assert broker.max_unacked <= 8
+        assert worker.statistics().succeeded == 20
+
+    asyncio.run(main())

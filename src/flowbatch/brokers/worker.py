@@ -7,8 +7,9 @@ Usage::
     stats = await worker.run()
 
 How a message travels: ``fetch`` asks the broker for at most as many
-messages as the pipeline has room for (``prefetch`` minus those unsettled),
-each is decoded and submitted to the runner with ``submit_nowait`` (so
+messages as the pipeline has room for (the free places of the runner's
+in-flight limiter, ``max_in_flight=prefetch``; see "Places" below), each is
+decoded and submitted to the runner with ``submit_nowait`` (so
 messages from many fetches are batched together by the engine), and a
 done-callback turns its outcome into an ``Outcome``: a result, a retry with
 backoff, or a dead letter. One settling task writes the outcomes in batches
@@ -19,6 +20,18 @@ still unsettled every ``lease / 3`` seconds.
 Three tasks, all owned by one task group: the fetch loop (the caller's),
 the settler, the renewer. Retries that are not yet due are timer handles
 owned by the worker, cancelled (and their deliveries released) on stop.
+
+Places: ``prefetch`` bounds the messages fetched and not yet settled, and it
+is the runner's own limiter that counts them, so that the worker keeps no
+count of its own: while a message's item is inside the runner, the engine
+holds its place (taken by ``submit_nowait``, given back when it is answered);
+before that (decoding, a retry not yet due) and after (its outcome waiting to
+be written) the worker holds it, and gives it back once the message is
+settled. The engine gives a place back when it answers, a loop turn before
+the worker's done-callback takes it again, so a fetch is sized as the free
+places less the answers the worker has not seen yet (``_inside``); should a
+place still be missing, its message is held on credit (``_owed``) and the
+next place the worker gives back pays it.
 
 Failures of the broker itself (a lost connection, a restart) never lose a
 message: the failing call is retried after a reconnect, with backoff, and
@@ -47,6 +60,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from flowbatch.errors import DeadlineExceeded, ItemFailed, Overloaded, PipelineClosed
+from flowbatch.limits import CapacityLimiter
 from flowbatch.pipeline import Pipeline
 from flowbatch.retry import Retry
 from flowbatch.runner import Runner
@@ -121,6 +135,10 @@ class Worker:
         #: where this worker's /metrics is served, if anywhere (for the startup line)
         self.metrics_url: str | None = None
         self._runner: Runner | None = None
+        # The runner's limiter (see "Places" in the module docstring).
+        self._places: CapacityLimiter | None = None
+        self._owed = 0  # messages outside the runner holding no place (a fetch took it)
+        self._inside: set[asyncio.Future[Any]] = set()  # messages' items in the runner
         self._unsettled: set[Delivery] = set()
         self._held: dict[Delivery, asyncio.TimerHandle] = {}
         self._pending: list[Outcome] = []
@@ -206,8 +224,11 @@ class Worker:
             self.metrics_url or "off",
         )
         try:
-            async with self.pipeline.open(queue_size=cfg.prefetch) as runner:
+            async with self.pipeline.open(
+                queue_size=cfg.prefetch, max_in_flight=cfg.prefetch
+            ) as runner:
                 self._runner = runner
+                self._places = runner.limiter
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._settler())
                     tg.create_task(self._renewer())
@@ -218,6 +239,7 @@ class Worker:
                         await self._finish()
         finally:
             self._runner = None
+            self._places = None
             # A broker that is down is not waited for (a client library may
             # try to flush into a dead connection).
             with contextlib.suppress(Exception):
@@ -231,8 +253,12 @@ class Worker:
         cfg = self.config
         broker = self.broker
         last_progress = time.monotonic()
+        places = self._places
+        assert places is not None
         while not self._stopping.is_set():
-            room = cfg.prefetch - len(self._unsettled)
+            # An answered item's place is free until its done-callback runs.
+            free = min(places.available, cfg.prefetch)  # inf once the runner stops
+            room = int(free) - sum(1 for f in self._inside if f.done())
             if room <= 0:
                 self._wake_fetcher.clear()
                 await self._wake_fetcher.wait()
@@ -292,12 +318,29 @@ class Worker:
 
     # ------------------------------------------------------- per message
 
+    def _take(self) -> None:
+        """A message is outside the runner: the worker holds its place."""
+        places = self._places
+        if places is None:  # the runner has closed: nothing left to bound
+            return
+        if places.available >= 1 and places.try_acquire(1):
+            return
+        self._owed += 1  # a fetch took it in the moment after the engine gave it back
+
+    def _give(self) -> None:
+        """A message the worker held is settled (or handed to the runner)."""
+        if self._owed:
+            self._owed -= 1
+        elif self._places is not None:
+            self._places.release(1)
+
     def _start(self, d: Delivery) -> None:
         cfg = self.config
         self._counts["fetched"] += 1
         if d.redelivered:
             self._counts["redelivered"] += 1
         self._unsettled.add(d)
+        self._take()
         now = time.time()
         # A message that is no valid envelope still fails its job for the
         # producer (a failed result under its id) when its id can be read.
@@ -352,20 +395,26 @@ class Worker:
     def _submit(self, job: _Job, payload: Any) -> None:
         runner = self._runner
         assert runner is not None
+        self._give()  # the engine takes the message's place ...
         try:
             fut = runner.submit_nowait(payload, timeout=self.config.timeout)
         except Overloaded:
-            # Cannot happen while prefetch <= queue_size; stay correct anyway.
+            # Only when the place was on credit (see _take); it comes back soon.
+            self._take()
             loop = asyncio.get_running_loop()
             self._held[job.delivery] = loop.call_later(0.01, self._due, job, payload)
             return
         except PipelineClosed:
+            self._take()
             self._pending_release(job.delivery)
             return
+        self._inside.add(fut)
         fut.add_done_callback(lambda f: self._finished_job(job, f))
 
     def _finished_job(self, job: _Job, fut: asyncio.Future[Any]) -> None:
         d = job.delivery
+        self._inside.discard(fut)
+        self._take()  # ... and gives it back to the worker once answered
         if fut.cancelled():
             self._pending_release(d)
             return
@@ -472,7 +521,7 @@ class Worker:
                 )
                 self._counts["abandoned"] += len(batch)
                 for o in batch:
-                    self._unsettled.discard(o.delivery)
+                    self._settled(o.delivery)
                 self._wake_fetcher.set()
                 continue
             self._counts["settles"] += 1
@@ -481,8 +530,13 @@ class Worker:
                     self._counts["succeeded"] += 1
             self._counts["released"] += len(releases)
             for o in batch:
-                self._unsettled.discard(o.delivery)
+                self._settled(o.delivery)
             self._wake_fetcher.set()
+
+    def _settled(self, d: Delivery) -> None:
+        if d in self._unsettled:
+            self._unsettled.discard(d)
+            self._give()
 
     async def _release(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:
