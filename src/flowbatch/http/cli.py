@@ -44,8 +44,8 @@ def load_target(target: str) -> Any:
 @click.option("--max-body-size", default=DEFAULT_MAX_BODY_BYTES, show_default=True,
               type=click.IntRange(min=1), help="Largest body in bytes (413 past it).")
 @click.option("--max-in-flight", type=click.IntRange(min=1),
-              help="Items admitted at once per pipeline (503 past it). [default: half a "
-                   "full batch for every worker, at least 64]")
+              help="Items admitted at once per pipeline (503 past it). [default: the "
+                   "largest stage's need, concurrency x max(2, batch/2), at least 4]")
 @click.option("--max-inputs", default=DEFAULT_MAX_INPUTS, show_default=True,
               type=click.IntRange(min=1), help="Most inputs in one request.")
 @click.option("--timeout", "default_timeout", type=click.FloatRange(min=0, min_open=True),

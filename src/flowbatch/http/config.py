@@ -49,12 +49,14 @@ class ServeConfig:
     - ``api_key``: when set, every route but the health checks needs
       ``Authorization: Bearer <api_key>``.
     - ``max_in_flight``: the most items of one pipeline admitted at once
-      (requests, jobs and streams together); past it a request gets 503 with
-      ``Retry-After`` at once, without touching the model. ``None`` sizes it
-      to half of what fills every worker of every stage with a full batch
-      (at least 64): enough for full throughput, little enough that an
-      admitted request waits about one batch, however hard the service is
-      pushed.
+      (requests, jobs and streams together; the runner's ``max_in_flight``);
+      past it a request gets 503 with ``Retry-After`` at once, without
+      touching the model. ``None`` sizes it from the stages' shapes
+      (``flowbatch.http.service.default_in_flight``: the largest per-stage
+      ``concurrency * max(2, batch.max_size // 2)``, at least 4): enough
+      for full throughput, little enough that an admitted request waits
+      about one batch (or one call per worker), however hard the service
+      is pushed.
     - ``max_body_bytes``: larger bodies get 413 (for a stream: larger lines).
     - ``max_inputs``: the most inputs in one request (413 past it).
     - ``default_timeout``: seconds an item may take when the client sends no
