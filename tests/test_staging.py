@@ -8,7 +8,10 @@ real CUDA device are marked ``gpu`` and skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -226,3 +229,16 @@ def test_gpu_out_of_memory_is_recognised() -> None:
     with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory") as info:
         torch.empty(free * 4, dtype=torch.uint8, device="cuda")
     assert is_oom(info.value)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA device is here: run benchmarks/gpu.py itself")
+def test_the_device_check_exits_2_and_says_why_without_a_gpu() -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--seconds", "1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "nothing measured" in done.stderr
+    assert "sees no CUDA device" in done.stderr or "torch is not installed" in done.stderr
+    assert done.stdout == ""
