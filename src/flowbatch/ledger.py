@@ -2,7 +2,11 @@
 
 Every item that enters a runner comes in through :meth:`Ledger.admit_nowait`
 (and :meth:`Ledger.admit_when_room` for callers that wait), the one admission
-path of ``submit``, ``submit_nowait`` and ``map``; it is counted here once
+path of ``submit``, ``submit_nowait`` and ``map``, or, for a request of many
+items admitted whole, :meth:`Ledger.admit_all_nowait` /
+:meth:`Ledger.admit_all_when_room` (``admit_many_nowait`` / ``admit_many``),
+which take the in-flight places in one acquisition and then queue and count
+each item the same way; it is counted here once
 (admitted, or failed on the way in by the first stage's cost function), and
 leaves through exactly one of ``resolve`` (its caller gets a value or an
 error) or ``cancel_root`` (its caller went away). Worker loops report what
