@@ -211,3 +211,31 @@ def test_map_and_submit_nowait_share_the_limiter() -> None:
             assert [y async for y in results] == [None] * 4
 
     asyncio.run(main())
+
+
+def test_an_item_its_cost_function_fails_on_fails_alone_and_gives_its_place_back() -> None:
+    def model(xs: list[str]) -> list[int]:
+        return [len(x) for x in xs]
+
+    def cost(x: str) -> float:
+        if x == "bad":
+            raise ValueError("no cost")
+        return float(len(x))
+
+    pipe = fb.Pipeline(
+        [fb.stage(model, name="m", batch=fb.Batch(max_size=8, cost=cost, max_cost=100))]
+    )
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=3) as runner:
+            for admit in (runner.admit_many_nowait, runner.admit_many):
+                got = admit(["a", "bad", "ccc"])
+                futs = await got if asyncio.iscoroutine(got) else got
+                out = await asyncio.gather(*futs, return_exceptions=True)
+                assert out[0] == 1 and out[2] == 3
+                assert isinstance(out[1], fb.ItemFailed)
+                assert runner.limiter is not None and runner.limiter.borrowed == 0
+            s = runner.stats()
+            assert (s.submitted, s.completed, s.failed) == (6, 4, 2)
+
+    asyncio.run(main())
