@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,29 @@ def test_redis_entries_reclaimed_by_a_cancelled_fetch_are_handed_out_without_ano
                 alive.stream, "fb", min="-", max="+", count=10
             )
             assert [p["times_delivered"] for p in pending] == [2, 2, 2]
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------ nats fetch
+
+
+@pytest.mark.parametrize("service", ["nats"], indirect=True)
+def test_a_nats_fetch_on_an_empty_queue_returns_nothing_on_a_loaded_machine(
+    service: Service, queue_name: str
+) -> None:
+    # nats-py raises a plain asyncio.TimeoutError (not its own TimeoutError)
+    # when the "no messages" answer to its first probe comes after the wait
+    # (a busy event loop). An idle worker took that for a broken connection:
+    # "fetch failed (TimeoutError: ); reconnecting", again and again.
+    async def main() -> None:
+        broker: Any = make_broker(service.url, queue_name)
+        async with broker:
+            assert await broker.fetch(10, 0.01) == []
+            for _ in range(3):
+                # The loop is held up after the probe goes out, as under load.
+                asyncio.get_running_loop().call_soon(time.sleep, 0.05)
+                assert await broker.fetch(10, 0.01) == []
 
     asyncio.run(main())
 
