@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 import flowbatch as fb
-from corehelpers import Gate, until
+from corehelpers import Gate
+from polling import until
 
 
 async def inc(x: int) -> int:
@@ -554,3 +555,26 @@ def test_a_stage_raising_base_exceptions_fails_the_item_only() -> None:
     out = pipe.run([0, 1, 2], progress=False, return_exceptions=True)
     assert out[0] == 0 and out[2] == 2
     assert isinstance(out[1], fb.ItemFailed) and isinstance(out[1].__cause__, SystemExit)
+
+
+def test_a_map_stopped_early_drops_the_items_a_worker_already_holds() -> None:
+    # The stage's only worker takes what waits in chunks: items it holds but
+    # has not started are dropped too, not only those still in its queue.
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow")])
+
+    async def main() -> fb.PipelineStats:
+        async with pipe.open() as runner:
+            results = runner.map(range(10))
+            first = asyncio.ensure_future(anext(results))  # type: ignore[arg-type]
+            await gate.wait_entered()
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await results.aclose()  # type: ignore[attr-defined]
+            gate.open()
+        return runner.stats()
+
+    stats = asyncio.run(main())
+    assert gate.calls == [0]
+    assert stats.cancelled == 10
+    assert stats.in_flight == 0

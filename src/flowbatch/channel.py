@@ -97,6 +97,32 @@ class Channel(Generic[T]):
             self._taken()
         return item
 
+    def take_many(self, limit: int) -> list[T]:
+        """Remove and return up to ``limit`` of the oldest items (``[]`` when empty).
+
+        The bulk form of :meth:`get_nowait` for a consumer that works through
+        what waits one item at a time: one call (and one wake-up of waiting
+        producers) per chunk instead of per item. Keep ``limit`` small: what
+        a consumer holds is no longer counted in ``len()`` nor bounded by
+        ``maxsize``.
+        """
+        items = self._items
+        if not items:
+            return []
+        if limit >= len(items):
+            taken = list(items)
+            items.clear()
+        elif limit == 1:
+            taken = [items.popleft()]
+        else:
+            popleft = items.popleft
+            taken = [popleft() for _ in range(limit)]
+        if self._putters:
+            self._taken()
+        if items and self._getters:
+            self._wake(self._getters)
+        return taken
+
     def take(self, pick: Callable[[deque[T]], list[T]]) -> list[T]:
         """Remove the items ``pick`` chooses (it pops them from the deque it is given).
 

@@ -506,12 +506,12 @@ class Runner:
             self._forget(col)
 
     def _forget(self, col: Collector) -> None:
-        """A map stopped early: its items still queued are dropped unrun."""
-        for sr in self._stages:
-            for item in sr.inq:
-                root = item.root
-                if root.sink is col and not root.done:
-                    self._ledger.cancel_root(root)
+        """A map stopped early: its items not yet answered are dropped before
+        their next stage (wherever they are: queued, held by a worker, in a
+        call or waiting for a retry)."""
+        ledger = self._ledger
+        for root in [r for r in ledger.roots if r.sink is col]:
+            ledger.cancel_root(root)
 
     async def _feed(
         self, items: Iterable[Any] | AsyncIterable[Any], col: Collector, window: int

@@ -43,6 +43,12 @@ __all__ = ["Workers", "check_batch", "returned_coroutine"]
 
 log = logging.getLogger("flowbatch")
 
+#: The most waiting items an unbatched stage's only slot takes at once (it
+#: works through them one call at a time). Small, because what a slot holds
+#: is no longer in its queue: not counted in ``stats()``'s ``queued`` and
+#: not bounded by the queue's size.
+TAKE_CHUNK = 32
+
 
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
@@ -221,10 +227,15 @@ class Workers:
 
         The engine's hot path: a slot that finds a backlog runs through it
         without suspending except inside the stage function or when the next
-        queue is full.
+        queue is full. The stage's only slot takes up to ``TAKE_CHUNK``
+        waiting items per :meth:`Channel.take_many` call (one call per chunk,
+        not per item; it works through them in order, as it would have
+        anyway); a slot among several takes one at a time, so that no slot
+        holds items another free slot could start.
         """
         ch = sr.inq
-        get = ch.get_nowait
+        take = ch.take_many
+        chunk = TAKE_CHUNK if sr.spec.concurrency == 1 else 1
         m = sr.metrics
         running = m.running
         holding = m.holding
@@ -232,55 +243,63 @@ class Workers:
         waited = m.wait.buf.append
         call = sr.call
         fan_out = sr.fan_out
+        # The last stage's items leave the engine (what pass_on does for them).
+        finish = self.ledger.finish if sr.next is None and not fan_out else None
         pass_on = self.pass_on
         ledger = self.ledger
         hooks = self.hooks
         clock = self.clock
         time = self.loop.time
+        coroutine = CoroutineType
         while True:
-            item = get()
-            if item is None:
+            items = take(chunk)
+            if not items:
                 if not await ch.wait_nonempty():
                     return
                 continue
-            root = item.root
-            if root.done:
-                ledger.drop_abandoned(sr, item)
-                continue
-            if root.deadline is not None and time() >= root.deadline:
-                ledger.drop_expired(sr, item)
-                continue
-            t0 = clock()
-            running[slot] = t0
-            holding[slot] = 1
-            try:
-                if hooks is None:
-                    out = await call(item.value)
-                else:
-                    out = await self.call_hooked(sr, [item], item.value, False)
-            except BaseException as exc:
-                m.served(slot, t0, clock())
+            for item in items:
+                root = item.root
+                if root.done:
+                    ledger.drop_abandoned(sr, item)
+                    continue
+                if root.deadline is not None and time() >= root.deadline:
+                    ledger.drop_expired(sr, item)
+                    continue
+                t0 = clock()
+                running[slot] = t0
+                holding[slot] = 1
+                try:
+                    if hooks is None:
+                        out = await call(item.value)
+                    else:
+                        out = await self.call_hooked(sr, [item], item.value, False)
+                except BaseException as exc:
+                    m.served(slot, t0, clock())
+                    waited(t0 - item.t_enq)
+                    if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                        ledger.fail(
+                            sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped")
+                        )
+                        raise
+                    ledger.retry_or_fail(sr, item, exc)
+                    if isinstance(exc, CallTimedOut) and exc.pending is not None:
+                        await asyncio.wait([exc.pending])
+                    continue
+                t1 = clock()
+                running[slot] = 0.0
+                holding[slot] = 0
+                served(t1 - t0)
                 waited(t0 - item.t_enq)
-                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
-                    ledger.fail(sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped"))
-                    raise
-                ledger.retry_or_fail(sr, item, exc)
-                if isinstance(exc, CallTimedOut) and exc.pending is not None:
-                    await asyncio.wait([exc.pending])
-                continue
-            t1 = clock()
-            running[slot] = 0.0
-            holding[slot] = 0
-            served(t1 - t0)
-            waited(t0 - item.t_enq)
-            if out.__class__ is CoroutineType:
-                ledger.fail(sr, item, returned_coroutine(sr, out))
-                continue
-            m.done += 1
-            if fan_out:
-                await self.fan_out(sr, item, out, t1)
-            elif not pass_on(sr, item, out, t1):
-                await sr.next.inq.put(item)  # type: ignore[union-attr]
+                if type(out) is coroutine:
+                    ledger.fail(sr, item, returned_coroutine(sr, out))
+                    continue
+                m.done += 1
+                if finish is not None:
+                    finish(item, out)
+                elif fan_out:
+                    await self.fan_out(sr, item, out, t1)
+                elif not pass_on(sr, item, out, t1):
+                    await sr.next.inq.put(item)  # type: ignore[union-attr]
 
     # --------------------------------------------------------------- batched
 
@@ -409,7 +428,7 @@ class Workers:
         for item, out in zip(batch, results, strict=True):
             if isinstance(out, Exception):
                 ledger.retry_or_fail(sr, item, out)
-            elif out.__class__ is CoroutineType:
+            elif type(out) is CoroutineType:
                 ledger.fail(sr, item, returned_coroutine(sr, out))
             else:
                 m.done += 1
