@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 import flowbatch as fb
-from corehelpers import until
 from flowbatch.devices import (
     Devices,
     LearnedLimit,
@@ -24,6 +23,7 @@ from flowbatch.devices import (
 )
 from flowbatch.executors import RemoteError
 from flowbatch.metrics import DeviceStats
+from polling import until
 
 
 class FakeOOM(RuntimeError):
@@ -270,8 +270,10 @@ def test_out_of_memory_splits_the_batch_and_the_size_that_fits_caps_later_batche
     (dev,) = s1.stages[0].devices
     assert dev.batch_cap == 4 and dev.oom_splits == 3 and dev.largest_batch == 4
     assert layer.freed == ["cuda:0"] * 3  # cached memory given back after each
-    # Later batches are formed within the cap: no more out-of-memory errors.
+    # Later batches are formed within the cap (by the worker loop, not cut
+    # up in the executor): no more out-of-memory errors.
     assert model.sizes()[7:] == [4, 4, 4, 4]
+    assert s2.stages[0].batch_sizes == {16: 1, 4: 4}
     assert s2.stages[0].devices[0].oom_splits == 3
     assert s2.failed == 0
 
