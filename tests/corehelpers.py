@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Callable
 
-
-async def until(cond: Callable[[], bool], limit: float = 20.0) -> None:
-    """Wait until ``cond()`` holds (polling the loop); fail after ``limit`` s."""
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - polls a condition, not a clock
-            await asyncio.sleep(0.001)
+from polling import until
 
 
 class Gate:

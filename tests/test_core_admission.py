@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 import flowbatch as fb
-from corehelpers import Gate, until
+from corehelpers import Gate
+from polling import until
 
 
 async def settle() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 import flowbatch as fb
-from corehelpers import Gate, until
+from corehelpers import Gate
+from polling import until
 
 
 class Recorder:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import flowbatch as fb
-from corehelpers import until
+from polling import until
 
 
 def square(x: int) -> int:

@@ -6,7 +6,6 @@ wait until it answers); a restart always leaves the service running.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -14,11 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from polling import wait_until
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -46,15 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(cond: Callable[[], bool], limit: float, what: str) -> None:
-    """Poll ``cond`` (blocking; for fixtures) until true or ``limit`` seconds pass."""
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {limit}s")
-        time.sleep(0.1)
 
 
 def sh(cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -248,9 +239,3 @@ class WorkerProcess:
         self._close()
 
 
-async def poll_until(cond: Callable[[], Any], limit: float, what: str, every: float = 0.2) -> None:
-    """Await ``cond()`` (a coroutine function returning truthy) with a bounded deadline."""
-    async with asyncio.timeout(limit):
-        while not await cond():  # noqa: ASYNC110 - polls a condition on a real server
-            await asyncio.sleep(every)
-    del what

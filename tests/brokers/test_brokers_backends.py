@@ -11,10 +11,11 @@ from typing import Any
 
 import brokerpipes
 import pytest
-from brokerservices import Service, WorkerProcess, poll_until, wait_until
+from brokerservices import Service, WorkerProcess
 
 from flowbatch.brokers import Client, ResultTimeout, Worker, WorkerConfig, make_broker
 from flowbatch.brokers.base import DEFAULT_RESULT_TTL, encode_job
+from polling import until, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,7 +76,7 @@ def test_redis_entries_reclaimed_by_a_cancelled_fetch_are_handed_out_without_ano
                 await alive._reclaim(16)  # as far as a fetch cancelled after XAUTOCLAIM got
                 return len(alive._claimed) == 3
 
-            await poll_until(claimed, 10, "the entries idle past the lease", every=0.05)
+            await until(claimed, 10, "the entries idle past the lease", every=0.05)
             alive.lease = 60.0  # no second claim of our own entries from here on
             got = await alive.fetch(16, 0.5)
             assert [d.deliveries for d in got] == [2, 2, 2]
@@ -110,6 +111,34 @@ def test_a_nats_fetch_on_an_empty_queue_returns_nothing_on_a_loaded_machine(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("service", ["amqp"], indirect=True)
+def test_many_concurrent_result_waiters_on_rabbitmq_all_get_their_results(
+    service: Service, queue_name: str
+) -> None:
+    # A client waiting on many jobs at once (gather of Client.result) must
+    # read the results stream once: each waiter used to open its own channel
+    # and stream consumer, hundreds of them, and most results never arrived.
+    n = 400
+
+    async def main() -> None:
+        async with Client(service.url, queue_name) as producer:
+            jobs = await producer.submit_many([{"n": i} for i in range(n)])
+            worker = Worker(
+                brokerpipes.noop(), make_broker(service.url, queue_name), WorkerConfig(poll=0.05)
+            )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(worker.run())
+                try:
+                    await producer.result(jobs[-1], timeout=60)
+                finally:
+                    worker.stop()
+        async with Client(service.url, queue_name) as client:
+            values = await asyncio.gather(*(client.result(j, timeout=60) for j in jobs))
+        assert [v["n"] for v in values] == list(range(n))
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------ result TTLs
 
 
@@ -130,7 +159,7 @@ def test_stored_results_expire_after_the_result_ttl(service: Service, queue_name
                     async def gone() -> bool:
                         return await client.record(job) is None
 
-                    await poll_until(gone, 30, "the result expiring")
+                    await until(gone, 30, "the result expiring")
                     assert job not in await client.results()
                 finally:
                     worker.stop()
@@ -200,7 +229,7 @@ def test_a_redis_worker_has_the_same_name_in_its_logs_and_in_the_broker(
                     consumers = await broker._redis.xinfo_consumers(broker.stream, "fb")
                     return [_s(c["name"]) for c in consumers] == [worker.name]
 
-                await poll_until(registered, 10, "the consumer appearing")
+                await until(registered, 10, "the consumer appearing")
             finally:
                 worker.stop()
         return worker.name

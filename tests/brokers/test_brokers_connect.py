@@ -23,10 +23,11 @@ from typing import Any
 import brokerpipes
 import brokerservices as services
 import pytest
-from brokerservices import WorkerProcess, poll_until, wait_until
+from brokerservices import WorkerProcess
 
 from flowbatch.brokers import Client, MemoryBroker, Worker, WorkerConfig, make_broker
 from flowbatch.retry import Retry
+from polling import until, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -263,7 +264,7 @@ def test_a_client_waiting_on_a_result_reconnects_after_the_server_drops_it(
             job = await client.submit({"n": 7})
             waiting = asyncio.create_task(client.result(job, timeout=120))
             # the client has read the (still empty) result store at least once
-            await poll_until(
+            await until(
                 lambda: _has_read(client), 30, "the client polling", every=0.05
             )
             if scheme == "redis":
@@ -327,7 +328,7 @@ def test_every_broker_wait_is_the_jittered_retry_delay(
                 job = await client.submit({"n": 1})
                 assert (await client.result(job, timeout=30))["n"] == 1
                 broker.fail_next(2)  # the next fetch, then the reconnect after it
-                await poll_until(
+                await until(
                     _reconnected(worker), 30, "the worker reconnecting", every=0.01
                 )
         finally:

@@ -12,10 +12,11 @@ from typing import Any
 
 import brokerpipes
 import pytest
-from brokerservices import Service, WorkerProcess, poll_until
+from brokerservices import Service, WorkerProcess
 
 import flowbatch as fb
 from flowbatch.brokers import Client, JobFailed, Worker, WorkerConfig, make_broker
+from polling import until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,7 +45,7 @@ def test_sigkill_a_worker_mid_stream_and_every_message_gets_one_result(
             ids = await client.submit_many({"n": i} for i in range(n))
             first = WorkerProcess(service.url, queue_name, args, target="brokerpipes:steady", log=log)
             try:
-                await poll_until(lambda: _at_least(client, n // 5), 120, "first results", every=0.01)
+                await until(lambda: _at_least(client, n // 5), 120, "first results", every=0.01)
                 first.kill()
             finally:
                 first.ensure_dead()
@@ -52,7 +53,7 @@ def test_sigkill_a_worker_mid_stream_and_every_message_gets_one_result(
             assert killed_at < n, "the first worker finished before it was killed"
             second = WorkerProcess(service.url, queue_name, args, target="brokerpipes:steady", log=log)
             try:
-                await poll_until(lambda: _at_least(client, n), 180, "all results")
+                await until(lambda: _at_least(client, n), 180, "all results")
                 stats = second.stop()
             finally:
                 second.ensure_dead()
@@ -110,14 +111,14 @@ def test_the_worker_survives_a_broker_restart(
             worker = WorkerProcess(service.url, queue_name, args, target="brokerpipes:slow", log=log)
             try:
                 async with Client(service.url, queue_name) as probe:
-                    await poll_until(lambda: _at_least(probe, 200), 120, "results before restart")
+                    await until(lambda: _at_least(probe, 200), 120, "results before restart")
                 await asyncio.to_thread(service.restart)
             finally:
                 if worker.proc.poll() is not None:
                     pytest.fail(f"worker died during the restart; see {log}")
             try:
                 async with await open_client(service.url, queue_name) as after:
-                    await poll_until(lambda: _at_least(after, n), 180, "all results after restart")
+                    await until(lambda: _at_least(after, n), 180, "all results after restart")
                     results = await after.results()
                     assert sorted(results) == sorted(ids)
                     assert not await after.dead_letters()
@@ -151,7 +152,7 @@ def test_one_percent_poison_messages_land_in_the_dead_letter_queue(
             worker = Worker(brokerpipes.noop(), make_broker(service.url, queue_name), cfg)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(worker.run())
-                await poll_until(lambda: _at_least(client, n), 120, "all outcomes")
+                await until(lambda: _at_least(client, n), 120, "all outcomes")
                 worker.stop()
             results = await client.results()
             dead = await client.dead_letters()
@@ -188,7 +189,7 @@ def test_two_workers_share_a_queue_and_complete_each_message_once(
             async with asyncio.TaskGroup() as tg:
                 for w in workers:
                     tg.create_task(w.run())
-                await poll_until(lambda: _at_least(client, n), 120, "all results")
+                await until(lambda: _at_least(client, n), 120, "all results")
                 for w in workers:
                     w.stop()
             results = await client.results()
@@ -218,12 +219,12 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_running(
             worker = Worker(brokerpipes.noop(), broker, cfg)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(worker.run())
-                await poll_until(lambda: _at_least(client, 20), 60, "good results")
+                await until(lambda: _at_least(client, 20), 60, "good results")
 
                 async def all_dead() -> bool:
                     return len(await client.dead_letters()) >= len(bad)
 
-                await poll_until(all_dead, 60, "dead letters")
+                await until(all_dead, 60, "dead letters")
                 worker.stop()
             results = await client.results()
             dead = await client.dead_letters()
@@ -259,7 +260,7 @@ def test_a_worker_restarted_after_sigkill_finishes_the_queue_with_no_new_traffic
                 target="brokerpipes:crawl", log=log,
             )
             try:
-                await poll_until(lambda: _at_least(client, 40), 120, "first results", every=0.01)
+                await until(lambda: _at_least(client, 40), 120, "first results", every=0.01)
                 first.kill()
             finally:
                 first.ensure_dead()
@@ -267,7 +268,7 @@ def test_a_worker_restarted_after_sigkill_finishes_the_queue_with_no_new_traffic
             assert killed_at < n, "the first worker finished before it was killed"
             second = WorkerProcess(service.url, queue_name, args, target="brokerpipes:noop", log=log)
             try:
-                await poll_until(lambda: _at_least(client, n), 60, "every result after the restart")
+                await until(lambda: _at_least(client, n), 60, "every result after the restart")
                 stats = second.stop()
             finally:
                 second.ensure_dead()
@@ -304,7 +305,7 @@ def test_a_graceful_stop_costs_no_attempt(
             ids = await client.submit_many({"n": i} for i in range(n))
             first = WorkerProcess(service.url, queue_name, args, target="brokerpipes:crawl", log=log)
             try:
-                await poll_until(lambda: _at_least(client, 40), 120, "first results", every=0.01)
+                await until(lambda: _at_least(client, 40), 120, "first results", every=0.01)
                 stats = first.stop()
             finally:
                 first.ensure_dead()
@@ -312,7 +313,7 @@ def test_a_graceful_stop_costs_no_attempt(
             assert await stored(client) < n, "the first worker finished before it was stopped"
             second = WorkerProcess(service.url, queue_name, args, target="brokerpipes:noop", log=log)
             try:
-                await poll_until(lambda: _at_least(client, n), 60, "every result")
+                await until(lambda: _at_least(client, n), 60, "every result")
                 second.stop()
             finally:
                 second.ensure_dead()

@@ -21,14 +21,9 @@ from flowbatch.brokers import (
     WorkerConfig,
 )
 from flowbatch.brokers.base import decode_record, encode_job
+from polling import until
 
 FAST = fb.Retry(attempts=3, backoff=0.01, max_backoff=0.02)
-
-
-async def until(cond: Any, limit: float = 20.0) -> None:
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - polls a condition, bounded by the timeout
-            await asyncio.sleep(0.001)
 
 
 def batched(fn: Any, size: int = 16, concurrency: int = 1) -> fb.Pipeline:

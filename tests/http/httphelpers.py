@@ -15,44 +15,19 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+from polling import wait_until
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def wait_until(cond: Callable[[], bool], limit: float = 30.0, what: str = "condition") -> None:
-    """Poll ``cond`` (it checks a state, not a clock) until true; fail after ``limit``."""
-    done = threading.Event()
-    deadline_timer = threading.Timer(limit, done.set)
-    deadline_timer.start()
-    try:
-        while not cond():
-            if done.wait(0.005):
-                raise AssertionError(f"timed out waiting for {what}")
-    finally:
-        deadline_timer.cancel()
-
-
-async def until(cond: Callable[[], bool], limit: float = 30.0, what: str = "condition") -> None:
-    """Wait until ``cond()`` holds (it checks a state); fail after ``limit`` s."""
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - polls a state, not a clock
-            await asyncio.sleep(0.002)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], limit: float = 60.0) -> None:
-    """Like ``until`` for a check that must await (an HTTP call)."""
-    async with asyncio.timeout(limit):
-        while not await check():  # noqa: ASYNC110 - polls a state, not a clock
-            await asyncio.sleep(0.005)
 
 
 class ThreadServer:

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 from http_pipelines import COUNT, HOLD, make_batched, make_echo, make_hold
-from httphelpers import serve_in_thread, until
+from httphelpers import serve_in_thread
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
@@ -19,6 +19,7 @@ from starlette.routing import Mount, Route
 import flowbatch as fb
 from flowbatch.http import ServeConfig, create_app
 from flowbatch.http.service import MIN_IN_FLIGHT, default_in_flight
+from polling import until
 
 
 def test_overload_answers_503_at_once_without_touching_the_model() -> None:

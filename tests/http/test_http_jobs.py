@@ -14,9 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from http_pipelines import HOLD, make_echo, make_hold
-from httphelpers import ROOT, ServerProcess, eventually, serve_in_thread, until, wait_until
+from httphelpers import ROOT, ServerProcess, serve_in_thread
 
 from flowbatch.http import MemoryJobStore, ServeConfig, create_app
+from polling import until, wait_until
 
 Start = Callable[..., ServerProcess]
 
@@ -125,7 +126,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server_process: Start) 
                 text = (await c.get("/metrics")).text
                 return 'flowbatch_http_admitted_items{pipeline="hold"} 2' in text
 
-            await eventually(entered)
+            await until(entered)
             srv.proc.send_signal(signal.SIGTERM)
             # the server stops accepting connections ...
             async with httpx.AsyncClient(base_url=srv.url, timeout=5) as fresh:
@@ -140,7 +141,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server_process: Start) 
                         return True
                     return False
 
-                await eventually(refused)
+                await until(refused)
             # ... and still answers the request it had
             srv.proc.send_signal(signal.SIGUSR1)  # opens the stage's gate
             r = await in_flight
@@ -169,7 +170,7 @@ def test_sigterm_keeps_serving_with_readyz_503_through_the_grace_period(
             async def not_ready() -> bool:
                 return (await c.get("/readyz")).status_code == 503
 
-            await eventually(not_ready)  # answered, not refused
+            await until(not_ready)  # answered, not refused
             r = await c.get("/readyz")
             assert r.json()["status"] == "stopping" and "retry-after" in r.headers
             assert (await c.get("/v2/health/ready")).status_code == 503
@@ -190,7 +191,7 @@ def test_sigterm_keeps_serving_with_readyz_503_through_the_grace_period(
                         return True
                     return False
 
-                await eventually(refused)
+                await until(refused)
             srv.proc.send_signal(signal.SIGUSR1)  # opens the stage's gate
             r = await in_flight
             assert r.status_code == 200 and r.json() == {"outputs": ["p", "q"]}
@@ -253,7 +254,7 @@ def test_jobs_wait_for_room_instead_of_503() -> None:
                 async def succeeded(url: str = job["status_url"]) -> bool:
                     return bool((await c.get(url)).json()["status"] == "succeeded")
 
-                await eventually(succeeded)
+                await until(succeeded)
 
     with serve_in_thread(app) as srv:
         asyncio.run(asyncio.wait_for(main(srv.url), 60))

@@ -12,15 +12,10 @@ import pytest
 import scaleoutstages as st
 
 import flowbatch as fb
+from polling import until
 
 ray = pytest.importorskip("ray")
 fbray = pytest.importorskip("flowbatch.ray")
-
-
-async def until(cond: Any, limit: float = 60.0) -> None:
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - polls a condition, bounded by the timeout
-            await asyncio.sleep(0.01)
 
 
 def test_a_node_removed_mid_run_loses_no_item(ray_cluster: Any, tmp_path: Path) -> None:

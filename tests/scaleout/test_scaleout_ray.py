@@ -14,6 +14,7 @@ import pytest
 import scaleoutstages as st
 
 import flowbatch as fb
+from polling import until
 
 ray = pytest.importorskip("ray")
 fbray = pytest.importorskip("flowbatch.ray")
@@ -21,12 +22,6 @@ fbray = pytest.importorskip("flowbatch.ray")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 RETRY_CRASH = fb.Retry(attempts=3, backoff=0.01, on=(fb.WorkerCrashed,))
-
-
-async def until(cond: Any, limit: float = 60.0) -> None:
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - polls a condition, bounded by the timeout
-            await asyncio.sleep(0.01)
 
 
 def touch(path: Path) -> None:
