@@ -480,3 +480,37 @@ def test_process_workers_one_per_device() -> None:
     assert {d for d, _ in seen} == {"cuda:0", "cuda:1"}
     assert len({p for _, p in seen}) == 2
     assert os.getpid() not in {p for _, p in seen}
+
+
+def test_flowbatch_top_reads_and_shows_the_devices() -> None:
+    pytest.importorskip("prometheus_client")
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    from flowbatch.observe import top
+    from flowbatch.prometheus import render
+
+    st = fb.stage(
+        Model(fits=2),
+        name="embed",
+        devices=devices("cuda:0", "cuda:1"),
+        batch=fb.Batch(max_size=4, max_wait=60),
+    )
+
+    async def main() -> str:
+        async with fb.Pipeline([st], name="p").open() as runner:
+            await asyncio.gather(*(runner.submit(i) for i in range(8)))
+            return render({"p": runner}).decode()
+
+    parsed = top.parse(asyncio.run(main()))
+    devs = parsed["p"].stages[0].devices
+    assert [(d.device, d.replica, d.batch_cap, d.oom_splits) for d in devs] == [
+        ("cuda:0", 0, 2, 1),
+        ("cuda:1", 1, 2, 1),
+    ]
+    assert devs[1].memory_used == 1001 and devs[0].utilization == 0.25
+    console = Console(width=160, record=True)
+    console.print(top.render(top.compute({}, parsed, 1.0)))
+    screen = console.export_text()
+    assert "embed on cuda:0 x1: cap 2, 1 oom splits" in screen
+    assert "gpu 25% busy" in screen

@@ -33,7 +33,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from flowbatch.metrics import PipelineStats, StageStats, Summary
+from flowbatch.metrics import DeviceStats, PipelineStats, StageStats, Summary
 
 __all__ = [
     "PipelineView",
@@ -73,6 +73,29 @@ class _Stage:
     cost: _Histogram = field(default_factory=_Histogram)
     batch_count: float = 0.0
     batch_sum: float = 0.0
+    # Stages placed with devices=: figures per (device, replica), and per device.
+    replicas: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)
+    device_figures: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def device_stats(self) -> tuple[DeviceStats, ...]:
+        out = []
+        for (device, replica), r in sorted(self.replicas.items(), key=lambda kv: kv[0][1]):
+            d = self.device_figures.get(device, {})
+            used, total, busy = d.get("memory_used"), d.get("memory_total"), d.get("utilization")
+            cap = r.get("batch_cap")
+            out.append(
+                DeviceStats(
+                    device=device,
+                    replica=replica,
+                    batch_cap=int(cap) if cap is not None else None,
+                    cost_cap=r.get("cost_cap"),
+                    oom_splits=int(r.get("oom_splits", 0)),
+                    memory_used=int(used) if used is not None else None,
+                    memory_total=int(total) if total is not None else None,
+                    utilization=busy,
+                )
+            )
+        return tuple(out)
 
     def stats(self, name: str) -> StageStats:
         c = self.counts.get
@@ -99,6 +122,7 @@ class _Stage:
             padding_waste=c("padding_waste", 0.0),
             restarts=int(c("restarts", 0)),
             pending=int(c("pending", 0)),
+            devices=self.device_stats(),
         )
 
 
@@ -149,6 +173,16 @@ _STAGE_GAUGES = {
     "flowbatch_stage_busy_seconds_total": "busy_seconds",
     "flowbatch_stage_busy_ratio": "utilization",
     "flowbatch_stage_padding_waste_ratio": "padding_waste",
+}
+_REPLICA_GAUGES = {
+    "flowbatch_device_batch_cap": "batch_cap",
+    "flowbatch_device_cost_cap": "cost_cap",
+    "flowbatch_device_oom_splits_total": "oom_splits",
+}
+_DEVICE_GAUGES = {
+    "flowbatch_device_memory_used_bytes": "memory_used",
+    "flowbatch_device_memory_total_bytes": "memory_total",
+    "flowbatch_device_utilization": "utilization",
 }
 _STAGE_HISTOGRAMS = {
     "flowbatch_stage_service_seconds": "service",
@@ -211,6 +245,12 @@ def parse(text: str) -> dict[str, PipelineStats]:
                 stage(labels).batch_count = v
             elif name == "flowbatch_stage_batch_size_sum":
                 stage(labels).batch_sum = v
+            elif name in _REPLICA_GAUGES and "device" in labels:
+                key = (labels["device"], int(labels.get("replica", "0") or 0))
+                stage(labels).replicas.setdefault(key, {})[_REPLICA_GAUGES[name]] = v
+            elif name in _DEVICE_GAUGES and "device" in labels:
+                figures = stage(labels).device_figures.setdefault(labels["device"], {})
+                figures[_DEVICE_GAUGES[name]] = v
             else:
                 base, _, part = name.rpartition("_")
                 kind = _STAGE_HISTOGRAMS.get(base)
@@ -262,6 +302,7 @@ class StageView:
     p99: float | None
     wait_p50: float | None
     bottleneck: bool = False
+    devices: tuple[DeviceStats, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -312,6 +353,7 @@ def compute(
                     p99=s.service_time.p99 if s.service_time.count else None,
                     wait_p50=s.queue_wait.p50 if s.queue_wait.count else None,
                     bottleneck=s.name == w.bottleneck,
+                    devices=total.devices,
                 )
             )
         views.append(
@@ -362,6 +404,36 @@ def _bar(u: float, width: int = 8) -> Text:
     return t
 
 
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def _device_lines(st: StageView) -> list[Text]:
+    """One line per device of a stage placed with ``devices=``: its replicas'
+    learned caps and out-of-memory splits, memory in use, utilization."""
+    by_device: dict[str, list[DeviceStats]] = {}
+    for d in st.devices:
+        by_device.setdefault(d.device, []).append(d)
+    lines = []
+    for device, reps in by_device.items():
+        d = reps[0]
+        caps = [r.batch_cap for r in reps if r.batch_cap is not None]
+        costs = [r.cost_cap for r in reps if r.cost_cap is not None]
+        cap = (
+            f"cap {min(caps)}" if caps else f"cost cap {min(costs):.0f}" if costs else "no cap"
+        )
+        splits = sum(r.oom_splits for r in reps)
+        line = Text.assemble(
+            f" {st.name} on {device} x{len(reps)}: {cap}, ",
+            (f"{splits} oom splits", "yellow" if splits else ""),
+            f", memory {_gib(d.memory_used)}/{_gib(d.memory_total)} GiB",
+        )
+        if d.utilization is not None:
+            line.append(f", gpu {d.utilization * 100:.0f}% busy")
+        lines.append(line)
+    return lines
+
+
 def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> RenderableType:
     """The screen for ``views``."""
     parts: list[RenderableType] = []
@@ -402,6 +474,7 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
             f"  in flight {v.in_flight:.0f}  latency p50 {_dur(v.p50)} p99 {_dur(v.p99)}  ",
             (f"failed {v.failed:.0f}", "red" if v.failed else ""),
         )
+        placed = [line for st in v.stages for line in _device_lines(st)]
         neck = next((st for st in v.stages if st.bottleneck), None)
         foot = (
             Text.assemble(
@@ -415,7 +488,7 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
         )
         parts.append(
             Panel(
-                Group(head, table, foot),
+                Group(head, table, *placed, foot),
                 title=f"pipeline {v.name}",
                 title_align="left",
                 padding=(0, 1),
