@@ -118,7 +118,7 @@ def test_many_concurrent_result_waiters_on_rabbitmq_all_get_their_results(
     # A client waiting on many jobs at once (gather of Client.result) must
     # read the results stream once: each waiter used to open its own channel
     # and stream consumer, hundreds of them, and most results never arrived.
-    n = 400
+    n = 2000
 
     async def main() -> None:
         async with Client(service.url, queue_name) as producer:

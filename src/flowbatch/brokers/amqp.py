@@ -99,6 +99,8 @@ class AMQPBroker(Broker):
         self._reading_results = False
         self._results_channel: AbstractChannel | None = None
         self._results_offset = 0
+        # One reader of the results stream however many callers wait at once.
+        self._results_lock = asyncio.Lock()
         #: result messages seen again for a job that already had one
         self.duplicate_results = 0
 
@@ -199,9 +201,17 @@ class AMQPBroker(Broker):
         # result reconnects (a reader whose channel closed would never see
         # another result).
         self._ch  # noqa: B018
-        results_channel = self._results_channel
-        if self._reading_results and results_channel is not None and not results_channel.is_closed:
+        if self._results_read():
             return
+        async with self._results_lock:
+            if not self._results_read():
+                await self._start_reading_results()
+
+    def _results_read(self) -> bool:
+        channel = self._results_channel
+        return self._reading_results and channel is not None and not channel.is_closed
+
+    async def _start_reading_results(self) -> None:
         assert self._conn is not None
         channel = self._results_channel = await self._conn.channel()
         await channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
