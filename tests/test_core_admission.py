@@ -240,3 +240,24 @@ def test_an_item_its_cost_function_fails_on_fails_alone_and_gives_its_place_back
             assert (s.submitted, s.completed, s.failed) == (6, 4, 2)
 
     asyncio.run(main())
+
+
+def test_a_map_waiting_in_the_limiters_line_counts_no_rejection() -> None:
+    # map reads its input in chunks and admits each chunk at once when it
+    # can; past max_in_flight it waits in line, which is not a refusal.
+    pipe = fb.Pipeline([fb.stage(_double_later, concurrency=4)])
+
+    async def main() -> tuple[list[int], int, int]:
+        async with pipe.open(max_in_flight=3) as runner:
+            out = [y async for y in runner.map(range(40))]
+            assert runner.limiter is not None
+            return out, runner.limiter.rejected, runner.stats().rejected
+
+    out, limiter_rejected, rejected = asyncio.run(main())
+    assert out == [x * 2 for x in range(40)]
+    assert (limiter_rejected, rejected) == (0, 0)
+
+
+async def _double_later(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * 2

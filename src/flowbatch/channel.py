@@ -67,6 +67,20 @@ class Channel(Generic[T]):
             self._wake(self._getters)
         return True
 
+    def put_many(self, items: list[T]) -> bool:
+        """Append all of ``items`` if there is room for all; return False,
+        appending none, when there is not (the bulk form of :meth:`put_nowait`:
+        one call and at most one wake-up for the lot)."""
+        if self._closed:
+            raise ChannelClosed
+        queued = self._items
+        if len(queued) + len(items) > self.maxsize:
+            return False
+        queued.extend(items)
+        if self._getters:
+            self._wake(self._getters)
+        return True
+
     def put_force(self, item: T) -> None:
         """Append even past the bound (retries re-entering their own stage)."""
         self._items.append(item)

@@ -121,7 +121,8 @@ class Collector:
                 return
         else:
             self.ready.append((value, exc))
-        self.wake()
+        if self.waiter is not None:  # checked here: this runs once per item
+            self.wake()
 
     def wake(self) -> None:
         w = self.waiter

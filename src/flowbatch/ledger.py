@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .channel import ChannelClosed
@@ -133,7 +133,7 @@ class Ledger:
             if limiter is not None:
                 limiter.release()
             return False
-        self._admitted(root)
+        self._admitted((root,))
         return True
 
     async def admit_when_room(self, root: Item, timeout: float | None) -> None:
@@ -167,37 +167,43 @@ class Ledger:
                 ) from None
             raise
         # Counted as live before anyone checks whether the runner has settled.
-        self._admitted(root)
+        self._admitted((root,))
         self.admitting -= 1
 
-    def admit_all_nowait(self, roots: list[Item]) -> bool:
+    def admit_all_nowait(self, roots: list[Item], wait: bool = False) -> bool:
         """:meth:`admit_nowait` for many items at once, all or none.
 
         Takes ``len(roots)`` places in the limiter in one acquisition and
         checks that the first queue has room for all of them; False, holding
         nothing and admitting nothing, when either has not (one rejection in
-        the limiter). Then each is priced and queued as by
-        :meth:`admit_nowait`: one its cost function fails on is admitted
-        failed and gives its place back.
+        the limiter). Then each is priced as by :meth:`admit_nowait` (one its
+        cost function fails on is admitted failed and gives its place back)
+        and the rest are queued in one :meth:`Channel.put_many` and counted.
+        ``wait`` as for :meth:`admit_nowait`: a caller that will wait (``map``)
+        queues in the limiter's line, so with a limiter this returns False at
+        once, counting no rejection.
         """
         first = self.first
         assert first is not None
         n = len(roots)
         limiter = self.limiter
-        if limiter is not None and not limiter.try_acquire(n):
+        if limiter is not None and (wait or not limiter.try_acquire(n)):
             return False
         ch = first.inq
         if ch.maxsize - len(ch) < n:
             if limiter is not None:
                 limiter.release(n)
             return False
-        for root in roots:
-            if first.cost is not None and not self.priced(first, root):
-                if limiter is not None:
+        todo = roots
+        if first.cost is not None:
+            todo = []
+            for root in roots:
+                if self.priced(first, root):
+                    todo.append(root)
+                elif limiter is not None:
                     limiter.release()
-                continue
-            ch.put_nowait(root)  # room checked above
-            self._admitted(root)
+        ch.put_many(todo)  # room checked above
+        self._admitted(todo)
         return True
 
     async def admit_all_when_room(self, roots: list[Item], timeout: float | None) -> None:
@@ -229,7 +235,7 @@ class Ledger:
                 if not ch.put_nowait(root):
                     await ch.put(root)
                 held = max(held - 1, 0)  # its place now goes with it
-                self._admitted(root)
+                self._admitted((root,))
                 admitted.append(root)
         except BaseException as exc:
             if held:
@@ -246,18 +252,25 @@ class Ledger:
             raise
         self.admitting -= 1
 
-    def _admitted(self, root: Item) -> None:
-        """``root`` was just put in the first queue: count it as inside the engine."""
-        # _register written out: this runs once per item.
-        self._ids += 1
-        root.id = self._ids
-        if self.hooks is not None:
-            root.trace = call_hook(self.hooks.admitted, root)
-        self.submitted += 1
+    def _admitted(self, roots: Sequence[Item]) -> None:
+        """``roots`` were just put in the first queue: count them as inside the engine."""
+        # _register written out, once per call (a map admits its items in chunks).
+        if not roots:
+            return
+        ids = self._ids
+        hooks = self.hooks
+        for root in roots:
+            ids += 1
+            root.id = ids
+            if hooks is not None:
+                root.trace = call_hook(hooks.admitted, root)
+        self._ids = ids
+        n = len(roots)
+        self.submitted += n
         if not self.t_first:
-            self.t_first = root.t0
-        self.live += 1
-        self.roots.add(root)
+            self.t_first = roots[0].t0
+        self.live += n
+        self.roots.update(roots)
 
     def arm(self, root: Item, fut: asyncio.Future[Any], timeout: float | None) -> None:
         """Attach the deadline timer and cancellation to a submitted item's future."""

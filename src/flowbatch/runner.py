@@ -33,6 +33,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from itertools import islice
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,8 @@ log = logging.getLogger("flowbatch")
 log.addHandler(logging.NullHandler())
 
 DEFAULT_QUEUE_SIZE = 1024
+# The most items of a map's (sync) input read and admitted at once.
+FEED_CHUNK = 32
 # Seconds between folds of timing samples into histograms.
 FOLD_INTERVAL = 0.25
 
@@ -516,7 +519,12 @@ class Runner:
     async def _feed(
         self, items: Iterable[Any] | AsyncIterable[Any], col: Collector, window: int
     ) -> None:
-        """Read the map's input, admitting each item while the window has room."""
+        """Read the map's input, admitting each item while the window has room.
+
+        A sync input is read in chunks (up to ``FEED_CHUNK`` items, within
+        the window) admitted in one :meth:`Ledger.admit_all_nowait` call; an
+        async one item by item (its next item may take a while to come).
+        """
         assert self._loop is not None
         loop = self._loop
         clock = self._clock
@@ -524,32 +532,55 @@ class Runner:
         admit_nowait = ledger.admit_nowait
         it: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
         is_async = isinstance(items, AsyncIterable)
+        chunk: list[Any] = []
+        failed: BaseException | None = None  # the input's own error, after what it gave
+        exhausted = False
         try:
-            while True:
-                if is_async:
-                    try:
-                        value = await anext(it)
-                    except StopAsyncIteration:
-                        break
-                else:
-                    try:
-                        value = next(it)
-                    except StopIteration:
-                        break
+            while not exhausted:
                 while col.outstanding >= window:
                     col.feeder_waiter = loop.create_future()
                     await col.feeder_waiter
+                if is_async:
+                    try:
+                        chunk.append(await anext(it))
+                    except StopAsyncIteration:
+                        break
+                else:
+                    want = min(window - col.outstanding, FEED_CHUNK)
+                    try:
+                        chunk.extend(islice(it, want))  # keeps what came before an error
+                    except BaseException as exc:
+                        failed = exc
+                        exhausted = True
+                    else:
+                        exhausted = len(chunk) < want
+                    if not chunk:
+                        break
                 if self._state != "open":
                     raise PipelineClosed(
                         f"pipeline {self.name!r} closed before all of the map's input was read"
                     )
-                root = Item(value, clock())
-                root.sink = col
-                root.index = col.admitted
-                if not admit_nowait(root, True):
-                    await ledger.admit_when_room(root, None)
-                col.admitted += 1
-                col.outstanding += 1
+                now = clock()
+                index = col.admitted
+                roots = []
+                for value in chunk:
+                    root = Item(value, now)
+                    root.sink = col
+                    root.index = index
+                    index += 1
+                    roots.append(root)
+                chunk.clear()
+                if ledger.admit_all_nowait(roots, True):
+                    col.admitted = index
+                    col.outstanding += len(roots)
+                    continue
+                for root in roots:  # no room for all at once: one by one, waiting
+                    if not admit_nowait(root, True):
+                        await ledger.admit_when_room(root, None)
+                    col.admitted += 1
+                    col.outstanding += 1
+            if failed is not None:
+                raise failed
         except asyncio.CancelledError:
             if not col.closed and col.error is None:
                 col.error = PipelineClosed(
