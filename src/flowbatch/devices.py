@@ -636,6 +636,20 @@ class DeviceExecutor(Executor):
         parts = self._parts(slot, len(values), costs)
         if len(parts) == 1:
             return await self._fit(slot, values, costs, timeout=timeout, carrier=carrier, whole=True)
+        return await self._fit_parts(slot, values, costs, parts, timeout=timeout, carrier=carrier)
+
+    async def _fit_parts(
+        self,
+        slot: _Slot,
+        values: list[Any],
+        costs: list[float] | None,
+        parts: Sequence[Sequence[int]],
+        *,
+        timeout: float | None,
+        carrier: Any,
+    ) -> list[Any]:
+        """Run each part (indices into ``values``) with :meth:`_fit`, one after the
+        other; the parts' results put back in the places of their items."""
         results: list[Any] = [None] * len(values)
         for idx in parts:
             outs = await self._fit(
@@ -693,19 +707,9 @@ class DeviceExecutor(Executor):
             )
             order = sorted(range(n), key=lambda i: -costs[i]) if costs else list(range(n))
             half = n // 2
-            results: list[Any] = [None] * n
-            for idx in (order[:half], order[half:]):
-                part = await self._fit(
-                    slot,
-                    [values[i] for i in idx],
-                    [costs[i] for i in idx] if costs else None,
-                    timeout=timeout,
-                    carrier=carrier,
-                    whole=False,
-                )
-                for i, out in zip(idx, part, strict=True):
-                    results[i] = out
-            return results
+            return await self._fit_parts(
+                slot, values, costs, (order[:half], order[half:]), timeout=timeout, carrier=carrier
+            )
         if padded is not None:
             slot.cost.fitted(padded)
         else:
