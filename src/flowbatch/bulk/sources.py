@@ -96,11 +96,16 @@ async def _chunks(make: Callable[[], Iterator[list[Any]]]) -> AsyncIterator[list
             await asyncio.to_thread(close)
 
 
-def _read_lines(path: Path, chunk: int) -> Iterator[list[str]]:
+def _read_lines(path: Path, chunk: int, skip_blank: bool) -> Iterator[list[tuple[int, str]]]:
+    """The file's lines (without their newline) with their numbers (from 1), in lists
+    of ``chunk``; ``skip_blank`` leaves out blank lines (their numbers still count)."""
     with path.open("r", encoding="utf-8") as f:
-        buf: list[str] = []
-        for line in f:
-            buf.append(line.rstrip("\r\n"))
+        buf: list[tuple[int, str]] = []
+        for n, raw in enumerate(f, 1):
+            line = raw.rstrip("\r\n")
+            if skip_blank and not line.strip():
+                continue
+            buf.append((n, line))
             if len(buf) >= chunk:
                 yield buf
                 buf = []
@@ -132,12 +137,8 @@ class LinesSource(Source):
         self.chunk = chunk
 
     async def records(self) -> AsyncIterator[Record]:
-        n = 0
-        async for lines in _chunks(lambda: _read_lines(self.path, self.chunk)):
-            for line in lines:
-                n += 1
-                if self.skip_blank and not line.strip():
-                    continue
+        async for lines in _chunks(lambda: _read_lines(self.path, self.chunk, self.skip_blank)):
+            for n, line in lines:
                 yield Record(n, line)
 
     async def count(self) -> int | None:
@@ -164,12 +165,8 @@ class JsonlSource(Source):
         self.chunk = chunk
 
     async def records(self) -> AsyncIterator[Record]:
-        n = 0
-        async for lines in _chunks(lambda: _read_lines(self.path, self.chunk)):
-            for line in lines:
-                n += 1
-                if not line.strip():
-                    continue
+        async for lines in _chunks(lambda: _read_lines(self.path, self.chunk, skip_blank=True)):
+            for n, line in lines:
                 try:
                     obj = json.loads(line)
                 except ValueError as exc:
