@@ -39,7 +39,15 @@ import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .errors import PipelineError, WorkerCrashed
-from .executors import CallTimedOut, Executor, _portable, materialize, materialize_each
+from .executors import (
+    CallTimedOut,
+    Executor,
+    _no_coroutine,
+    _portable,
+    _portable_items,
+    materialize,
+    materialize_each,
+)
 
 if TYPE_CHECKING:
     from .stage import Stage
@@ -84,20 +92,12 @@ def _run(name: str, arg: Any) -> tuple[bool, Any]:
     if plugin.error is not None:
         return False, _portable(plugin.error)
     try:
-        out = plugin.fn(arg)
-        if inspect.iscoroutine(out):
-            out.close()
-            raise TypeError(
-                "the stage returned a coroutine instead of a result: a Dask stage "
-                "runs plain functions"
-            )
+        out = _no_coroutine(plugin.fn(arg), "a Dask stage runs plain functions")
         if plugin.post is not None:
             out = plugin.post(out)
     except Exception as exc:
         return False, _portable(exc)
-    if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
-        out = [_portable(x) if isinstance(x, BaseException) else x for x in out]
-    return True, out
+    return True, _portable_items(out)
 
 
 class DaskWorkers(Executor):

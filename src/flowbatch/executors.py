@@ -159,6 +159,27 @@ def _portable(exc: BaseException) -> BaseException:
     return exc
 
 
+_HIDDEN_ASYNC = "an 'await' is missing, or an async function is hidden behind a plain function"
+
+
+def _no_coroutine(out: Any, hint: str = _HIDDEN_ASYNC) -> Any:
+    """``out``, a plain function's result in a worker (process, Ray actor, Dask task);
+    a coroutine in its place (nothing there would await it) is closed and raises
+    ``TypeError`` saying so, with ``hint``."""
+    if inspect.iscoroutine(out):
+        out.close()
+        raise TypeError(f"the stage returned a coroutine instead of a result: {hint}")
+    return out
+
+
+def _portable_items(out: Any) -> Any:
+    """A batch result (a list) holding exceptions: a copy with each made :func:`_portable`;
+    any other ``out`` as it is."""
+    if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
+        return [_portable(x) if isinstance(x, BaseException) else x for x in out]
+    return out
+
+
 # --------------------------------------------------------------------- async
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import multiprocessing as mp
 import os
 import pickle
@@ -30,6 +29,7 @@ from .executors import (
     Executor,
     RemoteError,
     Unpicklable,
+    _no_coroutine,
     _portable,
     _resolve,
     _setup_error,
@@ -161,13 +161,7 @@ def _process_main(
         try:
             arg, carrier = pickle.loads(data)
             with activated(activate, carrier):
-                out = fn(arg)
-            if inspect.iscoroutine(out):
-                out.close()
-                raise TypeError(
-                    "the stage returned a coroutine instead of a result: an 'await' is "
-                    "missing, or an async function is hidden behind a plain function"
-                )
+                out = _no_coroutine(fn(arg))
             if post is not None:
                 out = post(out)
         except BaseException as exc:

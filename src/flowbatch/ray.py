@@ -53,7 +53,15 @@ import ray
 from ray.exceptions import RayActorError
 
 from .errors import PipelineError, WorkerCrashed
-from .executors import CallTimedOut, Executor, _portable, materialize, materialize_each
+from .executors import (
+    CallTimedOut,
+    Executor,
+    _no_coroutine,
+    _portable,
+    _portable_items,
+    materialize,
+    materialize_each,
+)
 
 if TYPE_CHECKING:
     from .stage import Stage
@@ -191,13 +199,7 @@ class _Replica:
         if self.is_async:
             out = await self.fn(arg)
         else:
-            out = await self._sync(self.fn, arg)
-            if inspect.iscoroutine(out):
-                out.close()
-                raise TypeError(
-                    "the stage returned a coroutine instead of a result: an 'await' is "
-                    "missing, or an async function is hidden behind a plain function"
-                )
+            out = _no_coroutine(await self._sync(self.fn, arg))
         if self.post is not None:
             out = self.post(out)
         return out
@@ -207,9 +209,7 @@ class _Replica:
             out = await self._apply(arg)
         except Exception as exc:
             return False, _portable(exc)
-        if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
-            out = [_portable(x) if isinstance(x, BaseException) else x for x in out]
-        return True, out
+        return True, _portable_items(out)
 
     async def run_refs(self, arg: Any, n: int | None) -> tuple[Any, ...]:
         """Like ``run``, but each result is its own return value (object).
