@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import scaleoutstages as st
+from scaleouthelpers import through_a_broker_worker
 
 import flowbatch as fb
 
@@ -103,24 +104,9 @@ def test_retries_order_and_a_broken_contract_on_dask(dask_cluster: Any, tmp_path
 
 
 def test_broker_worker_with_its_stage_on_dask(dask_cluster: Any) -> None:
-    from flowbatch.brokers import Client, MemoryBroker, Worker, WorkerConfig
-
     pipe = fb.Pipeline([fb.stage(st.DaskCounted(), executor=fbdask.workers(dask_cluster),
                                  concurrency=2, batch=fb.Batch(max_size=16))], name="t")
-
-    async def main() -> list[Any]:
-        broker = MemoryBroker("q")
-        async with Client(broker) as client:
-            ids = await client.submit_many(range(100))
-            worker = Worker(pipe, broker, WorkerConfig(prefetch=64, poll=0.02, stop_timeout=30))
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(worker.run())
-                await worker.wait_started()
-                await broker.join()
-                worker.stop()
-            return [await client.result(job_id, timeout=10) for job_id in ids]
-
-    outs = asyncio.run(main())
+    outs = through_a_broker_worker(pipe, range(100))
     assert [x for *_, x in outs] == list(range(100))
     assert os.getpid() not in {pid for pid, *_ in outs}
     assert {setups for _, setups, _ in outs} == {1}

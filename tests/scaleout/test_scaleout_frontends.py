@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import scaleoutstages as st
+from scaleouthelpers import through_a_broker_worker
 
 import flowbatch as fb
 
@@ -82,22 +83,7 @@ def test_http_service_with_its_model_on_the_cluster(
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_broker_worker_with_its_stage_on_ray_actors() -> None:
-    from flowbatch.brokers import Client, MemoryBroker, Worker, WorkerConfig
-
-    async def main() -> list[Any]:
-        broker = MemoryBroker("q")
-        async with Client(broker) as client:
-            ids = await client.submit_many([str(i) for i in range(100)])
-            worker = Worker(model_pipeline("t"), broker,
-                            WorkerConfig(prefetch=64, poll=0.02, stop_timeout=30))
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(worker.run())
-                await worker.wait_started()
-                await broker.join()
-                worker.stop()
-            return [await client.result(job_id, timeout=10) for job_id in ids]
-
-    outs = asyncio.run(main())
+    outs = through_a_broker_worker(model_pipeline("t"), [str(i) for i in range(100)])
     assert [x for *_, x in outs] == list(range(100))
     assert os.getpid() not in {pid for pid, *_ in outs}
 
