@@ -113,6 +113,23 @@ def test_sqlite_jobs_survive_a_restart(tmp_path: Path, server_process: Start) ->
         assert conn.execute("SELECT count(*) FROM flowbatch_jobs").fetchone() == (2,)
 
 
+async def until_refused(url: str) -> None:
+    """Wait until the server at ``url`` serves no new connection."""
+    async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
+
+        async def refused() -> bool:
+            try:
+                await fresh.get("/healthz")
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+                # Refused, or accepted into the kernel's backlog just as the
+                # listener closed and dropped unanswered (closed, or reset while
+                # the probe reads): not served.
+                return True
+            return False
+
+        await until(refused)
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server_process: Start) -> None:
     srv = server_process("http_pipelines:all_pipelines")
 
@@ -128,20 +145,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server_process: Start) 
 
             await until(entered)
             srv.proc.send_signal(signal.SIGTERM)
-            # the server stops accepting connections ...
-            async with httpx.AsyncClient(base_url=srv.url, timeout=5) as fresh:
-
-                async def refused() -> bool:
-                    try:
-                        await fresh.get("/healthz")
-                    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-                        # Refused, or accepted into the kernel's backlog just as
-                        # the listener closed and dropped unanswered (closed, or
-                        # reset while the probe reads): not served.
-                        return True
-                    return False
-
-                await until(refused)
+            await until_refused(srv.url)  # the server stops accepting connections ...
             # ... and still answers the request it had
             srv.proc.send_signal(signal.SIGUSR1)  # opens the stage's gate
             r = await in_flight
@@ -182,16 +186,7 @@ def test_sigterm_keeps_serving_with_readyz_503_through_the_grace_period(
                 r = await fresh.post("/v1/pipelines/echo/jobs", json={"input": 2})
                 assert r.status_code == 202
             srv.proc.send_signal(signal.SIGTERM)  # a second one ends the grace period
-            async with httpx.AsyncClient(base_url=srv.url, timeout=5) as fresh:
-
-                async def refused() -> bool:
-                    try:
-                        await fresh.get("/healthz")
-                    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-                        return True
-                    return False
-
-                await until(refused)
+            await until_refused(srv.url)
             srv.proc.send_signal(signal.SIGUSR1)  # opens the stage's gate
             r = await in_flight
             assert r.status_code == 200 and r.json() == {"outputs": ["p", "q"]}
