@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
+from itertools import repeat
 from typing import Generic, TypeVar
 
 __all__ = ["Channel", "ChannelClosed"]
@@ -29,12 +30,14 @@ class ChannelClosed(Exception):
 class Channel(Generic[T]):
     """Bounded FIFO with bulk-friendly access; runs on one event loop only."""
 
-    __slots__ = ("_closed", "_getters", "_items", "_putters", "maxsize")
+    __slots__ = ("_bound", "_closed", "_getters", "_items", "_putters", "maxsize")
 
     def __init__(self, maxsize: int) -> None:
         if maxsize < 1:
             raise ValueError(f"channel size must be >= 1, got {maxsize}")
         self.maxsize = maxsize
+        # maxsize while open, 0 once closed: put_nowait's one test covers both.
+        self._bound = maxsize
         self._items: deque[T] = deque()
         self._getters: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
@@ -58,11 +61,12 @@ class Channel(Generic[T]):
 
     def put_nowait(self, item: T) -> bool:
         """Append if there is room; return False when full."""
-        if self._closed:
-            raise ChannelClosed
-        if len(self._items) >= self.maxsize:
+        items = self._items
+        if len(items) >= self._bound:
+            if self._closed:
+                raise ChannelClosed
             return False
-        self._items.append(item)
+        items.append(item)
         if self._getters:
             self._wake(self._getters)
         return True
@@ -126,11 +130,8 @@ class Channel(Generic[T]):
         if limit >= len(items):
             taken = list(items)
             items.clear()
-        elif limit == 1:
-            taken = [items.popleft()]
         else:
-            popleft = items.popleft
-            taken = [popleft() for _ in range(limit)]
+            taken = list(map(deque.popleft, repeat(items, limit)))  # no bytecode per item
         if self._putters:
             self._taken()
         if items and self._getters:
@@ -184,6 +185,7 @@ class Channel(Generic[T]):
     def close(self) -> None:
         """No more puts; wake everybody so that consumers can finish."""
         self._closed = True
+        self._bound = 0
         for waiters in (self._getters, self._putters):
             while waiters:
                 fut = waiters.popleft()

@@ -513,7 +513,7 @@ class Runner:
         their next stage (wherever they are: queued, held by a worker, in a
         call or waiting for a retry)."""
         ledger = self._ledger
-        for root in [r for r in ledger.roots if r.sink is col]:
+        for root in [r for r in ledger.roots if getattr(r.sink, "__self__", None) is col]:
             ledger.cancel_root(root)
 
     async def _feed(
@@ -530,6 +530,8 @@ class Runner:
         clock = self._clock
         ledger = self._ledger
         admit_nowait = ledger.admit_nowait
+        # The bound method, not the instance: a call the interpreter inlines.
+        sink = col.__call__
         it: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
         is_async = isinstance(items, AsyncIterable)
         chunk: list[Any] = []
@@ -565,7 +567,7 @@ class Runner:
                 roots = []
                 for value in chunk:
                     root = Item(value, now)
-                    root.sink = col
+                    root.sink = sink
                     root.index = index
                     index += 1
                     roots.append(root)
