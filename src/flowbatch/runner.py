@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from .channel import ChannelClosed
 from .devices import DeviceExecutor
-from .envelope import Collector, FutureSink, Item
+from .envelope import Collector, Item, future_sink
 from .errors import Overloaded, PipelineClosed
 from .hooks import Hooks
 from .ledger import Ledger
@@ -296,7 +296,7 @@ class Runner:
         root = self._new_root(item, timeout)
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        root.sink = FutureSink(fut)
+        root.sink = future_sink(fut)
         if not self._ledger.admit_nowait(root, True):
             await self._ledger.admit_when_room(root, timeout)
         self._ledger.arm(root, fut, timeout)
@@ -316,7 +316,7 @@ class Runner:
         root = self._new_root(item, timeout)
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        root.sink = FutureSink(fut)
+        root.sink = future_sink(fut)
         if not self._ledger.admit_nowait(root, False):
             self._rejected += 1
             raise self._overloaded(1)
@@ -376,7 +376,7 @@ class Runner:
         for value in items:
             root = self._new_root(value, timeout)
             fut: asyncio.Future[Any] = self._loop.create_future()
-            root.sink = FutureSink(fut)
+            root.sink = future_sink(fut)
             roots.append(root)
             futs.append(fut)
         return roots, futs
