@@ -304,8 +304,14 @@ class Ledger:
 
     # -------------------------------------------------------------- outcome
 
-    def resolve(self, root: Item, value: Any, exc: BaseException | None) -> None:
-        """Give ``root``'s caller its answer (once; later answers are ignored)."""
+    def resolve(
+        self, root: Item, value: Any, exc: BaseException | None, now: float | None = None
+    ) -> None:
+        """Give ``root``'s caller its answer (once; later answers are ignored).
+
+        ``now``: the runner's clock when the answer was made, if the caller
+        has just read it (a latency sample costs no second reading).
+        """
         if root.done:
             return
         root.done = True
@@ -316,7 +322,8 @@ class Ledger:
         roots.discard(root)
         if exc is None:
             self.completed += 1
-            now = self.clock()
+            if now is None:
+                now = self.clock()
             self.t_last = now
             self.latency.buf.append(now - root.t0)
         elif isinstance(exc, DeadlineExceeded):
@@ -349,13 +356,14 @@ class Ledger:
                 return
             item, value = parent, results
 
-    def finish(self, item: Item, value: Any) -> None:
-        """``item`` passed the last stage with ``value``: it leaves the engine."""
+    def finish(self, item: Item, value: Any, now: float) -> None:
+        """``item`` passed the last stage with ``value`` at ``now`` (the
+        runner's clock): it leaves the engine."""
         self.live -= 1
         if not self.live and self._settled is not None:
             self.check_settled()
         if item.parent is None:
-            self.resolve(item, value, None)
+            self.resolve(item, value, None, now)
         else:
             self.deliver(item, value)
 

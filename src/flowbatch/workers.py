@@ -139,7 +139,7 @@ class Workers:
         """
         nxt = sr.next
         if nxt is None:
-            self.ledger.finish(item, out)
+            self.ledger.finish(item, out, now)
             return True
         item.value = out
         item.attempt = 1
@@ -295,7 +295,7 @@ class Workers:
                     continue
                 m.done += 1
                 if finish is not None:
-                    finish(item, out)
+                    finish(item, out, t1)
                 elif fan_out:
                     await self.fan_out(sr, item, out, t1)
                 elif not pass_on(sr, item, out, t1):
