@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Collector", "FutureSink", "Item", "future_sink"]
+__all__ = ["Collector", "FutureSink", "Item"]
 
 
 class Item:
@@ -65,7 +65,12 @@ class Item:
 
 
 class FutureSink:
-    """Delivers a root item's outcome to an ``asyncio.Future``."""
+    """Delivers a root item's outcome to an ``asyncio.Future``.
+
+    Items carry its bound ``__call__`` as their sink (``FutureSink(fut).__call__``):
+    the interpreter inlines a call to a bound method, while a call to a
+    callable instance goes through ``tp_call`` (this runs once per item).
+    """
 
     __slots__ = ("fut",)
 
@@ -80,16 +85,6 @@ class FutureSink:
             fut.set_result(value)
         else:
             fut.set_exception(exc)
-
-
-def future_sink(fut: asyncio.Future[Any]) -> Callable[[Item, Any, BaseException | None], None]:
-    """The sink of a submitted item: ``fut`` gets its outcome.
-
-    A bound method rather than the :class:`FutureSink` itself: the
-    interpreter inlines a call to a bound method, while a callable instance
-    goes through ``tp_call`` (this runs once per item).
-    """
-    return FutureSink(fut).__call__
 
 
 class Collector:

@@ -258,13 +258,14 @@ class Ledger:
         if not roots:
             return
         ids = self._ids
-        hooks = self.hooks
         for root in roots:
             ids += 1
             root.id = ids
-            if hooks is not None:
-                root.trace = call_hook(hooks.admitted, root)
         self._ids = ids
+        hooks = self.hooks
+        if hooks is not None:
+            for root in roots:
+                root.trace = call_hook(hooks.admitted, root)
         n = len(roots)
         self.submitted += n
         if not self.t_first:
@@ -272,8 +273,15 @@ class Ledger:
         self.live += n
         self.roots.update(roots)
 
-    def arm(self, root: Item, fut: asyncio.Future[Any], timeout: float | None) -> None:
-        """Attach the deadline timer and cancellation to a submitted item's future."""
+    def arm(
+        self, root: Item, fut: asyncio.Future[Any], timeout: float | None, watch: bool = True
+    ) -> None:
+        """Attach the deadline timer and cancellation to a submitted item's future.
+
+        ``watch=False``: the caller awaits ``fut`` itself and calls
+        :meth:`cancel_root` when that await is cancelled, so no callback on
+        ``fut`` is needed for it (a callback costs a loop turn per item).
+        """
         loop = self.loop
         assert loop is not None
         if root.deadline is not None and not root.done:
@@ -285,7 +293,8 @@ class Ledger:
                 self.timers.discard(handle)
 
             fut.add_done_callback(disarm)
-        fut.add_done_callback(lambda f: self.cancel_root(root) if f.cancelled() else None)
+        if watch:
+            fut.add_done_callback(lambda f: self.cancel_root(root) if f.cancelled() else None)
 
     def deadline_passed(self, root: Item, timeout: float | None) -> None:
         """``root``'s timer fired: its caller gets ``DeadlineExceeded`` now."""

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from .channel import ChannelClosed
 from .devices import DeviceExecutor
-from .envelope import Collector, Item, future_sink
+from .envelope import Collector, FutureSink, Item
 from .errors import Overloaded, PipelineClosed
 from .hooks import Hooks
 from .ledger import Ledger
@@ -296,11 +296,16 @@ class Runner:
         root = self._new_root(item, timeout)
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        root.sink = future_sink(fut)
-        if not self._ledger.admit_nowait(root, True):
-            await self._ledger.admit_when_room(root, timeout)
-        self._ledger.arm(root, fut, timeout)
-        return await fut
+        root.sink = FutureSink(fut).__call__  # bound: an inlined call
+        ledger = self._ledger
+        if not ledger.admit_nowait(root, True):
+            await ledger.admit_when_room(root, timeout)
+        ledger.arm(root, fut, timeout, watch=False)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            ledger.cancel_root(root)  # this caller went away: drop the item
+            raise
 
     def submit_nowait(self, item: Any, timeout: float | None = None) -> asyncio.Future[Any]:
         """Admit ``item`` now or raise ``Overloaded``; returns a future of its result.
@@ -316,7 +321,7 @@ class Runner:
         root = self._new_root(item, timeout)
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        root.sink = future_sink(fut)
+        root.sink = FutureSink(fut).__call__  # bound: an inlined call
         if not self._ledger.admit_nowait(root, False):
             self._rejected += 1
             raise self._overloaded(1)
@@ -376,7 +381,7 @@ class Runner:
         for value in items:
             root = self._new_root(value, timeout)
             fut: asyncio.Future[Any] = self._loop.create_future()
-            root.sink = future_sink(fut)
+            root.sink = FutureSink(fut).__call__  # bound: an inlined call
             roots.append(root)
             futs.append(fut)
         return roots, futs
@@ -472,14 +477,16 @@ class Runner:
         self._collectors.add(col)
         feeder = self._loop.create_task(self._feed(items, col, window))
         self._feeders.add(feeder)
+        by_index = col.by_index
+        ready = col.ready
         try:
             while True:
                 if ordered:
-                    got = col.by_index.pop(col.next_index, None)
+                    got = by_index.pop(col.next_index, None)
                     if got is not None:
                         col.next_index += 1
                 else:
-                    got = col.ready.popleft() if col.ready else None
+                    got = ready.popleft() if ready else None
                 if got is not None:
                     col.outstanding -= 1
                     if col.feeder_waiter is not None:
