@@ -341,8 +341,9 @@ class Ledger:
             self.failed += 1
         if self.hooks is not None:
             call_hook(self.hooks.resolved, root, exc)
-        assert root.sink is not None
-        root.sink(root, value, exc)
+        sink = root.sink
+        assert sink is not None
+        sink(root, value, exc)
 
     def _leave(self, root: Item) -> None:
         """``root`` is answered: it no longer holds a place."""

@@ -5,7 +5,8 @@ task group. An unbatched slot takes one item per call (:meth:`Workers.run_single
 a batched slot takes what waits, up to the batch's limits, after the
 dispatch policy of batching.py says whether to hold the batch open or
 linger (:meth:`Workers.run_batched`). A call's result moves on through
-:meth:`Workers.pass_on` (or :meth:`Workers.fan_out`); every outcome is
+:meth:`Workers.pass_on` (or :meth:`Workers.fan_out`, or after the last stage
+:meth:`Ledger.finish`); every outcome is
 reported to the ledger.
 
 A failing batch is retried whole when the stage's ``Retry`` retries its
@@ -130,17 +131,15 @@ class Workers:
 
     # ------------------------------------------------------------ passing on
 
-    def pass_on(self, sr: StageRun, item: Item, out: Any, now: float) -> bool:
-        """``item`` passed ``sr`` (not a fan-out stage) with result ``out``: move it on.
+    def pass_on(self, nxt: StageRun, item: Item, out: Any, now: float) -> bool:
+        """``item`` passed its stage (not a fan-out stage, nor the last) with
+        result ``out`` at ``now``: move it on to the next stage, ``nxt``.
 
-        Returns False when the next stage's queue is full; the caller then
-        awaits ``sr.next.inq.put(item)``. (Written as a plain function so that
-        the hot path pays no coroutine when there is room.)
+        Returns False when ``nxt``'s queue is full; the caller then awaits
+        ``nxt.inq.put(item)``. (Written as a plain function so that the hot
+        path pays no coroutine when there is room.) After the last stage an
+        item goes to :meth:`Ledger.finish` instead.
         """
-        nxt = sr.next
-        if nxt is None:
-            self.ledger.finish(item, out, now)
-            return True
         item.value = out
         item.attempt = 1
         item.t_enq = now
@@ -180,11 +179,13 @@ class Workers:
                     await nxt.inq.put(child)
 
     async def _moved_on(self, sr: StageRun, item: Item, out: Any, now: float) -> None:
+        nxt = sr.next
         if sr.fan_out:
             await self.fan_out(sr, item, out, now)
-        elif not self.pass_on(sr, item, out, now):
-            assert sr.next is not None
-            await sr.next.inq.put(item)
+        elif nxt is None:
+            self.ledger.finish(item, out, now)
+        elif not self.pass_on(nxt, item, out, now):
+            await nxt.inq.put(item)
 
     # --------------------------------------------------------------- calling
 
@@ -243,8 +244,9 @@ class Workers:
         waited = m.wait.buf.append
         call = sr.call
         fan_out = sr.fan_out
-        # The last stage's items leave the engine (what pass_on does for them).
-        finish = self.ledger.finish if sr.next is None and not fan_out else None
+        nxt = sr.next
+        forward = nxt is not None and not fan_out  # else fan out, or leave the engine
+        finish = self.ledger.finish
         pass_on = self.pass_on
         ledger = self.ledger
         hooks = self.hooks
@@ -294,12 +296,13 @@ class Workers:
                     ledger.fail(sr, item, returned_coroutine(sr, out))
                     continue
                 m.done += 1
-                if finish is not None:
-                    finish(item, out, t1)
+                if forward:
+                    if not pass_on(nxt, item, out, t1):  # type: ignore[arg-type]
+                        await nxt.inq.put(item)  # type: ignore[union-attr]
                 elif fan_out:
                     await self.fan_out(sr, item, out, t1)
-                elif not pass_on(sr, item, out, t1):
-                    await sr.next.inq.put(item)  # type: ignore[union-attr]
+                else:
+                    finish(item, out, t1)
 
     # --------------------------------------------------------------- batched
 
