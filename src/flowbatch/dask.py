@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle  # type: ignore[import-untyped]  # comes with distributed
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -90,14 +91,14 @@ def _run(name: str, arg: Any) -> tuple[bool, Any]:
     if plugin is None:
         return False, WorkerCrashed(f"the stage's worker plugin {name!r} is not on this worker")
     if plugin.error is not None:
-        return False, _portable(plugin.error)
+        return False, _portable(plugin.error, cloudpickle.dumps)
     try:
         out = _no_coroutine(plugin.fn(arg), "a Dask stage runs plain functions")
         if plugin.post is not None:
             out = plugin.post(out)
     except Exception as exc:
-        return False, _portable(exc)
-    return True, _portable_items(out)
+        return False, _portable(exc, cloudpickle.dumps)
+    return True, _portable_items(out, cloudpickle.dumps)
 
 
 class DaskWorkers(Executor):

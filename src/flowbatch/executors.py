@@ -145,12 +145,16 @@ def _setup_error(stage: str, exc: BaseException) -> PipelineError:
     return err
 
 
-def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives a pickle round trip, else a ``RemoteError`` saying so."""
+def _portable(
+    exc: BaseException, dumps: Callable[[Any], bytes] = pickle.dumps
+) -> BaseException:
+    """``exc`` if it survives a round trip through ``dumps`` (the transport's
+    pickler: cloudpickle on Ray and Dask, which ship the user's script's classes
+    by value), else a ``RemoteError`` saying so."""
     tb = "".join(traceback.format_exception(exc))
     try:
         exc.add_note(f"traceback in worker process {os.getpid()}:\n{tb}")
-        pickle.loads(pickle.dumps(exc))
+        pickle.loads(dumps(exc))
     except Exception as why:
         return RemoteError(
             f"{type(exc).__qualname__}: {exc} (the exception could not be "
@@ -172,11 +176,11 @@ def _no_coroutine(out: Any, hint: str = _HIDDEN_ASYNC) -> Any:
     return out
 
 
-def _portable_items(out: Any) -> Any:
+def _portable_items(out: Any, dumps: Callable[[Any], bytes] = pickle.dumps) -> Any:
     """A batch result (a list) holding exceptions: a copy with each made :func:`_portable`;
     any other ``out`` as it is."""
     if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
-        return [_portable(x) if isinstance(x, BaseException) else x for x in out]
+        return [_portable(x, dumps) if isinstance(x, BaseException) else x for x in out]
     return out
 
 

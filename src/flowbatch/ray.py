@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray import cloudpickle
 from ray.exceptions import RayActorError
 
 from .errors import PipelineError, WorkerCrashed
@@ -184,7 +185,7 @@ class _Replica:
             if inspect.isawaitable(r):
                 await r
         except Exception as exc:
-            return False, _portable(exc)
+            return False, _portable(exc, cloudpickle.dumps)
         return True, None
 
     async def teardown(self) -> None:
@@ -208,8 +209,8 @@ class _Replica:
         try:
             out = await self._apply(arg)
         except Exception as exc:
-            return False, _portable(exc)
-        return True, _portable_items(out)
+            return False, _portable(exc, cloudpickle.dumps)
+        return True, _portable_items(out, cloudpickle.dumps)
 
     async def run_refs(self, arg: Any, n: int | None) -> tuple[Any, ...]:
         """Like ``run``, but each result is its own return value (object).
@@ -223,12 +224,12 @@ class _Replica:
         try:
             out = await self._apply(arg)
         except Exception as exc:
-            return ("error", _portable(exc)), *blank
+            return ("error", _portable(exc, cloudpickle.dumps)), *blank
         if n is None:
             return ("ok", None), out
         if not isinstance(out, list | tuple) or len(out) != n:
             return ("broken", out), *blank
-        errors = [_portable(x) if isinstance(x, BaseException) else None for x in out]
+        errors = [_portable(x, cloudpickle.dumps) if isinstance(x, BaseException) else None for x in out]
         values = tuple(None if isinstance(x, BaseException) else x for x in out)
         return ("ok", errors), *values
 

@@ -70,6 +70,32 @@ def test_a_dead_dask_worker_loses_nothing(dask_cluster: Any, tmp_path: Path) -> 
     assert stats.stages[0].failed == 0
 
 
+def test_an_exception_class_of_the_users_script_comes_back_as_itself(dask_cluster: Any) -> None:
+    """A class Dask ships by value (the script's ``__main__``, or local as
+    here): it comes back as its own type, not a RemoteError "could not be
+    pickled back"."""
+
+    class Flaky(Exception):
+        pass
+
+    def fail_three(xs: list[int]) -> list[Any]:
+        if 3 in xs:
+            raise Flaky("three")
+        return [Flaky("four") if x == 4 else x for x in xs]
+
+    stage = fb.stage(fail_three, executor=fbdask.workers(dask_cluster),
+                     batch=fb.Batch(max_size=8))
+
+    async def main() -> list[Any]:
+        async with fb.Pipeline([stage]).open() as runner:
+            return await asyncio.gather(*(runner.submit(i) for i in range(6)),
+                                        return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert out[:3] == [0, 1, 2] and out[5] == 5
+    assert type(out[3].__cause__) is Flaky and type(out[4].__cause__) is Flaky
+
+
 def test_setup_failure_fails_the_open(dask_cluster: Any) -> None:
     stage = fb.stage(st.BrokenSetup(), executor=fbdask.workers(dask_cluster))
 

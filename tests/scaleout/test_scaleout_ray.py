@@ -97,6 +97,35 @@ def test_unbatched_calls_and_the_original_exception_type(kind: str) -> None:
     assert type(out[7].error) is ValueError  # not wrapped in Ray's error type
 
 
+def test_an_exception_class_of_the_users_script_comes_back_as_itself() -> None:
+    """A class Ray ships by value (defined in the script's ``__main__``, or
+    locally as here) that plain pickle cannot name: it still comes back as
+    its own type, so ``Retry(on=...)`` and ``except`` work (it was a
+    RemoteError "could not be pickled back")."""
+
+    class Flaky(Exception):
+        pass
+
+    def fail_three(xs: list[int]) -> list[Any]:
+        if 3 in xs:
+            raise Flaky("three")
+        return [Flaky("four") if x == 4 else x for x in xs]
+
+    retry = fb.Retry(attempts=2, backoff=0.001, on=(Flaky,))
+    stage = fb.stage(fail_three, executor=on_ray(), batch=fb.Batch(max_size=8), retry=retry)
+
+    async def main() -> tuple[list[Any], fb.PipelineStats]:
+        async with fb.Pipeline([stage]).open() as runner:
+            out = await asyncio.gather(*(runner.submit(i) for i in range(6)),
+                                       return_exceptions=True)
+            return out, runner.stats()
+
+    out, stats = asyncio.run(main())
+    assert out[:3] == [0, 1, 2] and out[5] == 5
+    assert type(out[3].__cause__) is Flaky and type(out[4].__cause__) is Flaky
+    assert out[3].attempts == 2 and stats.stages[0].retried >= 2  # Retry(on=(Flaky,)) applied
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_retries_follow_the_stage_policy(kind: str, tmp_path: Path) -> None:
     retry = fb.Retry(attempts=2, backoff=0.001, on=(ConnectionError,))
