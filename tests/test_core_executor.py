@@ -122,3 +122,24 @@ def test_executor_must_be_a_name_or_an_executor() -> None:
         fb.stage(lambda x: x, executor=object())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         fb.Executor()  # type: ignore[abstract]
+
+
+def test_one_executor_instance_for_two_stages_is_refused() -> None:
+    """An instance serves one stage: a second stage's start() replaced the
+    first's function, and both stages ran the second one (wrong results)."""
+    shared = FakeExecutor()
+    with pytest.raises(fb.PipelineError, match=r"stages 'a' and 'b' share one executor instance"):
+        fb.Pipeline([
+            fb.stage(lambda x: x + 1, name="a", executor=shared),
+            fb.stage(lambda x: x * 10, name="b", executor=shared),
+        ])
+
+
+def test_an_object_with_the_methods_but_not_the_class_is_told_to_subclass() -> None:
+    class Duck:
+        async def start(self, stage: Any) -> None: ...
+        async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any: ...
+        async def stop(self) -> None: ...
+
+    with pytest.raises(fb.PipelineError, match=r"Duck does not subclass flowbatch.Executor"):
+        fb.stage(lambda x: x, executor=Duck())  # type: ignore[arg-type]

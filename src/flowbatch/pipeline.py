@@ -54,6 +54,7 @@ class Pipeline:
                     "use a function, a callable object or fb.stage(...)"
                 )
         seen: set[str] = set()
+        instances: dict[int, str] = {}  # an Executor instance serves one stage
         for s in built:
             if s.name in seen:
                 raise PipelineError(
@@ -61,6 +62,14 @@ class Pipeline:
                     "give one a name with fb.stage(fn, name=...)"
                 )
             seen.add(s.name)
+            if not isinstance(s.executor, str):
+                other = instances.setdefault(id(s.executor), s.name)
+                if other != s.name:
+                    raise PipelineError(
+                        f"pipeline {name!r}: stages {other!r} and {s.name!r} share one executor "
+                        "instance, which serves one stage; give each stage its own "
+                        "(e.g. a second fb.ray.actors(...))"
+                    )
             if s.executor == "process":
                 try:
                     pickle.dumps(s.fn)

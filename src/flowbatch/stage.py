@@ -113,6 +113,13 @@ def _make_stage(
         )
     if not isinstance(label, str) or not label:
         raise PipelineError(f"stage name must be a non-empty string, got {label!r}")
+    if not isinstance(executor, Executor) and all(
+        callable(getattr(executor, m, None)) for m in ("start", "call", "stop")
+    ):
+        raise PipelineError(
+            f"stage {label!r}: executor {type(executor).__name__} does not subclass "
+            f"flowbatch.Executor; write 'class {type(executor).__name__}(fb.Executor)'"
+        )
     if not isinstance(executor, Executor) and executor not in _EXECUTORS:
         raise PipelineError(
             f"stage {label!r}: executor must be one of {', '.join(_EXECUTORS)} "
