@@ -88,14 +88,20 @@ class Ledger:
 
     # ------------------------------------------------------------ admission
 
-    def _register(self, root: Item) -> None:
-        self._ids += 1
-        root.id = self._ids
-        if self.hooks is not None:
-            root.trace = call_hook(self.hooks.admitted, root)
-        self.submitted += 1
+    def _register(self, roots: Sequence[Item]) -> None:
+        """Number ``roots``, show them to the hooks and count them as submitted."""
+        ids = self._ids
+        for root in roots:
+            ids += 1
+            root.id = ids
+        self._ids = ids
+        hooks = self.hooks
+        if hooks is not None:
+            for root in roots:
+                root.trace = call_hook(hooks.admitted, root)
+        self.submitted += len(roots)
         if not self.t_first:
-            self.t_first = root.t0
+            self.t_first = roots[0].t0
 
     def priced(self, first: StageRun, root: Item) -> bool:
         """Compute ``root``'s cost for the first (batched) stage before it is
@@ -106,7 +112,7 @@ class Ledger:
         try:
             root.cost = float(first.cost(root.value))
         except Exception as exc:
-            self._register(root)
+            self._register((root,))
             self.resolve(root, None, ItemFailed(first.name, 1, exc))
             return False
         return True
@@ -254,23 +260,10 @@ class Ledger:
 
     def _admitted(self, roots: Sequence[Item]) -> None:
         """``roots`` were just put in the first queue: count them as inside the engine."""
-        # _register written out, once per call (a map admits its items in chunks).
         if not roots:
             return
-        ids = self._ids
-        for root in roots:
-            ids += 1
-            root.id = ids
-        self._ids = ids
-        hooks = self.hooks
-        if hooks is not None:
-            for root in roots:
-                root.trace = call_hook(hooks.admitted, root)
-        n = len(roots)
-        self.submitted += n
-        if not self.t_first:
-            self.t_first = roots[0].t0
-        self.live += n
+        self._register(roots)  # once per call: a map admits its items in chunks
+        self.live += len(roots)
         self.roots.update(roots)
 
     def arm(
@@ -324,11 +317,7 @@ class Ledger:
         if root.done:
             return
         root.done = True
-        # _leave written out: this runs once per item.
-        roots = self.roots
-        if self.limiter is not None and root in roots:
-            self.limiter.release()
-        roots.discard(root)
+        self._leave(root)
         if exc is None:
             self.completed += 1
             if now is None:

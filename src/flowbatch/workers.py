@@ -174,9 +174,8 @@ class Workers:
             if nxt is None:
                 ledger.retire()
                 ledger.deliver(child, value)
-            elif nxt.cost is None or ledger.priced_for(nxt, child):
-                if not nxt.inq.put_nowait(child):
-                    await nxt.inq.put(child)
+            elif not self.pass_on(nxt, child, value, now):
+                await nxt.inq.put(child)
 
     async def _moved_on(self, sr: StageRun, item: Item, out: Any, now: float) -> None:
         nxt = sr.next
