@@ -22,7 +22,9 @@ out-of-memory error, the cap is raised halfway to the size that failed, so
 memory freed since is used again.
 
 The device layer (:class:`DeviceLayer`) is the one place that talks to torch
-and NVML; tests pass a fake one through ``fb.Devices(layer=...)``.
+and NVML; tests pass a fake one through ``fb.Devices(layer=...)``. (Over 500
+lines on purpose: placement, the learned limits and the replica executor that
+splits on out-of-memory read and write the same per-replica state.)
 
 Usage::
 

@@ -32,7 +32,9 @@ runner, as for a local stage: each actor takes one whole call at a time.
   pipeline's process.
 
 This module imports the real ``ray`` package (absolute imports): install it
-with ``pip install 'flowbatch[ray]'``.
+with ``pip install 'flowbatch[ray]'``. (Over 500 lines on purpose: the actor
+class, the pool that places, replaces and resizes actors, and the scaling rule
+share one actor lifecycle; split apart, each would need the others' state.)
 """
 
 from __future__ import annotations
