@@ -134,3 +134,29 @@ def test_asking_more_than_the_total_to_wait_for_fails_instead_of_hanging() -> No
             await CapacityLimiter(2).acquire(3)
 
     run(main())
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_a_count_below_one_is_refused_and_leaves_the_limiter_as_it_was(n: int) -> None:
+    """acquire_nowait(-1) made borrowed -1 (every later release then failed)."""
+    lim = CapacityLimiter(4)
+    with pytest.raises(ValueError, match=f"places must be >= 1, got {n}"):
+        lim.acquire_nowait(n)
+    with pytest.raises(ValueError, match=f"places must be >= 1, got {n}"):
+        lim.release(n)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match=f"places must be >= 1, got {n}"):
+            await lim.acquire(n)
+
+    run(main())
+    stats = lim.statistics()
+    assert (stats.borrowed, stats.admitted, stats.rejected) == (0, 0, 0)
+
+
+def test_asking_more_than_the_total_now_says_it_can_never_fit() -> None:
+    """Was Overloaded 'at capacity: 0 of 2 in flight', inviting a retry that never succeeds."""
+    lim = CapacityLimiter(2)
+    with pytest.raises(ValueError, match="3 places asked of a limiter of 2"):
+        lim.acquire_nowait(3)
+    assert lim.statistics().rejected == 0

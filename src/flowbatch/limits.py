@@ -56,6 +56,12 @@ class LimiterStats:
     rejected: int
 
 
+def _bad_count(n: int, total: float) -> ValueError:
+    if n < 1:
+        return ValueError(f"places must be >= 1, got {n!r}")
+    return ValueError(f"{n} places asked of a limiter of {_fmt(total)}")
+
+
 class CapacityLimiter:
     """At most ``total`` places held at once; see the module docstring.
 
@@ -124,7 +130,10 @@ class CapacityLimiter:
         return False
 
     def acquire_nowait(self, n: int = 1) -> None:
-        """Take ``n`` places now or raise :class:`~flowbatch.Overloaded`."""
+        """Take ``n`` places now or raise :class:`~flowbatch.Overloaded`
+        (``ValueError``: ``n`` below 1 or above the total, which never fits)."""
+        if not 1 <= n <= self._total:
+            raise _bad_count(n, self._total)
         if not self.try_acquire(n):
             raise Overloaded(
                 f"at capacity: {self.borrowed} of {_fmt(self._total)} items in flight"
@@ -133,8 +142,8 @@ class CapacityLimiter:
 
     async def acquire(self, n: int = 1) -> None:
         """Take ``n`` places, waiting in line for them (cancellation-safe)."""
-        if n > self._total:
-            raise ValueError(f"{n} places asked of a limiter of {_fmt(self._total)}")
+        if not 1 <= n <= self._total:
+            raise _bad_count(n, self._total)
         if not self._waiters and self.borrowed + n <= self._total:
             self.borrowed += n
             self.admitted += 1
@@ -155,6 +164,8 @@ class CapacityLimiter:
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` places."""
+        if n < 1:
+            raise _bad_count(n, self._total)
         if n > self.borrowed:
             raise RuntimeError(f"released {n} places but only {self.borrowed} are held")
         self.borrowed -= n
