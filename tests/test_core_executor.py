@@ -105,6 +105,26 @@ def test_restarts_reported_by_an_executor_appear_in_stats() -> None:
     asyncio.run(main())
 
 
+def test_the_runner_tells_each_executor_which_executor_follows_it() -> None:
+    """At open, before start(): the next stage's executor, None for the last."""
+
+    class Linked(FakeExecutor):
+        def followed_by(self, executor: fb.Executor | None) -> None:
+            self.log.append(("followed_by", executor))
+
+    first, last = Linked(), Linked()
+    pipe = fb.Pipeline([
+        fb.stage(lambda x: x + 1, name="a", executor=first),
+        fb.stage(lambda x: x * 2, name="b"),  # a local thread stage
+        fb.stage(lambda x: -x, name="c", executor=last),
+    ])
+    assert pipe.run([1, 2], progress=False) == [-4, -6]
+    kind, nxt = first.log[0]
+    assert kind == "followed_by" and isinstance(nxt, fb.Executor) and nxt is not last
+    assert first.log[1][0] == "start"
+    assert last.log[:2] == [("followed_by", None), ("start", "c", 1)]
+
+
 def test_an_async_function_can_run_on_a_custom_executor() -> None:
     class OnTheLoop(FakeExecutor):
         async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:

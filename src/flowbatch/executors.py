@@ -92,6 +92,10 @@ class Executor(ABC):
     - ``await stop()`` once, after the last call: run ``teardown()`` (when
       the function has one) in each worker and release them.
 
+    Before ``start`` the runner also calls ``followed_by(next_executor)``
+    (optional; a no-op unless overridden): the executor of the next stage,
+    or None for the last stage.
+
     ``restarts`` counts workers replaced after they died, ``pending`` the
     workers asked for but not running yet (a cluster that cannot place them);
     ``stats()`` shows both per stage. An instance serves one running stage
@@ -121,6 +125,13 @@ class Executor(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Run ``teardown()`` in each worker and release them."""
+
+    def followed_by(self, executor: Executor | None) -> None:  # noqa: B027 (optional hook)
+        """At open, before ``start``: the executor of the stage that takes this
+        stage's results, or None when this stage is the last (its results go to
+        the caller). A no-op here; an executor may use it to hand its results on
+        in a form only that executor reads (``fb.ray.actors`` keeps values in
+        Ray's object store when the next stage is on Ray too)."""
 
 
 def materialize(result: Any) -> list[Any]:

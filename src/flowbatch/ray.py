@@ -26,10 +26,18 @@ runner, as for a local stage: each actor takes one whole call at a time.
   as the stage's ``Retry`` says) and is replaced. An actor the cluster cannot
   place yet is counted in ``stats()`` (``pending``) and logged, not waited
   for in silence.
-- ``pass_refs=True``: results stay in Ray's object store and the runner
-  carries ``ray.ObjectRef`` values; a following ``fb.ray.actors`` stage
-  resolves them inside its actor, so large values never pass through the
-  pipeline's process.
+- Values between two consecutive Ray stages stay in Ray's object store: when
+  the next stage also runs on ``fb.ray.actors``, this stage's results are left
+  there and the runner carries ``ray.ObjectRef`` values, which the next
+  stage's actor resolves itself, so large values never pass through the
+  pipeline's process. Results for the last stage's caller, or for a local
+  stage, come back as values. (The runner tells each executor which one
+  follows it: :meth:`~flowbatch.Executor.followed_by`.) A ``fan_out`` stage
+  always sends values (the runner must see its children). ``pass_refs``
+  overrides the choice: ``True`` hands references to whatever follows (a
+  local stage or the caller then gets ``ObjectRef`` values to ``ray.get``),
+  ``False`` always brings values back; ``None`` (the default) is the
+  automatic rule.
 
 This module imports the real ``ray`` package (absolute imports): install it
 with ``pip install 'flowbatch[ray]'``. (Over 500 lines on purpose: the actor
@@ -301,7 +309,7 @@ class RayActors(Executor):
         runtime_env: Mapping[str, Any] | None = None,
         min_replicas: int = 1,
         max_replicas: int | None = None,
-        pass_refs: bool = False,
+        pass_refs: bool | None = None,
         scaling: Scaling | None = None,
         pending_after: float = DEFAULT_PENDING_AFTER,
     ) -> None:
@@ -325,7 +333,11 @@ class RayActors(Executor):
         self.runtime_env = dict(runtime_env) if runtime_env is not None else None
         self.min_replicas = min_replicas
         self.max_replicas = max_replicas
+        if pass_refs is not None and not isinstance(pass_refs, bool):
+            raise ValueError(f"pass_refs must be True, False or None, got {pass_refs!r}")
         self.pass_refs = pass_refs
+        # Set by the runner at open (followed_by): the next stage runs on Ray too.
+        self._next_on_ray = False
         self.scaling = scaling if scaling is not None else Scaling()
         self.pending_after = pending_after
         self.stage = "?"
@@ -338,6 +350,7 @@ class RayActors(Executor):
         self.restarts = 0
         self.pending = 0
         self._batched = False
+        self._refs = False  # this run's results stay in the object store
         self._target = 0
         self._hi = 0
         self._handles: list[_Handle] = []
@@ -379,10 +392,20 @@ class RayActors(Executor):
 
     # ---------------------------------------------------------- lifetime
 
+    def followed_by(self, executor: Executor | None) -> None:
+        """The runner's hook at open: results stay in the object store (as
+        ``ObjectRef`` values the runner carries) when the next stage is on Ray
+        actors too, unless ``pass_refs`` says otherwise."""
+        self._next_on_ray = isinstance(executor, RayActors)
+
     async def start(self, stage: Stage) -> None:
         self._reset()
         self.stage = stage.name
         self._batched = stage.batch is not None
+        if self.pass_refs is None:
+            self._refs = self._next_on_ray and not stage.fan_out
+        else:
+            self._refs = self.pass_refs
         if self.pass_refs and stage.fan_out:
             raise PipelineError(
                 f"stage {stage.name!r}: pass_refs=True does not apply to a fan_out stage "
@@ -662,7 +685,7 @@ class RayActors(Executor):
     async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
         h = await self._take()
         try:
-            coro = self._call_refs(h, arg) if self.pass_refs else self._call(h, arg)
+            coro = self._call_refs(h, arg) if self._refs else self._call(h, arg)
             if timeout is None:
                 return await coro
             try:
@@ -722,7 +745,7 @@ def actors(
     runtime_env: Mapping[str, Any] | None = None,
     min_replicas: int = 1,
     max_replicas: int | None = None,
-    pass_refs: bool = False,
+    pass_refs: bool | None = None,
     scaling: Scaling | None = None,
     pending_after: float = DEFAULT_PENDING_AFTER,
 ) -> RayActors:
@@ -732,9 +755,12 @@ def actors(
     actor's Ray options. The pool has ``concurrency`` actors (the stage's
     option: one call in flight per actor); with ``max_replicas`` it starts at
     ``min_replicas`` and follows the load up to ``max_replicas`` (which must
-    not exceed ``concurrency``; see :class:`Scaling`). ``pass_refs=True``
-    keeps results in the object store (the runner carries ``ObjectRef``
-    values; the next Ray stage resolves them in its actor). An actor not
+    not exceed ``concurrency``; see :class:`Scaling`). When the next stage
+    also runs on Ray actors, results stay in the object store (the runner
+    carries ``ObjectRef`` values; that stage resolves them in its actor);
+    otherwise they come back as values. ``pass_refs=True`` keeps them in the
+    store whatever follows (a local stage or the caller gets references),
+    ``pass_refs=False`` never does; ``None`` is that automatic rule. An actor not
     placed within ``pending_after`` seconds is logged and counted as pending.
 
     Usage::

@@ -412,6 +412,57 @@ def test_values_between_ray_stages_travel_as_references(tmp_path: Path) -> None:
     assert readers and os.getpid() not in readers
 
 
+def big_then_total(log: str, first: Any, second: Any, n: int) -> list[Any]:
+    pipe = fb.Pipeline([
+        fb.stage(st.MakeBig(log), executor=first, batch=fb.Batch(max_size=4)),
+        fb.stage(st.total, executor=second, batch=fb.Batch(max_size=4)),
+    ])
+
+    async def main() -> list[Any]:
+        async with pipe.open() as runner:
+            return [x async for x in runner.map(range(n), return_exceptions=True)]
+
+    return asyncio.run(main())
+
+
+def unpicklers(log: str) -> set[int]:
+    return {int(line) for line in Path(log).read_text().split()}
+
+
+def test_consecutive_ray_stages_pass_references_without_being_asked(tmp_path: Path) -> None:
+    """No pass_refs option: the runner tells the first Ray stage that a Ray
+    stage follows, so the 4 MB values stay in the object store and the
+    pipeline's process never unpickles one."""
+    log = str(tmp_path / "unpickled")
+    Path(log).touch()
+    out = big_then_total(log, on_ray(), on_ray(), 24)
+    assert out == [float(i) * (1 << 19) for i in range(24)]
+    readers = unpicklers(log)
+    assert readers and os.getpid() not in readers
+
+
+def test_pass_refs_false_brings_values_back_between_ray_stages(tmp_path: Path) -> None:
+    log = str(tmp_path / "unpickled")
+    Path(log).touch()
+    out = big_then_total(log, on_ray(pass_refs=False), on_ray(), 8)
+    assert out == [float(i) * (1 << 19) for i in range(8)]
+    assert os.getpid() in unpicklers(log)
+
+
+def test_a_ray_stage_before_a_local_stage_hands_it_values(tmp_path: Path) -> None:
+    """Results going to a local stage (and the last stage's, to the caller)
+    are values, not references."""
+    log = str(tmp_path / "unpickled")
+    Path(log).touch()
+    out = big_then_total(log, on_ray(), "thread", 8)
+    assert out == [float(i) * (1 << 19) for i in range(8)]  # total() read each array
+    assert os.getpid() in unpicklers(log)
+
+    pipe = fb.Pipeline([fb.stage(st.MakeBig(log), executor=on_ray(), batch=fb.Batch(max_size=4))])
+    last = pipe.run(range(3), progress=False)
+    assert [float(b.arr[0]) for b in last] == [0.0, 1.0, 2.0]
+
+
 def test_a_pass_refs_stage_hands_the_caller_a_reference() -> None:
     stage = fb.stage(st.double_or_fail, executor=on_ray(pass_refs=True),
                      batch=fb.Batch(max_size=4))
