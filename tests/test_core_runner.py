@@ -578,3 +578,28 @@ def test_a_map_stopped_early_drops_the_items_a_worker_already_holds() -> None:
     assert gate.calls == [0]
     assert stats.cancelled == 10
     assert stats.in_flight == 0
+
+
+def test_leaving_does_not_wait_forever_for_a_call_whose_caller_has_gone() -> None:
+    # A call that can never end (here an event nobody sets; on Ray, an actor
+    # the cluster cannot place) for an item whose caller already has its
+    # answer: the drain cancels it instead of hanging.
+    cancelled: list[bool] = []
+
+    async def stuck(x: int) -> int:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return x
+
+    async def main() -> fb.PipelineStats:
+        async with fb.Pipeline([fb.stage(stuck)], name="stuck").open() as runner:
+            with pytest.raises(fb.DeadlineExceeded):
+                await runner.submit(1, timeout=0.05)
+        return runner.stats()
+
+    stats = asyncio.run(asyncio.wait_for(main(), 30))  # was: a hang on leaving
+    assert cancelled == [True]
+    assert (stats.expired, stats.completed) == (1, 0)

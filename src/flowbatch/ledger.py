@@ -73,6 +73,7 @@ class Ledger:
         self.latency = Histogram()
         self._ids = 0
         self._settled: asyncio.Future[None] | None = None
+        self._answered: asyncio.Future[None] | None = None
 
     def bind(
         self,
@@ -339,6 +340,8 @@ class Ledger:
         if self.limiter is not None and root in self.roots:
             self.limiter.release()
         self.roots.discard(root)
+        if self._answered is not None and not self.roots:
+            self.check_answered()
 
     def deliver(self, item: Item, value: Any) -> None:
         """``item`` has its final value: hand it to its parent or caller."""
@@ -479,6 +482,21 @@ class Ledger:
         """Resolve :meth:`wait_settled`'s future if nothing is left."""
         fut = self._settled
         if fut is not None and not self.live and not self.admitting and not fut.done():
+            fut.set_result(None)
+        self.check_answered()
+
+    def wait_answered(self) -> asyncio.Future[None]:
+        """A future done once every admitted item's caller has its answer and
+        nobody waits for room (pieces of answered items may still be in calls)."""
+        if self._answered is None:
+            assert self.loop is not None
+            self._answered = self.loop.create_future()
+        self.check_answered()
+        return self._answered
+
+    def check_answered(self) -> None:
+        fut = self._answered
+        if fut is not None and not self.roots and not self.admitting and not fut.done():
             fut.set_result(None)
 
     def cancel_timers(self) -> None:

@@ -63,6 +63,9 @@ DEFAULT_QUEUE_SIZE = 1024
 FEED_CHUNK = 32
 # Seconds between folds of timing samples into histograms.
 FOLD_INTERVAL = 0.25
+# Seconds a drain waits, once every caller is answered, for calls that still
+# hold pieces of answered (cancelled or expired) items, before cancelling them.
+ABANDONED_GRACE = 1.0
 
 
 class Runner:
@@ -112,6 +115,7 @@ class Runner:
         self._workers: Workers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self._worker_tasks: list[asyncio.Task[None]] = []
         self._folder: asyncio.Task[None] | None = None
         self._state = "new"  # new -> open -> closing -> closed
         self._aborted: BaseException | None = None
@@ -156,7 +160,7 @@ class Runner:
         await self._tg.__aenter__()
         for sr in self._stages:
             for slot in range(sr.spec.concurrency):
-                self._tg.create_task(self._guard(workers.run(sr, slot)))
+                self._worker_tasks.append(self._tg.create_task(self._guard(workers.run(sr, slot))))
         self._folder = self._tg.create_task(self._fold_periodically())
         self._t_open = self._clock()
         self._state = "open"
@@ -195,15 +199,36 @@ class Runner:
         self._state = "closing"
         if self._workers is not None:
             self._workers.flush(self._stages)  # batches held open go now
-        self._drained = self._ledger.wait_settled()
+        self._drained = drained = self._ledger.wait_settled()
+        answered = self._ledger.wait_answered()
         await self._stop_feeders()
         self._ledger.check_settled()
         try:
-            await asyncio.shield(self._drained)
+            await asyncio.wait((drained, answered), return_when=asyncio.FIRST_COMPLETED)
+            if not drained.done():
+                # Every caller has its answer, but calls still hold pieces of
+                # answered (cancelled or expired) items: give them a moment,
+                # then stop waiting for work nobody will read (an async call
+                # may never end, e.g. one waiting for a Ray actor that the
+                # cluster cannot place).
+                await asyncio.wait((drained,), timeout=ABANDONED_GRACE)
+                if not drained.done():
+                    self._cancel_abandoned_calls()
         except asyncio.CancelledError as exc:
             await self._shutdown(exc)
             raise
         await self._shutdown(None)
+
+    def _cancel_abandoned_calls(self) -> None:
+        busy = [t for t in self._worker_tasks if not t.done()]
+        log.info(
+            "pipeline %r: every caller is answered; cancelling %d worker(s) still in calls "
+            "for answered items",
+            self.name,
+            len(busy),
+        )
+        for task in busy:
+            task.cancel()
 
     async def _stop_feeders(self) -> None:
         for task in list(self._feeders):
