@@ -445,7 +445,15 @@ class RayActors(Executor):
         if self.runtime_env is not None:
             options["runtime_env"] = self.runtime_env
         self._cls = ray.remote(_Replica).options(**options)
-        self._fn_ref = ray.put(stage.fn)
+        try:
+            self._fn_ref = ray.put(stage.fn)
+        except Exception as exc:  # Ray raises TypeError with a long dump of the object
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PipelineError(
+                f"stage {stage.name!r} cannot be sent to Ray actors: {first} "
+                "(the callable must be picklable; load models and open clients, locks "
+                "or connections in setup(), which runs in each actor)"
+            ) from exc
         for _ in range(self._target):
             self._spawn()
         try:

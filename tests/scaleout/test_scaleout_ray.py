@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,25 @@ def test_a_failing_setup_fails_the_open() -> None:
             pass
 
     with pytest.raises(fb.PipelineError, match=r"setup\(\) failed: RuntimeError: no model"):
+        asyncio.run(main())
+
+
+class _HoldsALock:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, x: int) -> int:
+        return x
+
+
+def test_a_stage_that_cannot_be_pickled_fails_the_open_naming_the_stage() -> None:
+    pipe = fb.Pipeline([fb.stage(_HoldsALock(), name="locked", executor=on_ray())])
+
+    async def main() -> None:
+        async with pipe.open():
+            pass
+
+    with pytest.raises(fb.PipelineError, match=r"stage 'locked' cannot be sent to Ray actors"):
         asyncio.run(main())
 
 
