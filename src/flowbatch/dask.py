@@ -164,6 +164,33 @@ class DaskWorkers(Executor):
             self.address,
             len(errors),
         )
+        await self._check_resources()
+
+    async def _check_resources(self) -> None:
+        """Report (``pending``, a warning) when no worker has the resources asked."""
+        self.pending = 0
+        if not self.resources:
+            return
+        try:  # a fresh identity: the client's cached one may list no workers yet
+            info = await self._client.scheduler.identity(n_workers=-1)
+        except TypeError:  # older distributed: no n_workers
+            info = await self._client.scheduler.identity()
+        workers = info.get("workers", {})
+        want = self.resources
+        if not any(
+            all(info.get("resources", {}).get(k, 0) >= v for k, v in want.items())
+            for info in workers.values()
+        ):
+            self.pending = 1
+            have = sorted({k for info in workers.values() for k in info.get("resources", {})})
+            log.warning(
+                "flowbatch: stage %r asks Dask for resources %s but none of the %d workers "
+                "has them (resources seen: %s); its calls wait until such a worker joins",
+                self.stage,
+                want,
+                len(workers),
+                have or "none",
+            )
 
     async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
         client = self._client

@@ -4,6 +4,7 @@ worker, per-item errors from the runner, a dead worker loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,24 @@ def test_broker_worker_with_its_stage_on_dask(dask_cluster: Any) -> None:
     assert [x for *_, x in outs] == list(range(100))
     assert os.getpid() not in {pid for pid, *_ in outs}
     assert {setups for _, setups, _ in outs} == {1}
+
+
+def test_resources_no_worker_has_are_reported_as_pending_and_leaving_does_not_hang(
+    dask_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    stage = fb.stage(st.double_one, executor=fbdask.workers(dask_cluster, resources={"GPU": 1}))
+
+    async def main() -> fb.PipelineStats:
+        async with fb.Pipeline([stage]).open() as runner:
+            with pytest.raises(fb.DeadlineExceeded):
+                await runner.submit(1, timeout=0.5)
+            return runner.stats()
+
+    flog = logging.getLogger("flowbatch")
+    flog.addHandler(caplog.handler)
+    try:
+        stats = asyncio.run(asyncio.wait_for(main(), 60))  # leaving used to hang
+    finally:
+        flog.removeHandler(caplog.handler)
+    assert stats.stages[0].pending == 1
+    assert "workers has them" in caplog.text
