@@ -204,6 +204,22 @@ def test_a_result_for_an_unknown_job_says_no_such_job(service: Service, queue_na
     asyncio.run(main())
 
 
+@on_redis
+def test_many_concurrent_result_calls_on_redis_all_end_at_their_timeout(
+    service: Service, queue_name: str
+) -> None:
+    # Each waiter used to reconnect the shared connection on any error, which
+    # broke the others' calls in a storm, and a timeout turned into the client
+    # library's own error left its poll running forever.
+    async def main() -> set[str]:
+        async with Client(service.url, queue_name) as client:
+            calls = [client.result(f"unknown-{i}", timeout=1.0) for i in range(800)]
+            out = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+        return {type(x).__name__ for x in out}
+
+    assert asyncio.run(main()) == {"ResultTimeout"}
+
+
 # ---------------------------------------------------- a worker you can see
 
 

@@ -63,6 +63,7 @@ class Client:
         self.broker = broker if isinstance(broker, Broker) else make_broker(broker, queue)
         self._opened = False
         self._lock = asyncio.Lock()
+        self._connects = 0  # bumped on each reconnect: waiters share one connection
         self._submitted: OrderedDict[str, None] = OrderedDict()
 
     async def __aenter__(self) -> Client:
@@ -118,13 +119,25 @@ class Client:
     async def record(self, job_id: str) -> ResultRecord | None:
         """The stored outcome of ``job_id`` (success or failure), or None if not done."""
         broker = await self._open()
+        seen = self._connects
         try:
             data = await broker.get_result(job_id)
         except Exception:
             # A lost connection (a broker restart): one fresh connection, then give up.
-            await broker.reconnect()
+            await self._reconnect(seen)
             data = await broker.get_result(job_id)
         return None if data is None else decode_record(data)
+
+    async def _reconnect(self, seen: int) -> None:
+        """Reconnect once for all the calls that saw the connection ``seen`` fail.
+
+        Many ``result()`` calls share one connection: each reconnecting on its
+        own would close the connection the others are using, in a storm.
+        """
+        async with self._lock:
+            if self._connects == seen:
+                await self.broker.reconnect()
+                self._connects += 1
 
     async def result(self, job_id: str, timeout: float | None = None) -> Any:
         """Wait for ``job_id``'s result and return it.
@@ -135,11 +148,12 @@ class Client:
         first.
         """
         deadline = asyncio.timeout(timeout)
+        end = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
             async with deadline:
-                rec = await self._wait_record(job_id)
-        except TimeoutError:
-            if timeout is None or not deadline.expired():
+                rec = await self._wait_record(job_id, end)
+        except TimeoutError as exc:
+            if timeout is None or not (deadline.expired() or isinstance(exc, _PastDeadline)):
                 raise  # a broker call's own timeout
             raise ResultTimeout(
                 job_id, self.broker.queue, timeout, submitted=job_id in self._submitted
@@ -148,9 +162,15 @@ class Client:
             raise JobFailed(job_id, rec.error or "", rec.attempts, rec.first_seen)
         return rec.value
 
-    async def _wait_record(self, job_id: str) -> ResultRecord:
+    async def _wait_record(self, job_id: str, end: float | None) -> ResultRecord:
         polls = failures = 0
+        loop = asyncio.get_running_loop()
         while True:
+            # The deadline is checked here too, not only by asyncio.timeout: a
+            # client library that turns the timeout's cancellation into its own
+            # error (caught below) would otherwise leave this loop polling forever.
+            if end is not None and loop.time() >= end:
+                raise _PastDeadline
             try:
                 rec = await self.record(job_id)
             except BrokerRefused:
@@ -181,3 +201,7 @@ class Client:
         """Every stored result record of the queue, by job id (tools and tests)."""
         broker = await self._open()
         return {k: decode_record(v) for k, v in (await broker.results()).items()}
+
+
+class _PastDeadline(TimeoutError):
+    """``result()``'s own deadline passed between two polls."""

@@ -56,6 +56,8 @@ from .base import (
 __all__ = ["RedisBroker"]
 
 GROUP = "fb"
+# Connections one broker object opens at most (its pool blocks past this).
+MAX_CONNECTIONS = 64
 
 
 class RedisBroker(Broker):
@@ -88,7 +90,17 @@ class RedisBroker(Broker):
             return
         from .worker import worker_name
 
-        r = aioredis.from_url(self.url, socket_connect_timeout=5, health_check_interval=10)
+        # A bounded pool: a Client with thousands of result() calls waiting
+        # would otherwise hold a connection per call (commands queue for one of
+        # these instead).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=None,
+            socket_connect_timeout=5,
+            health_check_interval=10,
+        )
+        r = aioredis.Redis.from_pool(pool)
         try:
             await r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
         except (AuthenticationError, NoPermissionError) as exc:
