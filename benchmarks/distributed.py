@@ -14,7 +14,8 @@ processes share the machine's cores with the workload):
 (c) the driver's ceiling: items/s one pipeline process pushes through no-op
     Ray actors, one item per call and in batches of 64.
 (d) 4 MB per item from one Ray stage to the next: the driver's peak RSS
-    growth with ``pass_refs=True`` (object references) and without.
+    growth with ``pass_refs=True`` (object references; the default between
+    two Ray stages) and with ``pass_refs=False`` (values through the driver).
 
 Usage: .venv/bin/python benchmarks/distributed.py [--items 1024] [--rounds 2]
 """
