@@ -1,7 +1,7 @@
 """A bounded FIFO between two stages, built for handing items on in bulk.
 
 Unlike :class:`asyncio.Queue`, a consumer that finds items waiting takes
-them at once (``get_nowait()``, or a whole batch with ``take()``) without a
+them at once (a chunk with ``take_many()``, or a whole batch with ``take()``) without a
 future or a scheduler round trip; it only parks when the channel is empty. So a stage
 that wakes up once drains the whole backlog in one go (items move between
 stages in chunks when a backlog exists), while a lone item still moves at
@@ -105,21 +105,11 @@ class Channel(Generic[T]):
 
     # -- consuming ---------------------------------------------------------
 
-    def get_nowait(self) -> T | None:
-        """The oldest item, or None when the channel is empty."""
-        items = self._items
-        if not items:
-            return None
-        item = items.popleft()
-        if self._putters:
-            self._taken()
-        return item
-
     def take_many(self, limit: int) -> list[T]:
         """Remove and return up to ``limit`` of the oldest items (``[]`` when empty).
 
-        The bulk form of :meth:`get_nowait` for a consumer that works through
-        what waits one item at a time: one call (and one wake-up of waiting
+        For a consumer that works through what waits one item at a time:
+        one call (and one wake-up of waiting
         producers) per chunk instead of per item. Keep ``limit`` small: what
         a consumer holds is no longer counted in ``len()`` nor bounded by
         ``maxsize``.
