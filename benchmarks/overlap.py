@@ -15,7 +15,7 @@ benchmark sentences. Measured in the same run:
 Limit, pipeline and sequential runs are interleaved ``--rounds`` times
 (the sequential sample is split across rounds); figures are medians.
 
-Usage: .venv/bin/python benchmarks/overlap.py [--config 2x1] [--items 1024]
+Usage: .venv/bin/python benchmarks/overlap.py [--config 2x1] [--items 2048]
 """
 
 from __future__ import annotations
