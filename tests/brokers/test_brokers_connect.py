@@ -162,6 +162,7 @@ def test_a_redis_password_given_when_the_server_has_none_is_accepted(queue_name:
         broker: Any = make_broker("redis://:not-set@127.0.0.1:6379/0", queue_name)
         async with broker:
             await broker.publish([b"{}"])
+            assert len(await broker.fetch(10, 1.0)) == 1  # the connection works both ways
             await broker.delete()
 
     asyncio.run(main())
