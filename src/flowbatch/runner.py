@@ -18,10 +18,10 @@ work is done for a caller who has gone. The ledger (ledger.py) admits items
 and records every outcome.
 
 This module keeps the runner's lifetime (open, drain, stop), intake
-(``submit``, ``submit_nowait``, ``admit_many``, ``map``) and ``stats()``. It is about
-650 lines because ``map``'s feeder and collector and the whole-request
-intake share the runner's lifetime (a drain stops feeders, an abort fails
-collectors and waiting admissions); admission, outcomes and the worker loops
+(``submit``, ``submit_nowait``, ``admit_many``, ``admit_many_nowait``,
+``map``) and ``stats()``. It is about 650 lines because ``map``'s feeder
+and collector and the whole-request intake share the runner's lifetime (a
+drain stops feeders, an abort fails collectors and waiting admissions); admission, outcomes and the worker loops
 are in ledger.py and workers.py.
 """
 
