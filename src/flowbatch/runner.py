@@ -21,8 +21,8 @@ This module keeps the runner's lifetime (open, drain, stop), intake
 (``submit``, ``submit_nowait``, ``admit_many``, ``admit_many_nowait``,
 ``map``) and ``stats()``. It is about 650 lines because ``map``'s feeder
 and collector and the whole-request intake share the runner's lifetime (a
-drain stops feeders, an abort fails collectors and waiting admissions); admission, outcomes and the worker loops
-are in ledger.py and workers.py.
+drain stops feeders, an abort fails collectors and waiting admissions);
+admission, outcomes and the worker loops are in ledger.py and workers.py.
 """
 
 from __future__ import annotations
