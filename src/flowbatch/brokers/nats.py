@@ -299,16 +299,23 @@ class NATSBroker(Broker):
         self._connected()
         from .base import decode_record
 
-        watcher = await self._kv.watchall(ignore_deletes=True)
-        out: dict[str, bytes] = {}
-        try:
-            async with asyncio.timeout(60):
-                async for entry in watcher:
-                    if entry is None:
-                        break  # every current value has been seen
-                    out[decode_record(entry.value).id] = bytes(entry.value)
-        finally:
-            await watcher.stop()
+        js = self._connected()
+        for _ in range(3):
+            watcher = await self._kv.watchall(ignore_deletes=True)
+            out: dict[str, bytes] = {}
+            try:
+                async with asyncio.timeout(60):
+                    async for entry in watcher:
+                        if entry is None:
+                            break  # every current value has been seen
+                        out[decode_record(entry.value).id] = bytes(entry.value)
+            finally:
+                await watcher.stop()
+            # nats-py's watcher can report "nothing pending" before the first
+            # entry of a non-empty bucket arrives (seen on a loaded machine):
+            # an empty answer is checked against the bucket's stream.
+            if out or not (await js.stream_info(f"KV_{self.bucket}")).state.messages:
+                return out
         return out
 
     async def dead_letters(self) -> list[bytes]:
