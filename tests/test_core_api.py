@@ -11,6 +11,7 @@ import pytest
 import flowbatch as fb
 
 EXPECTED = {
+    "Adaptive",
     "Batch",
     "BatchContractError",
     "CapacityLimiter",

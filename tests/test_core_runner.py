@@ -477,7 +477,7 @@ class Model:
 
 def test_setup_runs_once_per_worker_on_its_own_replica() -> None:
     Model.instances.clear()
-    pipe = fb.Pipeline([fb.stage(Model(), concurrency=3, batch=fb.Batch(max_size=4))])
+    pipe = fb.Pipeline([fb.stage(Model(), concurrency=3, batch=fb.Batch(max_size=4), executor="thread")])
     assert pipe.run(range(100), progress=False) == list(range(100))
     assert len(Model.instances) == 3
     assert len({id(m) for m in Model.instances}) == 3
@@ -486,7 +486,7 @@ def test_setup_runs_once_per_worker_on_its_own_replica() -> None:
 
 def test_at_low_load_one_warm_thread_replica_takes_every_call() -> None:
     Model.instances.clear()
-    pipe = fb.Pipeline([fb.stage(Model(), concurrency=3, batch=fb.Batch(max_size=4))])
+    pipe = fb.Pipeline([fb.stage(Model(), concurrency=3, batch=fb.Batch(max_size=4), executor="thread")])
 
     async def main() -> None:
         async with pipe.open() as runner:

@@ -28,6 +28,7 @@ from .errors import (
     PipelineError,
     WorkerCrashed,
 )
+from .adaptive import Adaptive
 from .executors import Executor
 from .limits import CapacityLimiter, LimiterStats
 from .metrics import PipelineStats, StageStats, Summary
@@ -63,6 +64,7 @@ def __getattr__(name: str) -> object:
     return value
 
 __all__ = [
+    "Adaptive",
     "Batch",
     "BatchContractError",
     "CapacityLimiter",

@@ -122,12 +122,59 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+#: The environment variables by which math and tokenizer libraries size their
+#: thread pools, read once when each library loads.
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "RAYON_NUM_THREADS",  # Hugging Face tokenizers
+)
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int | None) -> Any:
+    """Around a spawn: the child's environment sizes its libraries' thread pools.
+
+    Set in the parent because a spawned child imports the main script (and
+    maybe torch or numpy with it) before any code of ours runs there. A
+    variable the user already set wins. Restored at once (the loop's thread
+    is the only one that spawns).
+    """
+    if threads is None:
+        yield
+        return
+    added = [v for v in THREAD_VARS if v not in os.environ]
+    for v in added:
+        os.environ[v] = str(threads)
+    try:
+        yield
+    finally:
+        for v in added:
+            os.environ.pop(v, None)
+
+
+def _size_torch(threads: int | None) -> None:
+    """torch, when the main script imported it before the environment counted,
+    gets its intra-op threads set here (a user's own ``setup()`` may set them
+    again: it runs after this)."""
+    torch = sys.modules.get("torch")
+    if threads is not None and torch is not None:
+        with contextlib.suppress(Exception):
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads)))
+
+
 def _process_main(
     requests: Connection,
     answers: Connection,
     payload: bytes,
     post: Callable[[Any], Any] | None,
     activate: Activate | None,
+    *,
+    threads: int | None = None,
 ) -> None:
     """Body of a worker process: set up once, then answer calls until told to stop.
 
@@ -138,6 +185,7 @@ def _process_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     rfd, wfd = requests.fileno(), answers.fileno()
     try:
+        _size_torch(threads)
         fn = pickle.loads(payload)
         setup = getattr(fn, "setup", None)
         if callable(setup):
@@ -259,11 +307,15 @@ class ProcessExecutor(Executor):
         stage: str,
         post: Callable[[Any], Any] | None = None,
         activate: Activate | None = None,
+        *,
+        cpu_threads: int | None = None,
     ) -> None:
         self.stage = stage
         self.workers = workers
         self.post = post
         self.activate = activate
+        #: Math-library threads per worker process (None: the libraries' own default).
+        self.cpu_threads = cpu_threads
         try:
             self._payload = pickle.dumps(fn)
         except Exception as exc:
@@ -303,11 +355,13 @@ class ProcessExecutor(Executor):
         process = self._ctx.Process(
             target=_process_main,
             args=(req_r, ans_w, self._payload, self.post, self.activate),
+            kwargs={"threads": self.cpu_threads},
             name=f"flowbatch-{self.stage}",
             daemon=True,
         )
         try:
-            process.start()
+            with _thread_env(self.cpu_threads):
+                process.start()
         finally:
             req_r.close()
             ans_w.close()

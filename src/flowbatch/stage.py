@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import pickle
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
+from .adaptive import Adaptive
 from .batching import Batch
 from .devices import Devices
 from .errors import PipelineError
@@ -64,6 +68,12 @@ class Stage:
     #: Where the replicas run (``devices=``), resolved: ``None`` for an
     #: ordinary stage, or when ``"auto"`` found no GPU.
     devices: Devices | None = None
+    #: ``concurrency=fb.Adaptive(...)``: the runner picks the limit between its
+    #: ``min`` and ``max`` (``concurrency`` is then ``max``); None: fixed.
+    adaptive: Adaptive | None = None
+    #: Math-library threads (torch, BLAS, OpenMP, tokenizers) in each worker
+    #: process; None outside process workers. See :func:`auto_shape`.
+    cpu_threads: int | None = None
 
     @property
     def executor_name(self) -> str:
@@ -78,6 +88,10 @@ class Stage:
 
     def __repr__(self) -> str:
         opts = [f"executor={self.executor!r}", f"concurrency={self.concurrency}"]
+        if self.adaptive is not None:
+            opts.append(f"adaptive={self.adaptive!r}")
+        if self.cpu_threads is not None:
+            opts.append(f"cpu_threads={self.cpu_threads}")
         if self.batch is not None:
             opts.append(f"batch={self.batch!r}")
         if self.fan_out:
@@ -95,13 +109,14 @@ def _make_stage(
     *,
     name: str | None,
     executor: str | Executor,
-    concurrency: int,
+    concurrency: int | Adaptive | None,
     batch: Batch | None,
     retry: Retry | None,
     timeout: float | None,
     fan_out: bool,
     devices: str | Sequence[str] | Devices | None = None,
     replicas_per_device: int | None = None,
+    cpu_threads: int | None = None,
 ) -> Stage:
     label = name or _callable_name(fn)
     if isinstance(fn, Stage):
@@ -125,8 +140,18 @@ def _make_stage(
             f"stage {label!r}: executor must be one of {', '.join(_EXECUTORS)} "
             f"or a flowbatch.Executor; got {executor!r}"
         )
-    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-        raise PipelineError(f"stage {label!r}: concurrency must be an int >= 1, got {concurrency!r}")
+    adaptive = concurrency if isinstance(concurrency, Adaptive) else None
+    if concurrency is not None and adaptive is None and (
+        not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1
+    ):
+        raise PipelineError(
+            f"stage {label!r}: concurrency must be an int >= 1 or a flowbatch.Adaptive, "
+            f"got {concurrency!r}"
+        )
+    if cpu_threads is not None and (
+        not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool) or cpu_threads < 1
+    ):
+        raise PipelineError(f"stage {label!r}: cpu_threads must be an int >= 1, got {cpu_threads!r}")
     if batch is not None and not isinstance(batch, Batch):
         raise PipelineError(f"stage {label!r}: batch must be a flowbatch.Batch, got {batch!r}")
     if retry is not None and not isinstance(retry, Retry):
@@ -134,19 +159,26 @@ def _make_stage(
     if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
         raise PipelineError(f"stage {label!r}: timeout must be a number > 0, got {timeout!r}")
     is_async = _is_async_callable(fn)
-    placed, concurrency = _placement(
+    given = concurrency.max if isinstance(concurrency, Adaptive) else concurrency
+    placed, workers = _placement(
         label,
         devices=devices,
         replicas_per_device=replicas_per_device,
         executor=executor,
-        concurrency=concurrency,
+        concurrency=given if given is not None else 1,
+        explicit=given is not None,
         is_async=is_async,
     )
     kind: Literal["async", "thread", "process"] | Executor
     if isinstance(executor, Executor):
         kind = executor  # sync or async, the function is the executor's business
     elif executor == "auto":
-        kind = "async" if is_async else "thread"
+        if is_async:
+            kind = "async"
+        elif placed is None and devices is None and _wants_processes(fn, batch):
+            kind = "process"
+        else:
+            kind = "thread"
     elif executor == "async":
         if not is_async:
             raise PipelineError(
@@ -161,17 +193,93 @@ def _make_stage(
                 f"executor={executor!r} is for plain functions"
             )
         kind = "thread" if executor == "thread" else "process"
+    if kind == "process":
+        replicas, threads = auto_shape(given if given is not None else None)
+        if given is None and executor == "auto":
+            workers = replicas
+        if cpu_threads is not None:
+            threads = cpu_threads
+    elif cpu_threads is not None:
+        raise PipelineError(
+            f"stage {label!r}: cpu_threads sets the math-library threads of each worker "
+            f"process; this stage runs in {kind if isinstance(kind, str) else type(kind).__name__} "
+            "workers, which share their process's threads"
+        )
+    else:
+        threads = None
     return Stage(
         fn=fn,
         name=label,
         executor=kind,
-        concurrency=concurrency,
+        concurrency=workers,
         batch=batch,
         retry=retry if retry is not None else NO_RETRY,
         timeout=float(timeout) if timeout is not None else None,
         fan_out=bool(fan_out),
         devices=placed,
+        adaptive=adaptive,
+        cpu_threads=threads,
     )
+
+
+#: The most process replicas ``executor="auto"`` starts for a model stage by
+#: itself: each holds a copy of the model, so memory, not cores, bounds it
+#: on a big machine; ask for more with ``concurrency=``.
+MAX_AUTO_REPLICAS = 4
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_shape(replicas: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """``(replicas, threads per replica)`` for a model stage in worker processes.
+
+    Small and mid-size CPU models run more items per second as several
+    single-threaded processes than as one process whose math library spreads
+    each call over every core (measured on the 2-core benchmark machine:
+    all-MiniLM-L6-v2, 2 processes x 1 thread 238-259 items/s against 214
+    for 1 x 2; benchmarks/serving.py prints both): so by default one replica
+    per core up to :data:`MAX_AUTO_REPLICAS`, and the cores shared out
+    between them. Given ``replicas``, only the threads are chosen (at least 1).
+    """
+    cores = cores if cores is not None else usable_cores()
+    if replicas is None:
+        replicas = min(cores, MAX_AUTO_REPLICAS)
+    return replicas, max(1, cores // replicas)
+
+
+def _wants_processes(fn: Any, batch: Batch | None) -> bool:
+    """Whether ``executor="auto"`` runs this plain-def stage in worker processes.
+
+    A batched stage whose object has a ``setup()`` is a model: its calls
+    hold the GIL for much of their time (tokenizers' Python, module calls
+    between kernels), so in the server's process they slow the event loop
+    and it slows them. It goes to process replicas when it can: the object
+    pickles, and the main script can be imported by a worker (it has an
+    ``if __name__ == "__main__":`` guard, or is not a script). Anything else
+    stays in threads, as before.
+    """
+    if batch is None or not callable(getattr(fn, "setup", None)):
+        return False
+    main = sys.modules.get("__main__")
+    if getattr(type(fn), "__module__", None) == "__main__" and not isinstance(
+        getattr(main, "__file__", None), str
+    ):
+        return False  # defined in a notebook or a REPL: a worker cannot import it
+    from .processes import _unguarded_script  # processes.py imports this module's deps
+
+    if _unguarded_script() is not None:
+        return False
+    try:
+        pickle.dumps(fn)
+    except Exception:
+        return False
+    return True
 
 
 def _placement(
@@ -181,6 +289,7 @@ def _placement(
     replicas_per_device: int | None,
     executor: str | Executor,
     concurrency: int,
+    explicit: bool,
     is_async: bool,
 ) -> tuple[Devices | None, int]:
     """The stage's resolved ``devices=`` (or None) and its concurrency (its replicas)."""
@@ -198,7 +307,7 @@ def _placement(
             f"stage {label!r}: devices= needs a plain def or an object with __call__ "
             "(each replica runs in a worker of its own); an async function runs on the loop"
         )
-    if concurrency != 1:
+    if explicit:
         raise PipelineError(
             f"stage {label!r}: with devices=, the workers are devices x "
             "replicas_per_device; pass replicas_per_device instead of concurrency"
@@ -233,13 +342,14 @@ def stage(
     *,
     name: str | None = None,
     executor: ExecutorKind | Executor = "auto",
-    concurrency: int = 1,
+    concurrency: int | Adaptive | None = None,
     batch: Batch | None = None,
     retry: Retry | None = None,
     timeout: float | None = None,
     fan_out: bool = False,
     devices: str | Sequence[str] | Devices | None = None,
     replicas_per_device: int | None = None,
+    cpu_threads: int | None = None,
 ) -> Stage: ...
 
 
@@ -250,13 +360,14 @@ def stage(
     *,
     name: str | None = None,
     executor: ExecutorKind | Executor = "auto",
-    concurrency: int = 1,
+    concurrency: int | Adaptive | None = None,
     batch: Batch | None = None,
     retry: Retry | None = None,
     timeout: float | None = None,
     fan_out: bool = False,
     devices: str | Sequence[str] | Devices | None = None,
     replicas_per_device: int | None = None,
+    cpu_threads: int | None = None,
 ) -> Callable[[Callable[..., Any]], Stage]: ...
 
 
@@ -266,19 +377,28 @@ def stage(
     *,
     name: str | None = None,
     executor: ExecutorKind | Executor = "auto",
-    concurrency: int = 1,
+    concurrency: int | Adaptive | None = None,
     batch: Batch | None = None,
     retry: Retry | None = None,
     timeout: float | None = None,
     fan_out: bool = False,
     devices: str | Sequence[str] | Devices | None = None,
     replicas_per_device: int | None = None,
+    cpu_threads: int | None = None,
 ) -> Stage | Callable[[Callable[..., Any]], Stage]:
     """Make a pipeline stage from a function or a callable object.
 
     - ``async def`` runs on the event loop, up to ``concurrency`` calls at once.
-    - a plain ``def`` runs in ``concurrency`` worker threads (``executor="thread"``,
-      the default) or worker processes (``executor="process"``).
+    - a plain ``def`` runs in ``concurrency`` worker threads (``executor="thread"``)
+      or worker processes (``executor="process"``). With the default
+      ``executor="auto"``, a batched stage whose object has a ``setup()`` (a
+      model) runs in process replicas, one per core up to 4 when
+      ``concurrency`` is not given, each with its share of the cores for its
+      math library (``cpu_threads``); every other plain ``def`` runs in
+      threads (``concurrency`` default 1). See :func:`auto_shape`.
+    - ``concurrency=fb.Adaptive(min, max)``: the runner picks the limit.
+    - ``cpu_threads=N``: torch/BLAS/OpenMP/tokenizer threads in each worker
+      process (default: the usable cores divided by the replicas).
     - an object with ``setup()`` has it run once per worker before the first
       call (with more than one thread worker, each gets its own ``copy.copy``
       of the object: a model replica); an optional ``teardown()`` runs in the
@@ -296,7 +416,8 @@ def stage(
       or its ``device`` attribute; a batch that runs out of device memory is
       split and the size that fits is learned (see flowbatch/devices.py).
       ``"auto"`` without a GPU runs ``replicas_per_device`` CPU workers.
-    - ``executor=``: ``"auto"`` (async def on the loop, else threads),
+    - ``executor=``: ``"auto"`` (async def on the loop, a batched model in
+      processes, else threads),
       ``"async"``, ``"thread"``, ``"process"``, or an instance of
       :class:`flowbatch.Executor` that runs the calls anywhere else.
 
@@ -312,6 +433,7 @@ def stage(
         "fan_out": fan_out,
         "devices": devices,
         "replicas_per_device": replicas_per_device,
+        "cpu_threads": cpu_threads,
     }
     if fn is None:
         return lambda f: _make_stage(f, **opts)

@@ -99,6 +99,7 @@ class StageRun:
                     spec.name,
                     post=post,
                     activate=hooks.activate if hooks is not None else None,
+                    cpu_threads=spec.cpu_threads,
                 )
         timeout = spec.timeout
         # An async function without a timeout is awaited as is: no wrapper.
