@@ -16,6 +16,7 @@ from .channel import Channel
 from .devices import device_executor
 from .envelope import Item
 from .executors import Executor, make_executor, materialize, materialize_each
+from .limits import CapacityLimiter
 from .metrics import StageMetrics
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class StageRun:
         "direct",
         "executor",
         "fan_out",
+        "gate",
         "inq",
         "limits",
         "metrics",
@@ -72,6 +74,13 @@ class StageRun:
             spec.batch.max_size if spec.batch is not None else 0,
         )
         self.next: StageRun | None = None
+        #: ``concurrency=fb.Adaptive(...)``: the stage's current limit. Each
+        #: worker slot holds one unit while it forms and runs a call; the
+        #: stage's controller sets its ``total``. None for a fixed concurrency
+        #: (its slots are the limit: nothing to take on the hot path).
+        self.gate: CapacityLimiter | None = (
+            CapacityLimiter(spec.adaptive.start) if spec.adaptive is not None else None
+        )
         self.executor: Executor
         # A device stage's learned memory caps lower its next batch (devices.py).
         self.limits: Callable[[Batch], Batch] | None = None
