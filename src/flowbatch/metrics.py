@@ -356,6 +356,9 @@ class PipelineStats:
     ``bottleneck`` names the stage whose workers are busiest (the one to
     give more workers or larger batches), or is ``None`` before any work.
     ``rejected`` counts items refused with ``Overloaded`` (never admitted).
+    ``in_flight_limit``: the in-flight limiter's total now (``max_in_flight``,
+    or where ``latency_target``'s controller has set it; None: no limiter);
+    ``latency_target``: seconds (None: none, or an auto target not yet known).
     """
 
     name: str
@@ -371,6 +374,8 @@ class PipelineStats:
     stages: tuple[StageStats, ...]
     bottleneck: str | None
     rejected: int = 0
+    in_flight_limit: float | None = None
+    latency_target: float | None = None
 
     def stage(self, name: str) -> StageStats:
         """The figures of the stage called ``name``."""

@@ -23,6 +23,7 @@ from .runner import DEFAULT_QUEUE_SIZE, Runner
 from .stage import Stage, stage
 
 if TYPE_CHECKING:
+    from .admission import LatencyTarget
     from .bulk.checkpoint import Checkpoint
 
 __all__ = ["Pipeline"]
@@ -93,6 +94,7 @@ class Pipeline:
         *,
         clock: Callable[[], float] | None = None,
         max_in_flight: int | None = None,
+        latency_target: LatencyTarget | None = None,
     ) -> Runner:
         """Start the pipeline: ``async with pipe.open() as runner``.
 
@@ -103,7 +105,12 @@ class Pipeline:
         ``hooks`` (a :class:`flowbatch.hooks.Hooks`) sees every item and
         call, for tracing. ``max_in_flight`` bounds the items inside the
         runner at once (``submit`` waits, ``submit_nowait`` raises
-        ``Overloaded`` past it). ``clock`` (for tests) replaces
+        ``Overloaded`` past it), a fixed number. ``latency_target`` (seconds,
+        or ``"auto"``: a multiple of the measured service time; not with
+        ``max_in_flight``) makes that bound adapt instead: it is resized so
+        that admitted items' p99 latency stays under the target while the
+        throughput stays at the pipeline's limit (flowbatch/admission.py;
+        ``stats().in_flight_limit``). ``clock`` (for tests) replaces
         ``time.perf_counter`` as the clock the runner measures with; see
         :class:`Runner`.
         """
@@ -114,6 +121,7 @@ class Pipeline:
             hooks=hooks,
             clock=clock,
             max_in_flight=max_in_flight,
+            latency_target=latency_target,
         )
 
     def run(

@@ -99,6 +99,18 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
     in_flight_p = GaugeMetricFamily(
         "flowbatch_pipeline_in_flight", "Items admitted and not yet answered.", labels=ps
     )
+    limit_p = GaugeMetricFamily(
+        "flowbatch_pipeline_in_flight_limit",
+        "The in-flight limit now: max_in_flight, or where a latency target's controller "
+        "set it (absent without a limiter).",
+        labels=ps,
+    )
+    target_p = GaugeMetricFamily(
+        "flowbatch_pipeline_latency_target_seconds",
+        "The p99 latency the in-flight limit keeps admitted items under (absent without "
+        "one, or while an automatic target is not yet measured).",
+        labels=ps,
+    )
     uptime = GaugeMetricFamily(
         "flowbatch_pipeline_uptime_seconds",
         "Seconds since the runner opened, on the clock that times the stages.",
@@ -177,6 +189,10 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
             outcomes.add_metric([name, outcome], n)
         rejected.add_metric([name], s.rejected)
         in_flight_p.add_metric([name], s.in_flight)
+        if s.in_flight_limit is not None and s.in_flight_limit != math.inf:
+            limit_p.add_metric([name], s.in_flight_limit)
+        if s.latency_target is not None:
+            target_p.add_metric([name], s.latency_target)
         uptime.add_metric([name], s.elapsed)
         latency.add_metric([name], _hist_buckets(s.latency), s.latency.total)
         for st in s.stages:
@@ -207,9 +223,9 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
                 waste.add_metric(lab, st.padding_waste)
             bottleneck.add_metric(lab, 1.0 if st.name == s.bottleneck else 0.0)
     yield from (
-        submitted, outcomes, rejected, in_flight_p, uptime, latency, items, retries, info, depth,
-        in_flight, workers, restarts, pending, busy, busy_ratio, wait, service, bsize, bcost, waste,
-        bottleneck,
+        submitted, outcomes, rejected, in_flight_p, limit_p, target_p, uptime, latency, items,
+        retries, info, depth, in_flight, workers, restarts, pending, busy, busy_ratio, wait,
+        service, bsize, bcost, waste, bottleneck,
     )
     yield from _device_families(stats)
 

@@ -38,6 +38,7 @@ from itertools import islice
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from .admission import Admission, AdmissionController, LatencyTarget, check_target, floor_limit
 from .channel import ChannelClosed
 from .devices import DeviceExecutor
 from .envelope import Collector, FutureSink, Item
@@ -82,6 +83,12 @@ class Runner:
     (``runner.limiter``): past it ``submit`` and ``map`` wait in line and
     ``submit_nowait`` raises ``Overloaded``; ``stats().rejected`` counts the
     refusals. ``None`` (default): only the queues bound the work.
+
+    ``latency_target`` (seconds, or ``"auto"``; not with ``max_in_flight``):
+    the same limiter, resized every ``FOLD_INTERVAL`` by an
+    :class:`~flowbatch.admission.AdmissionController` (``runner.admission``)
+    so that admitted items' p99 latency stays under the target while the
+    throughput stays at the pipeline's limit; see flowbatch/admission.py.
     """
 
     def __init__(
@@ -93,7 +100,15 @@ class Runner:
         *,
         clock: Callable[[], float] | None = None,
         max_in_flight: int | None = None,
+        latency_target: LatencyTarget | None = None,
     ) -> None:
+        target = check_target(latency_target)
+        if target is not None and max_in_flight is not None:
+            raise ValueError(
+                "give max_in_flight (a fixed limit) or latency_target (a limit that follows "
+                f"the load), not both: got max_in_flight={max_in_flight!r}, "
+                f"latency_target={latency_target!r}"
+            )
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
         self.pipeline = pipeline
@@ -108,8 +123,15 @@ class Runner:
         self._stages: list[StageRun] = []
         self._hooks = hooks
         self._ledger = Ledger(self.name, hooks, self._clock)
-        #: The in-flight limiter (``max_in_flight``), or None.
+        #: The in-flight limiter (``max_in_flight`` or ``latency_target``), or None.
         self.limiter = CapacityLimiter(max_in_flight) if max_in_flight is not None else None
+        #: What resizes the limiter for ``latency_target``, or None (a fixed limit).
+        self.admission: Admission | None = None
+        if target is not None:
+            floor = floor_limit(specs)
+            self.limiter = CapacityLimiter(floor)
+            ctl = AdmissionController(target, floor, max(floor, queue_size))
+            self.admission = Admission(ctl, self.limiter)
         self._ledger.limiter = self.limiter
         self._rejected = 0
         self._workers: Workers | None = None
@@ -140,6 +162,8 @@ class Runner:
             StageRun(s, self.queue_size, self._hooks, self._clock) for s in self.pipeline.stages
         ]
         ledger.bind(loop, self._stages[0])
+        if self.admission is not None:
+            self.admission.bind(ledger, self._stages)
         for a, b in zip(self._stages, self._stages[1:], strict=False):
             a.next = b
         for sr in self._stages:
@@ -172,6 +196,8 @@ class Runner:
         while True:
             await asyncio.sleep(FOLD_INTERVAL)
             self._fold()
+            if self.admission is not None:
+                self.admission.tick(self._clock())
 
     def _fold(self) -> None:
         for sr in self._stages:
@@ -390,9 +416,10 @@ class Runner:
         """
         self._check_open()
         limiter = self.limiter
-        if limiter is not None and len(items) > limiter.total:
+        if limiter is not None and len(items) > self._most_at_once(limiter):
             raise ValueError(
-                f"{len(items)} items can never be admitted at once: max_in_flight={limiter.total}"
+                f"{len(items)} items can never be admitted at once: "
+                + self._limit_text(limiter)
             )
         roots, futs = self._new_roots(items, timeout)
         await self._ledger.admit_all_when_room(roots, timeout)
@@ -414,6 +441,19 @@ class Runner:
             futs.append(fut)
         return roots, futs
 
+    def _most_at_once(self, limiter: CapacityLimiter) -> float:
+        """The most items one request can always be admitted with."""
+        return limiter.total if self.admission is None else self.admission.controller.floor
+
+    def _limit_text(self, limiter: CapacityLimiter) -> str:
+        if self.admission is None:
+            return f"max_in_flight={_fmt_limit(limiter.total)}"
+        ctl = self.admission.controller
+        return (
+            f"the in-flight limit is {_fmt_limit(limiter.total)}, never below {ctl.floor} "
+            f"(kept for latency_target={ctl.target:.3g}s)"
+        )
+
     def _overloaded(self, n: int) -> Overloaded:
         """The error for ``n`` items refused now: what is full, and how full."""
         limiter = self.limiter
@@ -421,7 +461,7 @@ class Runner:
         if limiter is not None and first.inq.maxsize - len(first.inq) >= n:
             return Overloaded(
                 f"pipeline {self.name!r} is full: {limiter.borrowed} items are in "
-                f"flight (max_in_flight={limiter.total}); retry later"
+                f"flight ({self._limit_text(limiter)}); retry later"
             )
         return Overloaded(
             f"pipeline {self.name!r} is full: {len(first.inq)} items are waiting at "
@@ -656,6 +696,10 @@ class Runner:
             latency=led.latency.summary(),
             stages=stages,
             bottleneck=find_bottleneck(stages),
+            in_flight_limit=self.limiter.total if self.limiter is not None else None,
+            latency_target=(
+                self.admission.controller.target or None if self.admission is not None else None
+            ),
         )
 
     @staticmethod
@@ -672,3 +716,7 @@ class Runner:
     def closed(self) -> bool:
         """True once the runner no longer accepts items."""
         return self._state != "open"
+
+
+def _fmt_limit(total: float) -> str:
+    return "unlimited" if total == math.inf else str(int(total))

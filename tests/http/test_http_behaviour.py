@@ -17,8 +17,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 import flowbatch as fb
+from flowbatch.admission import floor_limit
 from flowbatch.http import ServeConfig, create_app
-from flowbatch.http.service import MIN_IN_FLIGHT, default_in_flight
+from flowbatch.http.service import MIN_IN_FLIGHT
 from polling import until
 
 
@@ -386,7 +387,9 @@ def test_defaults_admit_a_few_items_to_an_unbatched_slow_stage_and_503_the_rest(
         assert app.service.endpoints["slow"].capacity == MIN_IN_FLIGHT == 4
 
 
-def test_default_in_flight_follows_the_stage_shapes() -> None:
+def test_the_default_limit_starts_at_the_floor_of_the_stage_shapes() -> None:
+    # No max_in_flight: a latency target derived from the service time, and
+    # a limit never below two full batches per worker of the widest stage.
     def model(xs: list[Any]) -> list[Any]:
         return xs
 
@@ -394,13 +397,112 @@ def test_default_in_flight_follows_the_stage_shapes() -> None:
         return x
 
     batched = fb.stage(model, name="model", batch=fb.Batch(max_size=64), concurrency=2)
-    # the served model shape (benchmarks/serving.py) keeps the default it had: 64
-    assert default_in_flight(fb.Pipeline([batched])) == 64
-    # a one-worker preprocessing stage does not shrink the model's batches
-    assert default_in_flight(fb.Pipeline([fb.stage(prep, name="prep"), batched])) == 64
-    # an unbatched stage: two items per worker (at least MIN_IN_FLIGHT)
-    assert default_in_flight(fb.Pipeline([fb.stage(prep, name="prep")])) == MIN_IN_FLIGHT
-    assert default_in_flight(fb.Pipeline([fb.stage(prep, name="prep", concurrency=4)])) == 8
-    # a small batch: at least two items per worker
-    small = fb.stage(model, name="m", batch=fb.Batch(max_size=3), concurrency=3)
-    assert default_in_flight(fb.Pipeline([small])) == 6
+    pipe = fb.Pipeline([fb.stage(prep, name="prep"), batched], name="p")
+    app = create_app(pipe)
+    ep = app.service.endpoints["p"]
+    assert ep.capacity == floor_limit(pipe.stages) == 256 and not ep.fixed
+    with serve_in_thread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.post("/v1/pipelines/p", json={"input": 2}).json() == {"output": 2}
+        runner = ep.runner
+        assert runner is not None and runner.admission is not None
+        assert runner.stats().in_flight_limit == 256
+        assert 'flowbatch_pipeline_in_flight_limit{pipeline="p"} 256.0' in c.get("/metrics").text
+    fixed = create_app(pipe, config=ServeConfig(max_in_flight=10)).service.endpoints["p"]
+    assert fixed.capacity == 10 and fixed.fixed
+
+
+def test_past_a_latency_target_503_carries_the_measured_drain_time() -> None:
+    # One worker, no batch: the floor of the limit is 4 items.
+    release = threading.Event()
+    release.set()
+
+    def gated(x: Any) -> Any:
+        assert release.wait(30)
+        return x
+
+    pipe = fb.Pipeline([fb.stage(gated, name="gated")], name="gated")
+    app = create_app(pipe, config=ServeConfig(latency_target=30.0, retry_after=99))
+
+    async def main(url: str) -> None:
+        ep = app.service.endpoints["gated"]
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            for i in range(40):  # the drain rate is measured from these
+                assert (await c.post("/v1/pipelines/gated", json={"input": i})).status_code == 200
+            runner = ep.runner
+            assert runner is not None and runner.admission is not None
+            ctl = runner.admission.controller
+            await until(lambda: ctl.throughput > 0, what="a measured throughput")
+            release.clear()
+            held = [asyncio.ensure_future(c.post("/v1/pipelines/gated", json={"input": i}))
+                    for i in range(4)]
+            await until(lambda: ep.limiter is not None and ep.limiter.borrowed == 4,
+                        what="four items admitted")
+            r = await c.post("/v1/pipelines/gated", json={"input": "more"})
+            assert r.status_code == 503
+            assert "capacity" in r.json()["error"]["message"]
+            # in flight / measured completions per second, rounded up: not the fixed 99
+            assert 1 <= int(r.headers["retry-after"]) < 99
+            assert runner.stats().latency_target == 30.0
+            metrics = (await c.get("/metrics")).text
+            assert 'flowbatch_pipeline_latency_target_seconds{pipeline="gated"} 30.0' in metrics
+            release.set()
+            answers = await asyncio.gather(*held)  # the admitted ones succeed
+            assert [a.json() for a in answers] == [{"output": i} for i in range(4)]
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
+
+
+def test_before_the_drain_rate_is_known_503_carries_the_configured_retry_after() -> None:
+    app = create_app(make_hold(), config=ServeConfig(latency_target=5.0, retry_after=6))
+
+    async def main(url: str) -> None:
+        ep = app.service.endpoints["hold"]
+        limits = httpx.Limits(max_connections=256)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            n = ep.capacity  # the floor: 2 x 64 workers of the hold stage
+            assert n == 128
+            held = [asyncio.ensure_future(c.post("/v1/pipelines/hold", json={"input": i}))
+                    for i in range(n)]
+            await until(lambda: HOLD.entered == 64, what="every worker holding an item")
+            await until(lambda: ep.limiter is not None and ep.limiter.borrowed == n,
+                        what="the floor's items admitted")
+            r = await c.post("/v1/pipelines/hold", json={"input": "x"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "6"
+            HOLD.release()
+            answers = await asyncio.gather(*held)
+            assert sorted(a.json()["output"] for a in answers) == list(range(n))
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
+
+
+def test_the_default_admits_a_closed_loop_the_model_keeps_up_with() -> None:
+    # 64 clients, each sending again when answered, on a batched model
+    # (max_size 64) served with default settings: none is refused.
+    def model(xs: list[Any]) -> list[Any]:
+        return [x * 2 for x in xs]
+
+    pipe = fb.Pipeline(
+        [fb.stage(model, name="embed", batch=fb.Batch(max_size=64), concurrency=2)], name="embed"
+    )
+    app = create_app(pipe)
+
+    async def client(c: httpx.AsyncClient, k: int) -> list[int]:
+        codes = []
+        for i in range(8):
+            r = await c.post("/v1/pipelines/embed", json={"input": k * 100 + i})
+            codes.append(r.status_code)
+            assert r.status_code != 200 or r.json() == {"output": 2 * (k * 100 + i)}
+        return codes
+
+    async def main(url: str) -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            codes = await asyncio.gather(*(client(c, k) for k in range(64)))
+        assert [code for cs in codes for code in cs] == [200] * 64 * 8
+        runner = app.service.endpoints["embed"].runner
+        assert runner is not None and runner.stats().rejected == 0
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))

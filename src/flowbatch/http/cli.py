@@ -43,9 +43,13 @@ def load_target(target: str) -> Any:
               help="Require 'Authorization: Bearer <key>', the key read from this variable.")
 @click.option("--max-body-size", default=DEFAULT_MAX_BODY_BYTES, show_default=True,
               type=click.IntRange(min=1), help="Largest body in bytes (413 past it).")
+@click.option("--latency-target", type=click.FloatRange(min=0, min_open=True),
+              metavar="SECONDS",
+              help="p99 latency the admission limit keeps admitted requests under (503 past "
+                   "it). [default: 4x the measured batch service time, at least 0.05]")
 @click.option("--max-in-flight", type=click.IntRange(min=1),
-              help="Items admitted at once per pipeline (503 past it). [default: the "
-                   "largest stage's need, concurrency x max(2, batch/2), at least 4]")
+              help="A fixed limit of items admitted at once per pipeline instead (503 past "
+                   "it); not with --latency-target.")
 @click.option("--max-inputs", default=DEFAULT_MAX_INPUTS, show_default=True,
               type=click.IntRange(min=1), help="Most inputs in one request.")
 @click.option("--timeout", "default_timeout", type=click.FloatRange(min=0, min_open=True),
@@ -73,9 +77,9 @@ def load_target(target: str) -> Any:
               help="Directory put first on sys.path to import TARGET.")
 def serve(  # noqa: PLR0917 - click passes each option as an argument
     target: str, host: str, port: int, api_key_env: str | None, max_body_size: int,
-    max_in_flight: int | None, max_inputs: int, default_timeout: float | None,
-    retry_after: int, jobs_db: Path | None, job_ttl: float, graceful_timeout: int,
-    shutdown_grace: float, expose_errors: bool, log_level: str, access_log: bool,
+    latency_target: float | None, max_in_flight: int | None, max_inputs: int,
+    default_timeout: float | None, retry_after: int, jobs_db: Path | None, job_ttl: float,
+    graceful_timeout: int, shutdown_grace: float, expose_errors: bool, log_level: str, access_log: bool,
     app_dir: Path,
 ) -> None:
     """Serve TARGET (module:attr, a Pipeline or a dict of them) over HTTP.
@@ -94,6 +98,8 @@ def serve(  # noqa: PLR0917 - click passes each option as an argument
                 f"environment variable {api_key_env!r} is not set or empty",
                 param_hint="--api-key-env",
             )
+    if latency_target is not None and max_in_flight is not None:
+        raise click.UsageError("give --latency-target or --max-in-flight, not both")
     sys.path.insert(0, str(app_dir.resolve()))
     pipelines = load_target(target)
 
@@ -102,7 +108,8 @@ def serve(  # noqa: PLR0917 - click passes each option as an argument
     from .stores import SQLiteJobStore
 
     config = ServeConfig(
-        api_key=api_key, max_in_flight=max_in_flight, max_body_bytes=max_body_size,
+        api_key=api_key, max_in_flight=max_in_flight, latency_target=latency_target,
+        max_body_bytes=max_body_size,
         max_inputs=max_inputs, default_timeout=default_timeout, retry_after=retry_after,
         job_ttl=job_ttl, expose_errors=expose_errors, shutdown_grace=shutdown_grace,
     )

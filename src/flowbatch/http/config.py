@@ -48,20 +48,27 @@ class ServeConfig:
 
     - ``api_key``: when set, every route but the health checks needs
       ``Authorization: Bearer <api_key>``.
-    - ``max_in_flight``: the most items of one pipeline admitted at once
-      (requests, jobs and streams together; the runner's ``max_in_flight``);
-      past it a request gets 503 with ``Retry-After`` at once, without
-      touching the model. ``None`` sizes it from the stages' shapes
-      (``flowbatch.http.service.default_in_flight``: the largest per-stage
-      ``concurrency * max(2, batch.max_size // 2)``, at least 4): enough
-      for full throughput, little enough that an admitted request waits
-      about one batch (or one call per worker), however hard the service
-      is pushed.
+    - ``latency_target``: seconds; the in-flight limit of each pipeline
+      (requests, jobs and streams together; the runner's limiter) follows
+      the load so that admitted requests' p99 latency (admission to answer)
+      stays under it while the throughput stays at the pipeline's limit
+      (``pipe.open(latency_target=...)``, flowbatch/admission.py). Past the
+      limit a request gets 503 at once, without touching the model, with
+      ``Retry-After`` the measured time to drain what is in flight. ``None``
+      (the default, when ``max_in_flight`` is not set): a target derived
+      from the measured service time (4x the pipeline's batch service
+      time, at least 50 ms). The limit never falls below two full batches
+      per worker of the widest stage (at least 4; the most inputs one
+      request may have).
+    - ``max_in_flight``: a fixed limit instead (not with ``latency_target``):
+      the most items of one pipeline admitted at once, past it a 503 with
+      ``Retry-After: retry_after``.
     - ``max_body_bytes``: larger bodies get 413 (for a stream: larger lines).
     - ``max_inputs``: the most inputs in one request (413 past it).
     - ``default_timeout``: seconds an item may take when the client sends no
       ``X-Request-Timeout`` (``None``: no limit).
-    - ``retry_after``: seconds sent in ``Retry-After`` with a 503.
+    - ``retry_after``: seconds sent in ``Retry-After`` with a 503 (with a
+      latency target: until the drain rate is measured).
     - ``job_ttl``: seconds a finished job's result is kept.
     - ``max_pending_jobs``: unfinished jobs accepted before new ones get 503.
     - ``stream_window``: items one stream keeps in flight; a client that
@@ -82,6 +89,7 @@ class ServeConfig:
 
     api_key: str | None = None
     max_in_flight: int | None = None
+    latency_target: float | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_inputs: int = DEFAULT_MAX_INPUTS
     default_timeout: float | None = None
@@ -103,6 +111,18 @@ class ServeConfig:
             not isinstance(self.max_in_flight, int) or self.max_in_flight < 1
         ):
             raise ValueError(f"max_in_flight must be an int >= 1 or None, got {self.max_in_flight!r}")
+        if self.latency_target is not None:
+            if isinstance(self.latency_target, bool) or not isinstance(
+                self.latency_target, int | float
+            ) or not 0 < self.latency_target < float("inf"):
+                raise ValueError(
+                    f"latency_target must be seconds > 0 or None, got {self.latency_target!r}"
+                )
+            if self.max_in_flight is not None:
+                raise ValueError(
+                    "give max_in_flight (a fixed limit) or latency_target (a limit that follows "
+                    "the load), not both"
+                )
         if not isinstance(self.retry_after, int) or self.retry_after < 0:
             raise ValueError(f"retry_after must be an int >= 0, got {self.retry_after!r}")
         if self.default_timeout is not None and not self.default_timeout > 0:

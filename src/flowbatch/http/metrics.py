@@ -11,6 +11,7 @@ engine's (:func:`flowbatch.prometheus.render`), so escaping is done once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -49,14 +50,16 @@ class ServiceCollector:
         )
         capacity = GaugeMetricFamily(
             "flowbatch_http_admission_capacity",
-            "The most items admitted at once (max_in_flight).",
+            "The most items admitted at once now (max_in_flight, or the limit a latency "
+            "target keeps).",
             labels=["pipeline"],
         )
         for name, ep in service.endpoints.items():
             limiter = ep.limiter
             rejected.add_metric([name], limiter.rejected if limiter is not None else 0)
             admitted.add_metric([name], limiter.borrowed if limiter is not None else 0)
-            capacity.add_metric([name], ep.capacity)
+            total = limiter.total if limiter is not None else ep.capacity
+            capacity.add_metric([name], total if total != math.inf else ep.capacity)
         yield rejected
         yield admitted
         yield capacity

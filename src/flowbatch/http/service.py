@@ -1,12 +1,15 @@
 """The service behind the routes: the served pipelines and their runners.
 
 One :class:`Service` is built by ``create_app``. Its ``lifespan`` opens every
-pipeline (running each stage's ``setup``) with ``max_in_flight``, starts the
+pipeline (running each stage's ``setup``) with its admission limit (a
+``latency_target``, by default derived from the measured service time, or a
+fixed ``max_in_flight``; see flowbatch/admission.py), starts the
 job manager, and on the way out stops taking work, finishes what was admitted
 and closes the runners. Admission is the runner's own limiter
 (``runner.limiter``): a request that holds a connection is admitted whole
 through :meth:`Service.admit` (``runner.admit_many_nowait``, 503 at once when
-there is no room); jobs and streams wait in its line (``runner.admit_many``).
+there is no room, ``Retry-After`` the measured time to drain what is in
+flight); jobs and streams wait in its line (``runner.admit_many``).
 So overload, deadlines and cancellation behave the same everywhere, and the
 engine counts every refusal (``stats().rejected``).
 """
@@ -20,6 +23,7 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from flowbatch.admission import MIN_LIMIT, LatencyTarget, floor_limit
 from flowbatch.errors import FlowbatchError, Overloaded
 from flowbatch.limits import CapacityLimiter
 from flowbatch.pipeline import Pipeline
@@ -44,63 +48,30 @@ if TYPE_CHECKING:
 
     from .jobs import JobManager, JobStore
 
-__all__ = ["MIN_IN_FLIGHT", "Endpoint", "Service", "default_in_flight", "parse_timeout"]
+__all__ = ["MIN_IN_FLIGHT", "Endpoint", "Service", "parse_timeout"]
 
 log = logging.getLogger("flowbatch.http")
 
-#: The least ``max_in_flight`` chosen automatically: a request of a few
-#: inputs can always be admitted whole (more than ``max_in_flight`` is a 413).
-MIN_IN_FLIGHT = 4
+#: The least in-flight limit chosen automatically: a request of a few inputs
+#: can always be admitted whole (more than the limit's floor is a 413).
+MIN_IN_FLIGHT = MIN_LIMIT
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def default_in_flight(pipeline: Pipeline) -> int:
-    """The ``max_in_flight`` a served pipeline gets when none is set.
-
-    Each stage needs ``concurrency * max(2, batch.max_size // 2)`` items
-    to stay busy (an unbatched stage counts a batch of 1): half a full batch
-    per worker of a batched stage, two items per worker of an unbatched one
-    (the one in the call and the next). The default is the largest of these
-    needs (at least :data:`MIN_IN_FLIGHT`, so that a request of a few inputs
-    is not refused as too large), so whichever stage is the bottleneck can be
-    kept busy, and no more, so that an admitted request finds about one batch
-    (or one call) per worker ahead of it there, whatever the stage's shape:
-
-    - one model stage, ``Batch(max_size=64)``, 2 replicas: 64 (every replica
-      still runs large batches; models on CPU and GPU alike gain little past
-      half their largest batch; measured with ``benchmarks/serving.py``, the
-      p99 under a 3x overload is 1.3x its value at concurrency 64, not 2.3x
-      as with a full batch per worker, at the same throughput);
-    - one unbatched stage of 1 worker taking 0.2 s a call: 4 (its need of 2,
-      raised to the floor), so an admitted request waits at most about 0.8 s
-      while the rest get 503 (the former floor of 64 items let one wait 13 s);
-    - a fast preprocessing stage before a batched model: the model's need,
-      so its batches stay large.
-
-    The largest need, not the sum nor the smallest: the smallest would starve
-    a batched model behind a one-worker preprocessing stage (batches of 2),
-    and the sum counts items the fast stages never hold. Where a wide stage
-    that is not the bottleneck sits before a narrow slow one (64 concurrent
-    fetches, then a one-worker model), set ``max_in_flight`` yourself.
-    """
-    need = max(
-        s.concurrency * max(2, (s.batch.max_size if s.batch else 1) // 2)
-        for s in pipeline.stages
-    )
-    return max(need, MIN_IN_FLIGHT)
-
-
 class Endpoint:
-    """One served pipeline: its runner (once open) and its ``max_in_flight``."""
+    """One served pipeline: its runner (once open) and its admission limit."""
 
-    __slots__ = ("capacity", "name", "pipeline", "runner")
+    __slots__ = ("capacity", "fixed", "name", "pipeline", "runner")
 
-    def __init__(self, name: str, pipeline: Pipeline, capacity: int) -> None:
+    def __init__(self, name: str, pipeline: Pipeline, config: ServeConfig) -> None:
         self.name = name
         self.pipeline = pipeline
-        #: the runner's ``max_in_flight`` (its limiter's total)
-        self.capacity = capacity
+        #: whether the limit is a fixed ``max_in_flight`` (else a latency target's)
+        self.fixed = config.max_in_flight is not None
+        #: the most inputs one request may have: ``max_in_flight``, or the
+        #: floor of the adaptive limit (:func:`flowbatch.admission.floor_limit`)
+        self.capacity = config.max_in_flight or floor_limit(pipeline.stages)
         self.runner: Runner | None = None
 
     @property
@@ -174,7 +145,7 @@ class Service:
         #: How server faults are logged and answered (``config.expose_errors``).
         self.faults = Faults(config.expose_errors)
         self.endpoints: dict[str, Endpoint] = {
-            name: Endpoint(name, pipe, config.max_in_flight or default_in_flight(pipe))
+            name: Endpoint(name, pipe, config)
             for name, pipe in normalize_pipelines(pipelines).items()
         }
         self.jobs: JobManager = JobManager(
@@ -219,12 +190,23 @@ class Service:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._set_stopped)  # runs last
             for ep in self.endpoints.values():
-                # The queue is never what refuses: the limiter is (max_in_flight).
+                # The queue is never what refuses: the limiter is (its total
+                # stays within the queue's size, see flowbatch/admission.py).
                 size = max(DEFAULT_QUEUE_SIZE, ep.capacity)
+                target: LatencyTarget = self.config.latency_target or "auto"
                 ep.runner = await stack.enter_async_context(
                     ep.pipeline.open(queue_size=size, max_in_flight=ep.capacity)
+                    if ep.fixed
+                    else ep.pipeline.open(queue_size=size, latency_target=target)
                 )
-                log.info("pipeline %r is open (max %d items in flight)", ep.name, ep.capacity)
+                if ep.fixed:
+                    log.info("pipeline %r is open (max %d items in flight)", ep.name, ep.capacity)
+                else:
+                    log.info(
+                        "pipeline %r is open (in-flight limit from %d, latency target %s)",
+                        ep.name, ep.capacity,
+                        "auto" if target == "auto" else f"{target}s",
+                    )
             await self.jobs.start()
             stack.push_async_callback(self.jobs.stop)
             if self.state == "starting":
@@ -293,13 +275,22 @@ class Service:
         try:
             return runner.admit_many_nowait(values, timeout)
         except Overloaded as exc:
+            limiter = runner.limiter
+            held = limiter.borrowed if limiter is not None else 0
             raise overloaded(
-                f"pipeline {ep.name!r} is at capacity ({ep.capacity} items in flight); "
-                "retry later",
-                self.config.retry_after,
+                f"pipeline {ep.name!r} is at capacity ({held} items in flight); retry later",
+                self.retry_after(runner),
             ) from exc
         except FlowbatchError as exc:
             raise from_engine(exc, self.config.retry_after) from exc
+
+    def retry_after(self, runner: Runner) -> int:
+        """Seconds a refused client is told to wait: with a latency target, the
+        measured time to drain what is in flight (rounded up, at least 1);
+        else (or before it is measured) ``config.retry_after``."""
+        adm = runner.admission
+        measured = adm.retry_after() if adm is not None else None
+        return measured if measured is not None else self.config.retry_after
 
     async def admit_waiting(
         self, ep: Endpoint, values: Sequence[Any], timeout: float | None

@@ -1,0 +1,370 @@
+"""Admission that keeps a latency target: the in-flight limit, resized as the load moves.
+
+``pipe.open(latency_target=0.5)`` (and the HTTP service by default, see
+``docs/http.md``) gives the runner's one :class:`~flowbatch.CapacityLimiter`
+a controller instead of a fixed ``max_in_flight``. Every
+:data:`~flowbatch.runner.FOLD_INTERVAL` the runner feeds it what happened
+since the last time (the admission-to-answer latency of each item answered
+with a result, how many items were answered in any way, the places held and
+the refusals); the controller answers with the next limit. Past the limit a
+request is refused at once (``Overloaded``; HTTP 503 with ``Retry-After`` =
+:meth:`AdmissionController.retry_after`, the measured time to drain what is
+in flight).
+
+The controller (why this one):
+
+- **Floor**: never below :func:`floor_limit`, two full batches per worker
+  of the widest stage (an unbatched worker: the item in the call and the
+  next): one batch running and the next one waiting, so that a worker that
+  comes free takes a full batch at once. Below that, under overload, a
+  worker that frees takes the few items that came since (it never waits for
+  a batch to fill), and the model runs part-empty batches: a limit there
+  costs throughput (measured in the simulation of
+  tests/test_core_latency_target.py: 0.63x at one batch per worker). A
+  closed loop of that many clients is always admitted. A target that no
+  limit above the floor can meet (two batches take longer than the target)
+  is missed, not enforced by starving the model.
+- **Throughput** ``X``: items answered per second, smoothed (exponential,
+  time constant :data:`THROUGHPUT_TAU`).
+- **Latency**: the p99 of the latency samples of the last ``max(WINDOW,
+  target)`` seconds (at least the last :data:`MIN_SAMPLES`), counting only
+  items admitted after the last decrease, so that one overload is not
+  punished twice for the same slow answers.
+- **Decrease** (p99 above the target): jump to Little's law,
+  ``limit = BACKOFF * min(limit, X * target)``: ``X * target`` items in
+  flight is the population whose *mean* latency is the target at the
+  measured throughput, so one step lands near the answer however far the
+  limit was; the backoff leaves room for the tail.
+- **Increase** (p99 below ``LOW * target``, and the limit in use: places
+  at least :data:`IN_USE` full or a refusal since the last update):
+  additive, :data:`INCREASE_RATE` floors per second, but at once to
+  ``LITTLE_SHARE * X * target`` when that is higher (fast start: at the
+  measured throughput that population waits half the target on average).
+  An unused limit is held: a quiet hour does not shrink it, so a burst is
+  not refused while the measurements catch up.
+- **Between** ``LOW * target`` and the target: held.
+
+This is AIMD on the observed p99 with Little's law as the jump, the shape
+of TCP congestion control and of Netflix's concurrency-limits "AIMD" limit,
+with a jump because a serving queue, unlike a network path, tells us its
+throughput directly. Throughput is never traded away: the limit only falls
+when admitted requests already wait longer than the target, i.e. when more
+in flight would only lengthen the queue, never add answers per second.
+
+The target itself: explicit, or, with ``latency_target="auto"`` (the HTTP
+default), :func:`auto_target`: ``TARGET_MULTIPLE`` times the pipeline's
+measured service time (the sum over stages of each stage's recent batch
+service time, held at its peak for a minute so that a lull of small batches
+does not shrink it), at least :data:`TARGET_FLOOR`. Four times: an item
+admitted under overload waits about one batch being served, one batch
+forming and its own, with a batch to spare for the tail.
+
+The controller is a pure object (no clock, no event loop): tests drive
+:meth:`AdmissionController.update` with a fake clock and a simulated service.
+
+Usage::
+
+    ctl = AdmissionController(target=0.5, floor=128, ceiling=4096)
+    limit = ctl.update(now, latencies=[...], answered=250, in_flight=300, refused=12)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+from .metrics import Histogram
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+    from .limits import CapacityLimiter
+    from .stage import Stage
+    from .stagerun import StageRun
+
+__all__ = [
+    "BACKOFF",
+    "MIN_LIMIT",
+    "TARGET_FLOOR",
+    "TARGET_MULTIPLE",
+    "AdmissionController",
+    "LatencyTarget",
+    "auto_target",
+    "check_target",
+    "floor_limit",
+]
+
+#: ``latency_target``: seconds, or ``"auto"`` (derived from the service time).
+LatencyTarget = float | Literal["auto"]
+
+#: The least floor: a request of a few inputs can always be admitted whole.
+MIN_LIMIT = 4
+#: The auto target is this many times the pipeline's measured service time...
+TARGET_MULTIPLE = 4.0
+#: ...and at least this many seconds.
+TARGET_FLOOR = 0.05
+#: Seconds a peak of the measured service time holds the auto target up (halves per this).
+SERVICE_PEAK_HALF_LIFE = 60.0
+#: Seconds of latency samples the p99 is taken over (at least the target).
+WINDOW = 1.0
+#: The p99 is read only from at least this many samples.
+MIN_SAMPLES = 20
+#: The quantile held under the target.
+QUANTILE = 0.99
+#: Multiplicative decrease (of the limit or of the Little's-law population).
+BACKOFF = 0.8
+#: Increase only while the p99 is below this share of the target.
+LOW = 0.8
+#: Additive increase: floors per second.
+INCREASE_RATE = 0.5
+#: On increase, jump to at least this share of ``throughput * target``.
+LITTLE_SHARE = 0.5
+#: The limit counts as in use with this share of its places held.
+IN_USE = 0.8
+#: Seconds, time constant of the smoothed throughput.
+THROUGHPUT_TAU = 1.0
+
+
+def check_target(target: object, name: str = "latency_target") -> LatencyTarget | None:
+    """``target`` checked: None, ``"auto"`` or seconds > 0 (a clear error otherwise)."""
+    if target is None or target == "auto":
+        return target
+    if isinstance(target, bool) or not isinstance(target, int | float):
+        raise TypeError(f"{name} must be seconds (a number > 0), 'auto' or None, got {target!r}")
+    if not 0 < target < math.inf:  # also rejects nan
+        raise ValueError(f"{name} must be a number of seconds > 0, got {target!r}")
+    return float(target)
+
+
+def floor_limit(stages: Iterable[Stage]) -> int:
+    """The least in-flight limit that keeps the widest stage's workers full.
+
+    ``2 * concurrency * batch.max_size`` per stage (a batch running and the
+    next one waiting, per worker; an unbatched stage counts a batch of 1),
+    the largest over the stages, at least :data:`MIN_LIMIT`:
+
+    - one model stage, ``Batch(max_size=64)``, 2 replicas: 256;
+    - one unbatched stage of 1 worker: 4 (the floor of the floor).
+    """
+    need = max(
+        (2 * s.concurrency * (s.batch.max_size if s.batch else 1) for s in stages), default=0
+    )
+    return max(need, MIN_LIMIT)
+
+
+def auto_target(service_time: float) -> float:
+    """The derived target for a pipeline whose measured service time is
+    ``service_time`` seconds: ``max(TARGET_FLOOR, TARGET_MULTIPLE * service_time)``."""
+    return max(TARGET_FLOOR, TARGET_MULTIPLE * service_time)
+
+
+class AdmissionController:
+    """The in-flight limit that keeps admitted p99 latency under a target;
+    see the module docstring for the rule.
+
+    ``target``: seconds, or ``"auto"`` (then each :meth:`update` passes the
+    measured ``service_time``; until one is known the limit stays where it
+    is). ``floor`` / ``ceiling``: the limit's range; it starts at ``floor``.
+    """
+
+    __slots__ = (
+        "_answered",
+        "_auto",
+        "_last",
+        "_refused",
+        "_samples",
+        "_service_peak",
+        "_t_decrease",
+        "ceiling",
+        "decreases",
+        "floor",
+        "increases",
+        "limit",
+        "p99",
+        "target",
+        "throughput",
+    )
+
+    def __init__(self, target: LatencyTarget, floor: int, ceiling: int) -> None:
+        checked = check_target(target)
+        if checked is None:
+            raise ValueError("an AdmissionController needs a target: seconds or 'auto'")
+        for name, value in (("floor", floor), ("ceiling", ceiling)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if ceiling < floor:
+            raise ValueError(f"ceiling ({ceiling}) must be >= floor ({floor})")
+        self._auto = checked == "auto"
+        #: the latency target in seconds (0.0 while an auto target is unknown)
+        self.target = 0.0 if checked == "auto" else float(checked)
+        self.floor = floor
+        self.ceiling = ceiling
+        #: the in-flight limit now
+        self.limit = floor
+        #: items answered per second, smoothed (0.0 until measured)
+        self.throughput = 0.0
+        #: the p99 of the current window (0.0 until there are enough samples)
+        self.p99 = 0.0
+        self.increases = 0
+        self.decreases = 0
+        self._last: float | None = None
+        self._answered = 0
+        self._refused = 0
+        # (answer time, latency) of recent answers
+        self._samples: deque[tuple[float, float]] = deque()
+        self._service_peak = 0.0
+        self._t_decrease = -math.inf
+
+    def __repr__(self) -> str:
+        return (
+            f"<AdmissionController limit={self.limit} target={self.target:.3g}s "
+            f"p99={self.p99:.3g}s throughput={self.throughput:.4g}/s>"
+        )
+
+    def update(
+        self,
+        now: float,
+        latencies: Sequence[float],
+        answered: int,
+        in_flight: int,
+        *,
+        refused: int = 0,
+        service_time: float = 0.0,
+    ) -> int:
+        """Take what happened since the last call; return the new limit.
+
+        ``now``: the clock (seconds, monotonic). ``latencies``: admission to
+        answer, in seconds, of each item answered with a result since the
+        last call. ``answered``: items answered in any way since then
+        (results, errors, deadlines, cancellations: places given back).
+        ``in_flight``: places held now. ``refused``: refusals (and callers
+        waiting in line) since then. ``service_time``: for an auto target,
+        the pipeline's measured service time in seconds (0.0: not known).
+        """
+        samples = self._samples
+        samples.extend((now, lat) for lat in latencies)
+        self._answered += answered
+        self._refused += refused
+        last = self._last
+        if last is not None and now <= last:
+            return self.limit  # no time passed: keep the counts for the next call
+        self._last = now
+        answered, self._answered = self._answered, 0
+        refused, self._refused = self._refused, 0
+        if last is None:
+            return self.limit
+        dt = now - last
+        rate = answered / dt
+        if self.throughput == 0.0:
+            self.throughput = rate
+        else:
+            self.throughput += (1.0 - math.exp(-dt / THROUGHPUT_TAU)) * (rate - self.throughput)
+        if self._auto and service_time > 0:
+            decay = 0.5 ** (dt / SERVICE_PEAK_HALF_LIFE)
+            self._service_peak = max(service_time, self._service_peak * decay)
+            self.target = auto_target(self._service_peak)
+        target = self.target
+        if target <= 0:
+            return self.limit
+        # The window: the last max(WINDOW, target) seconds, at least MIN_SAMPLES answers.
+        start = now - max(WINDOW, target)
+        while len(samples) > MIN_SAMPLES and samples[0][0] < start:
+            samples.popleft()
+        # Only answers to items admitted after the last decrease count.
+        recent = [lat for t, lat in samples if t - lat >= self._t_decrease]
+        if len(recent) < MIN_SAMPLES:
+            self.p99 = 0.0
+            return self.limit
+        recent.sort()
+        p99 = self.p99 = recent[min(len(recent) - 1, math.ceil(QUANTILE * len(recent)) - 1)]
+        limit = self.limit
+        if p99 > target:
+            little = self.throughput * target
+            limit = math.floor(BACKOFF * min(limit, little))
+            self._t_decrease = now
+            self.decreases += 1
+        elif p99 < LOW * target and (refused > 0 or in_flight >= IN_USE * limit):
+            step = max(1, round(INCREASE_RATE * self.floor * dt))
+            limit = max(limit + step, math.floor(LITTLE_SHARE * self.throughput * target))
+            self.increases += 1
+        self.limit = min(max(limit, self.floor), self.ceiling)
+        return self.limit
+
+    def retry_after(self, in_flight: int) -> int | None:
+        """Seconds until ``in_flight`` items are answered at the measured
+        throughput, rounded up, at least 1; None while no throughput is known."""
+        if self.throughput <= 0:
+            return None
+        return max(1, math.ceil(in_flight / self.throughput))
+
+
+class _TappedHistogram(Histogram):
+    """The ledger's latency histogram, also keeping its samples for the controller
+    (taken when folded, so the hot path appends to one list as before)."""
+
+    __slots__ = ("tap",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tap: list[float] = []
+
+    def fold(self) -> None:
+        if self.buf:
+            self.tap.extend(self.buf)
+        super().fold()
+
+
+class Admission:
+    """A runner's controller, fed from its ledger and stages (``runner.admission``).
+
+    :meth:`tick` is called every fold interval with the runner's clock.
+    """
+
+    __slots__ = ("_answered", "_ledger", "_rejected", "_stages", "controller", "limiter")
+
+    def __init__(self, controller: AdmissionController, limiter: CapacityLimiter) -> None:
+        self.controller = controller
+        self.limiter = limiter
+        self._ledger: Ledger | None = None
+        self._stages: Sequence[StageRun] = ()
+        self._answered = 0
+        self._rejected = 0
+
+    def bind(self, ledger: Ledger, stages: Sequence[StageRun]) -> None:
+        """Watch ``ledger`` (its latency histogram is tapped) and ``stages``."""
+        tapped = _TappedHistogram()
+        tapped.buf = ledger.latency.buf  # keep the list producers may hold
+        ledger.latency = tapped
+        self._ledger = ledger
+        self._stages = stages
+
+    def tick(self, now: float) -> None:
+        """Feed the controller what happened since the last tick; resize the limiter."""
+        ledger = self._ledger
+        if ledger is None:
+            return
+        latency = ledger.latency
+        assert isinstance(latency, _TappedHistogram)
+        latency.fold()
+        samples, latency.tap = latency.tap, []
+        answered = ledger.completed + ledger.failed + ledger.expired + ledger.cancelled
+        limiter = self.limiter
+        refused = limiter.rejected - self._rejected + limiter.waiting
+        limit = self.controller.update(
+            now,
+            samples,
+            answered - self._answered,
+            limiter.borrowed,
+            refused=refused,
+            service_time=sum(sr.service_time for sr in self._stages),
+        )
+        self._answered = answered
+        self._rejected = limiter.rejected
+        if limiter.total not in (limit, math.inf):  # inf: the runner is closing
+            limiter.total = limit
+
+    def retry_after(self) -> int | None:
+        """Seconds until what is in flight now drains (see
+        :meth:`AdmissionController.retry_after`)."""
+        return self.controller.retry_after(self.limiter.borrowed)
