@@ -97,26 +97,33 @@ def report(
     figures: dict[str, Any],
     *,
     notes: Sequence[str] = (),
+    tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = (),
 ) -> None:
-    """Print a table (rich when available) and then the figures as one JSON line."""
+    """Print a table (rich when available) and then the figures as one JSON line.
+
+    ``tables``: more ``(title, columns, rows)`` tables, printed after the first.
+    """
+    all_tables = [(title, columns, rows), *tables]
     try:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=title)
-        for c in columns:
-            table.add_column(c, justify="left" if c == columns[0] else "right")
-        for r in rows:
-            table.add_row(*(_fmt(x) for x in r))
-        console = Console(file=sys.stdout, width=max(100, Console().width))
-        console.print(table)
+        console = Console(file=sys.stdout, width=max(120, Console().width))
+        for t_title, t_columns, t_rows in all_tables:
+            table = Table(title=t_title)
+            for c in t_columns:
+                table.add_column(c, justify="left" if c == t_columns[0] else "right")
+            for r in t_rows:
+                table.add_row(*(_fmt(x) for x in r))
+            console.print(table)
         for n in notes:
             console.print(n, highlight=False, markup=False)
     except ImportError:
-        print(title)
-        print(" | ".join(columns))
-        for r in rows:
-            print(" | ".join(_fmt(x) for x in r))
+        for t_title, t_columns, t_rows in all_tables:
+            print(t_title)
+            print(" | ".join(t_columns))
+            for r in t_rows:
+                print(" | ".join(_fmt(x) for x in r))
         for n in notes:
             print(n)
     sys.stdout.flush()
@@ -272,11 +279,19 @@ class Replicas:
             t.join()
 
 
-def _replica_process(conn: Any, counter: Any, torch_threads: int) -> None:
+def _replica_process(conn: Any, counter: Any, torch_threads: int | None,
+                     factory: Callable[[], Any] | None = None) -> None:
     """Body of one :class:`ProcessReplicas` worker: a model, then jobs until None."""
-    from flowbatch.models import SentenceEmbedder
+    if factory is None:
+        from flowbatch.models import SentenceEmbedder
 
-    emb = SentenceEmbedder(torch_threads=torch_threads)
+        emb = SentenceEmbedder(torch_threads=torch_threads)
+    else:
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)  # this thread runs the model below
+        emb = factory()
     emb.setup()
     conn.send(None)
     while True:
@@ -309,9 +324,16 @@ class ProcessReplicas:
     replicas are processes (flowbatch's ``executor="process"``, LitServe's
     and mosec's workers). Batches are shared among the replicas as they come
     free, through one counter.
+
+    The model is a ``SentenceEmbedder(torch_threads=...)``, or ``factory()``
+    (picklable: a module-level class or function; the object it returns has
+    ``setup()`` and a batched ``__call__``), with ``torch.set_num_threads``
+    called first unless ``torch_threads`` is None (torch's default: all
+    cores).
     """
 
-    def __init__(self, n: int, torch_threads: int) -> None:
+    def __init__(self, n: int, torch_threads: int | None,
+                 factory: Callable[[], Any] | None = None) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -321,8 +343,8 @@ class ProcessReplicas:
         self._procs = []
         for _ in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_replica_process, args=(child, self._counter, torch_threads),
-                               daemon=True)
+            proc = ctx.Process(target=_replica_process,
+                               args=(child, self._counter, torch_threads, factory), daemon=True)
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)
