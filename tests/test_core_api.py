@@ -12,6 +12,7 @@ import flowbatch as fb
 
 EXPECTED = {
     "Adaptive",
+    "Backpressure",
     "Batch",
     "BatchContractError",
     "CapacityLimiter",

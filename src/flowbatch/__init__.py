@@ -16,9 +16,11 @@ Usage::
 """
 
 
+from .adaptive import Adaptive
 from .batching import Batch
 from .devices import Devices
 from .errors import (
+    Backpressure,
     BatchContractError,
     DeadlineExceeded,
     FlowbatchError,
@@ -28,7 +30,6 @@ from .errors import (
     PipelineError,
     WorkerCrashed,
 )
-from .adaptive import Adaptive
 from .executors import Executor
 from .limits import CapacityLimiter, LimiterStats
 from .metrics import PipelineStats, StageStats, Summary
@@ -65,6 +66,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Adaptive",
+    "Backpressure",
     "Batch",
     "BatchContractError",
     "CapacityLimiter",

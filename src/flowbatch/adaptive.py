@@ -1,4 +1,4 @@
-"""Limits that follow the load: the ``fb.Adaptive`` option.
+"""Limits that follow the load: the ``fb.Adaptive`` option and its controller.
 
 ``fb.stage(call_api, concurrency=fb.Adaptive(min=1, max=256))`` lets the
 runner choose a stage's concurrency between ``min`` and ``max`` from what it
@@ -7,13 +7,63 @@ measures, instead of a number the user guesses.
 Usage::
 
     fb.stage(call_api, concurrency=fb.Adaptive(min=1, max=256))
+
+The controller: :class:`GradientLimit`
+--------------------------------------
+
+An unbatched stage with ``concurrency=fb.Adaptive(...)`` has ``max`` worker
+slots and a resizable gate (``StageRun.gate``); the worker loop feeds each
+call's latency to the stage's :class:`GradientLimit`, which sets the gate's
+total. It follows Netflix concurrency-limits' *Gradient2* (long-term against
+short-term latency), with these choices, each a constructor argument:
+
+- **Windows.** Samples are pooled in a window that closes after
+  ``max(min_samples, limit)`` calls (one round of every slot, like TCP's
+  per-RTT update) or after ``max_window`` seconds with at least one sample.
+  ``min_samples`` = 8, ``max_window`` = 1.0 s. The window's mean latency is
+  the *short-term* latency.
+- **Long-term latency.** An exponential moving average of the windows'
+  short-term latency over ``long_window`` = 100 windows while latency rises,
+  and ``fall`` = 0.5 of the gap per window when it falls (Gradient2 falls
+  slowly, then cuts its long term by 5% per update once it is twice the short
+  term; falling fast is that rule made continuous). A standing queue is thus
+  absorbed into the long term only slowly (over ~``long_window`` windows),
+  while a service that got faster is believed within a few windows.
+- **Gradient.** ``g = clamp(tolerance * long / short, 0.5, 1.0)``,
+  ``tolerance`` = 1.0 (Gradient2's default is 1.5: it tolerates 50% more
+  latency before it backs off; 1.0 keeps the queue to the allowance below).
+  The floor 0.5 keeps one noisy window from halving the limit.
+- **Queue allowance.** ``new = limit * g + queue(limit)`` with ``queue`` =
+  ``sqrt`` by default: the limit keeps probing upward by about ``sqrt(limit)``
+  calls per window while latency stays at its long-term level, and settles
+  where that many calls wait in the service's queue.
+- **Smoothing.** ``limit += smoothing * (new - limit)``, ``smoothing`` = 0.2.
+- **Held when unused.** A window in which the most calls in flight stayed
+  below half the limit leaves the limit as it is (the stage is limited by its
+  input, not by the service: no evidence to grow or shrink on).
+- **Drops.** A window with a dropped call (a timeout, ``dropped=True``)
+  multiplies the limit by ``backoff`` = 0.5 instead of the gradient step.
+- **Backpressure.** :meth:`GradientLimit.backpressure` (a call raised
+  :class:`~flowbatch.Backpressure`: the service said it is overloaded) cuts the
+  limit by ``backoff`` at once, at most once per window, discards the open
+  window, and sets :attr:`~GradientLimit.resume_at`: the stage starts no call
+  before it.
+
+The limit is a float inside; :attr:`GradientLimit.value` (an int between
+``min`` and ``max``) is what the gate gets. The controller is a plain object:
+feed it ``sample(rtt, inflight, now=..., dropped=...)`` and read the value; it
+reads ``clock`` only when ``now`` is not given, so a test drives it on a fake
+clock without sleeping.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Adaptive"]
+__all__ = ["Adaptive", "GradientLimit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +100,212 @@ class Adaptive:
     def start(self) -> int:
         """The limit the stage starts with."""
         return self.initial if self.initial is not None else self.min
+
+
+#: Seconds a stage waits after a :class:`~flowbatch.Backpressure` that gave no
+#: ``retry_after``.
+DEFAULT_RETRY_AFTER = 0.05
+
+
+class GradientLimit:
+    """A concurrency limit driven by latency (Gradient2-style; see the module docstring).
+
+    Usage::
+
+        ctl = GradientLimit(Adaptive(min=1, max=256))
+        limit = ctl.sample(rtt=0.012, inflight=7, now=clock())  # after each call
+        limit = ctl.backpressure(retry_after=2.0, now=clock())   # on a 429/503
+    """
+
+    __slots__ = (
+        "_calm_at",
+        "_dropped",
+        "_inflight",
+        "_n",
+        "_probe_from",
+        "_probe_left",
+        "_probe_start",
+        "_rtt_sum",
+        "_t_start",
+        "backoff",
+        "backpressured",
+        "clock",
+        "fall",
+        "limit",
+        "long_rtt",
+        "long_window",
+        "max",
+        "max_window",
+        "min",
+        "min_samples",
+        "probe_every",
+        "queue",
+        "resume_at",
+        "short_rtt",
+        "smoothing",
+        "tolerance",
+        "value",
+        "windows",
+    )
+
+    def __init__(
+        self,
+        bounds: Adaptive | None = None,
+        *,
+        smoothing: float = 0.2,
+        tolerance: float = 1.0,
+        long_window: int = 100,
+        fall: float = 0.5,
+        min_samples: int = 8,
+        max_window: float = 1.0,
+        backoff: float = 0.5,
+        probe_every: int = 50,
+        queue: Callable[[float], float] = math.sqrt,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        b = bounds if bounds is not None else Adaptive()
+        checks = (
+            ("smoothing", smoothing, 0.0 < smoothing <= 1.0, "in (0, 1]"),
+            ("tolerance", tolerance, tolerance >= 1.0, ">= 1"),
+            ("long_window", long_window, long_window >= 1, ">= 1"),
+            ("fall", fall, 0.0 < fall <= 1.0, "in (0, 1]"),
+            ("min_samples", min_samples, min_samples >= 1, ">= 1"),
+            ("max_window", max_window, max_window > 0, "> 0"),
+            ("backoff", backoff, 0.0 < backoff < 1.0, "in (0, 1)"),
+            ("probe_every", probe_every, probe_every >= 2, ">= 2"),
+        )
+        for name, v, ok, want in checks:
+            if not ok:
+                raise ValueError(f"GradientLimit {name} must be {want}, got {v!r}")
+        self.min = b.min
+        self.max = b.max
+        self.smoothing = smoothing
+        self.tolerance = tolerance
+        self.long_window = long_window
+        self.fall = fall
+        self.min_samples = min_samples
+        self.max_window = max_window
+        self.backoff = backoff
+        self.probe_every = probe_every
+        self.queue = queue
+        self.clock = clock
+        #: the limit (a float; :attr:`value` is the int the gate gets)
+        self.limit = float(b.start)
+        self.value = b.start
+        #: long-term and last window's short-term latency (seconds; 0.0 before any)
+        self.long_rtt = 0.0
+        self.short_rtt = 0.0
+        #: no call may start before this time (after a Backpressure)
+        self.resume_at = -math.inf
+        #: windows closed and Backpressure signals met, for the curious
+        self.windows = 0
+        self.backpressured = 0
+        self._t_start: float | None = None
+        self._calm_at = -math.inf
+        self._probe_left = probe_every
+        self._probe_start: float | None = None  # set while probing
+        self._probe_from = 0.0
+        self._n = 0
+        self._rtt_sum = 0.0
+        self._inflight = 0
+        self._dropped = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<GradientLimit {self.value} in [{self.min}, {self.max}], "
+            f"long {self.long_rtt * 1e3:.2f} ms, short {self.short_rtt * 1e3:.2f} ms>"
+        )
+
+    def sample(
+        self, rtt: float, inflight: int, now: float | None = None, dropped: bool = False
+    ) -> int:
+        """A call took ``rtt`` seconds with ``inflight`` calls in flight (itself
+        included); ``dropped``: it timed out. Returns the limit."""
+        if now is None:
+            now = self.clock()
+        if self._probe_start is not None and now - rtt < self._probe_start:
+            return self.value  # started before the probe: queued behind the old limit
+        if self._t_start is None:
+            self._t_start = now
+        if dropped:
+            self._dropped = True
+        else:
+            self._n += 1
+            self._rtt_sum += rtt
+        self._inflight = max(self._inflight, inflight)
+        n = self._n
+        if (n >= self.min_samples and n >= self.limit) or (
+            now - self._t_start >= self.max_window and (n or self._dropped)
+        ):
+            self._close_window(now)
+        return self.value
+
+    def backpressure(self, retry_after: float | None = None, now: float | None = None) -> int:
+        """The service said it is overloaded: cut the limit at once and pause
+        new calls for ``retry_after`` seconds (``DEFAULT_RETRY_AFTER`` when
+        None). Returns the limit."""
+        if now is None:
+            now = self.clock()
+        wait = DEFAULT_RETRY_AFTER if retry_after is None else max(retry_after, 0.0)
+        self.resume_at = max(self.resume_at, now + wait)
+        self.backpressured += 1
+        # Calls started before the cut answer the same within about a call's
+        # time: one cut per episode, not one per answer.
+        if now >= self._calm_at:
+            self._set(self.limit * self.backoff)
+            self._calm_at = now + max(wait, self.long_rtt, self.short_rtt)
+        self._probe_start = None  # an overloaded service is no baseline
+        self._reset(now)
+        return self.value
+
+    # ------------------------------------------------------------ internals
+
+    def _close_window(self, now: float) -> None:
+        n = self._n
+        short = self._rtt_sum / n if n else self.short_rtt
+        inflight = self._inflight
+        dropped = self._dropped
+        probed = self._probe_start is not None
+        self.windows += 1
+        self._reset(None)
+        if probed:
+            self._probe_start = None
+            self._set(self._probe_from)
+        if dropped:
+            self._set(self.limit * self.backoff)
+            return
+        self.short_rtt = short
+        long = self.long_rtt
+        if long <= 0.0 or probed:
+            long = short  # the latency without a standing queue
+        elif short < long:
+            long += (short - long) * self.fall
+        else:
+            long += (short - long) / self.long_window
+        self.long_rtt = long
+        limit = self.limit
+        if inflight < limit / 2 or short <= 0.0:
+            return  # not using its limit: hold
+        gradient = min(1.0, max(0.5, self.tolerance * long / short))
+        target = limit * gradient + self.queue(limit)
+        self._set(limit + self.smoothing * (target - limit))
+        self._probe_left -= 1
+        if self._probe_left <= 0 and not probed:
+            # Measure the latency without the queue the allowance keeps:
+            # halve the limit for one window of calls started from now.
+            self._probe_left = self.probe_every
+            self._probe_from = self.limit
+            self._probe_start = now
+            self._set(self.limit * 0.5)
+
+    def _set(self, limit: float) -> None:
+        limit = min(float(self.max), max(float(self.min), limit))
+        self.limit = limit
+        self.value = int(limit)
+
+    def _reset(self, now: float | None) -> None:
+        self._t_start = now
+        self._n = 0
+        self._rtt_sum = 0.0
+        self._inflight = 0
+        self._dropped = False

@@ -270,6 +270,10 @@ class StageStats:
     ``pending`` the workers the executor waits for (a Ray actor the cluster
     cannot place yet); ``devices`` one :class:`DeviceStats` per replica of a
     stage placed with ``devices=`` (learned batch caps, memory, utilization).
+    ``concurrency_limit``: a stage with ``concurrency=fb.Adaptive(...)``, the
+    calls it may have in flight now (None for a fixed concurrency);
+    ``backpressured`` the calls that raised ``fb.Backpressure`` (their items
+    were queued again, not counted in ``retried``).
     """
 
     name: str
@@ -295,6 +299,8 @@ class StageStats:
     restarts: int = 0
     pending: int = 0
     devices: tuple[DeviceStats, ...] = ()
+    concurrency_limit: int | None = None
+    backpressured: int = 0
 
     def since(self, prev: StageStats, seconds: float) -> StageStats:
         """What the stage did in the ``seconds`` after ``prev`` was taken.
@@ -327,6 +333,7 @@ class StageStats:
             batch_sizes={k: v for k, v in sizes.items() if v > 0},
             batch_cost=self.batch_cost.since(prev.batch_cost),
             restarts=int(_increase(self.restarts, prev.restarts)),
+            backpressured=int(_increase(self.backpressured, prev.backpressured)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -475,6 +482,7 @@ class StageMetrics:
     """
 
     __slots__ = (
+        "backpressured",
         "batch_cost",
         "batch_max_size",
         "batch_sizes",
@@ -486,6 +494,7 @@ class StageMetrics:
         "expired",
         "failed",
         "holding",
+        "limit",
         "name",
         "padded_cost",
         "retried",
@@ -514,6 +523,9 @@ class StageMetrics:
         self.batch_sizes: dict[int, int] = {}
         self.batch_cost = Histogram(min_exp=0, max_exp=24, per_octave=1)
         self.padded_cost = 0.0
+        # fb.Adaptive: the stage's current limit (its StageRun sets it)
+        self.limit: int | None = None
+        self.backpressured = 0
 
     def served(self, slot: int, started: float, now: float) -> None:
         """Worker ``slot``'s call that began at ``started`` has returned."""
@@ -559,6 +571,8 @@ class StageMetrics:
             batch_sizes=dict(sorted(self.batch_sizes.items())),
             batch_cost=cost,
             padding_waste=1.0 - cost.total / self.padded_cost if self.padded_cost else 0.0,
+            concurrency_limit=self.limit,
+            backpressured=self.backpressured,
         )
 
 

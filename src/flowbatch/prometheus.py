@@ -228,6 +228,29 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         service, bsize, bcost, waste, bottleneck,
     )
     yield from _device_families(stats)
+    yield from _limit_families(stats)
+
+
+def _limit_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
+    """``concurrency=fb.Adaptive(...)`` on a stage that calls a service: its limit now."""
+    pss = ["pipeline", "stage"]
+    limit = GaugeMetricFamily(
+        "flowbatch_stage_concurrency_limit",
+        "Calls the stage may have in flight now, for a stage whose limit follows latency.",
+        labels=pss,
+    )
+    pushed = CounterMetricFamily(
+        "flowbatch_stage_backpressure",
+        "Calls of the stage that raised Backpressure (their items were queued again).",
+        labels=pss,
+    )
+    for name, s in stats:
+        for st in s.stages:
+            if st.concurrency_limit is not None:
+                limit.add_metric([name, st.name], st.concurrency_limit)
+            pushed.add_metric([name, st.name], st.backpressured)
+    yield limit
+    yield pushed
 
 
 def _device_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .adaptive import DEFAULT_RETRY_AFTER, GradientLimit
 from .batching import Batch, next_service_time
 from .channel import Channel
 from .devices import device_executor
@@ -21,6 +22,7 @@ from .metrics import StageMetrics
 
 if TYPE_CHECKING:
     from .hooks import Hooks
+    from .replicas import ReplicaScaler
     from .stage import Stage
 
 __all__ = ["StageRun"]
@@ -32,6 +34,7 @@ class StageRun:
     __slots__ = (
         "batch",
         "call",
+        "control",
         "cost",
         "direct",
         "executor",
@@ -43,6 +46,7 @@ class StageRun:
         "name",
         "next",
         "retry",
+        "scaler",
         "service_time",
         "spec",
     )
@@ -81,6 +85,16 @@ class StageRun:
         self.gate: CapacityLimiter | None = (
             CapacityLimiter(spec.adaptive.start) if spec.adaptive is not None else None
         )
+        #: the controller that sets ``gate.total`` from each call's latency
+        self.control: GradientLimit | None = None
+        if spec.adaptive is not None:
+            self.control = GradientLimit(
+                spec.adaptive, clock=clock if clock is not None else time.perf_counter
+            )
+            self.metrics.limit = spec.adaptive.start
+        #: What resizes the stage's replicas (replicas.py), for an adaptive stage
+        #: whose executor can resize; set by the runner when it opens.
+        self.scaler: ReplicaScaler | None = None
         self.executor: Executor
         # A device stage's learned memory caps lower its next batch (devices.py).
         self.limits: Callable[[Batch], Batch] | None = None
@@ -126,6 +140,34 @@ class StageRun:
                 return ex.call(arg, timeout)
 
             self.call = call
+
+    def adapt(self, rtt: float, now: float, dropped: bool = False) -> None:
+        """An adaptive stage's call took ``rtt`` seconds (``dropped``: it timed
+        out): feed the controller and apply its limit. The caller holds its
+        gate unit still, so ``gate.borrowed`` counts it in flight."""
+        if self.scaler is not None:
+            return  # its replicas follow the load instead (replicas.py)
+        gate, ctl = self.gate, self.control
+        assert gate is not None
+        assert ctl is not None
+        n = ctl.sample(rtt, gate.borrowed, now, dropped)
+        if n != gate.total:
+            gate.total = n
+            self.metrics.limit = n
+
+    def backpressure(self, retry_after: float | None, now: float) -> float:
+        """A call raised ``Backpressure``: count it, cut an adaptive stage's
+        limit, and return the time before which the stage starts no call."""
+        self.metrics.backpressured += 1
+        ctl = self.control
+        if ctl is None:
+            return now + (DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
+        n = ctl.backpressure(retry_after, now)
+        assert self.gate is not None
+        if n != self.gate.total:
+            self.gate.total = n
+            self.metrics.limit = n
+        return ctl.resume_at
 
     def measured(self, seconds: float) -> None:
         """A batch call took ``seconds``: update the service-time estimate."""

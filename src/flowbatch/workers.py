@@ -34,7 +34,7 @@ from .batching import (
     pick_batch,
 )
 from .envelope import Item
-from .errors import BatchContractError, DeadlineExceeded, PipelineClosed
+from .errors import Backpressure, BatchContractError, DeadlineExceeded, PipelineClosed
 from .executors import CallTimedOut, Unpicklable, materialize
 from .hooks import Hooks, call_hook
 from .ledger import Ledger
@@ -252,9 +252,20 @@ class Workers:
         clock = self.clock
         time = self.loop.time
         coroutine = CoroutineType
+        gate = sr.gate
+        ctl = sr.control
+        if gate is not None:
+            chunk = 1
         while True:
+            if gate is not None:
+                await gate.acquire()  # the stage's current limit (fb.Adaptive)
+                assert ctl is not None
+                if ctl.resume_at > (now := clock()):  # after a Backpressure
+                    await asyncio.sleep(ctl.resume_at - now)
             items = take(chunk)
             if not items:
+                if gate is not None:
+                    gate.release()
                 if not await ch.wait_nonempty():
                     return
                 continue
@@ -282,6 +293,11 @@ class Workers:
                             sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped")
                         )
                         raise
+                    if isinstance(exc, Backpressure):
+                        await self.backpressured(sr, item, exc)
+                        continue
+                    if gate is not None and isinstance(exc, TimeoutError):
+                        sr.adapt(clock() - t0, clock(), dropped=True)
                     ledger.retry_or_fail(sr, item, exc)
                     if isinstance(exc, CallTimedOut) and exc.pending is not None:
                         await asyncio.wait([exc.pending])
@@ -291,6 +307,8 @@ class Workers:
                 holding[slot] = 0
                 served(t1 - t0)
                 waited(t0 - item.t_enq)
+                if gate is not None:
+                    sr.adapt(t1 - t0, t1)
                 if type(out) is coroutine:
                     ledger.fail(sr, item, returned_coroutine(sr, out))
                     continue
@@ -302,6 +320,39 @@ class Workers:
                     await self.fan_out(sr, item, out, t1)
                 else:
                     finish(item, out, t1)
+            if gate is not None:
+                gate.release()
+
+    async def backpressured(self, sr: StageRun, item: Item, exc: Backpressure) -> None:
+        """A call for ``item`` raised ``Backpressure``: the stage (an adaptive
+        one cuts its limit) waits as told, then the item is queued again.
+
+        Not a failed attempt (``item.attempt`` stays): the service was
+        overloaded, not the item wrong. Its deadline and its caller still end it.
+        """
+        now = self.clock()
+        resume = sr.backpressure(exc.retry_after, now)
+        log.debug(
+            "stage %r: the called service pushed back (%s); item %s waits %.3fs",
+            sr.name,
+            exc,
+            item.id,
+            resume - now,
+            extra=self.ledger.log_fields(sr, item),
+        )
+        if resume > now:
+            try:
+                await asyncio.sleep(resume - now)
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    self.ledger.fail(
+                        sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped")
+                    )
+                else:
+                    sr.inq.put_force(item)
+                raise
+        item.t_enq = self.clock()
+        sr.inq.put_force(item)
 
     # --------------------------------------------------------------- batched
 
