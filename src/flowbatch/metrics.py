@@ -35,6 +35,8 @@ __all__ = [
     "StageMetrics",
     "StageStats",
     "Summary",
+    "capacity",
+    "drain_seconds",
     "find_bottleneck",
     "format_seconds",
     "quantile",
@@ -146,6 +148,35 @@ def utilization(busy_seconds: float, workers: int | float, seconds: float) -> fl
     if capacity <= 0:
         return 0.0
     return min(1.0, max(0.0, busy_seconds / capacity))
+
+
+def capacity(items: int | float, busy_seconds: float, workers: int | float) -> float | None:
+    """Items per second ``workers`` finish when all are busy, as measured.
+
+    ``items`` finished in ``busy_seconds`` of worker time is
+    ``items / busy_seconds`` per busy worker; times ``workers``. None when
+    nothing has been measured (no item finished, or no busy time): the speed
+    is unknown, not zero. The one capacity formula, behind
+    :attr:`StageStats.capacity` and :attr:`PipelineStats.capacity`.
+    """
+    if items <= 0 or busy_seconds <= 0 or workers <= 0:
+        return None
+    return items / busy_seconds * workers
+
+
+def drain_seconds(backlog: int | float, rate: float | None) -> float | None:
+    """Seconds to finish ``backlog`` items at ``rate`` items per second.
+
+    0.0 when there is no backlog (whatever the rate); None when there is one
+    and the rate is unknown. The one drain formula, behind
+    :attr:`PipelineStats.drain_seconds` and the autoscaling signals
+    (``docs/autoscaling.md``).
+    """
+    if backlog <= 0:
+        return 0.0
+    if rate is None or rate <= 0:
+        return None
+    return backlog / rate
 
 
 def _increase(cur: float, prev: float) -> float:
@@ -336,10 +367,25 @@ class StageStats:
             backpressured=int(_increase(self.backpressured, prev.backpressured)),
         )
 
+    @property
+    def capacity(self) -> float | None:
+        """Items per second the stage finishes with all its workers busy.
+
+        Items that left it (done or failed) per second of busy worker time,
+        times its workers (:func:`capacity`); None before it has finished an
+        item. Over the interval for a :meth:`since` record. A batched stage's
+        figure holds for the batch sizes it ran: under a backlog its batches
+        grow and it serves more, so a drain estimate from it errs long.
+        """
+        return capacity(self.done + self.failed, self.busy_seconds, self.workers)
+
     def to_dict(self) -> dict[str, Any]:
         """The figures as JSON-ready data, keyed by field name (``batch_sizes``
-        as ``[size, count]`` pairs, summaries as :meth:`Summary.to_dict`)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        as ``[size, count]`` pairs, summaries as :meth:`Summary.to_dict`),
+        and the derived ``capacity``."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["capacity"] = self.capacity
+        return out
 
     def __str__(self) -> str:
         batch = "-"
@@ -391,6 +437,46 @@ class PipelineStats:
                 return s
         raise KeyError(f"no stage named {name!r}; stages: {[s.name for s in self.stages]}")
 
+    # The autoscaling signals (docs/autoscaling.md): Prometheus and `flowbatch
+    # top` read them here, from the same record as every other figure.
+
+    @property
+    def capacity(self) -> float | None:
+        """Items per second the pipeline can finish: its slowest stage's
+        :attr:`StageStats.capacity`.
+
+        Stages that have not finished an item and hold none are left out;
+        None while one that holds items has not finished any (its speed is
+        unknown), or before any work.
+        """
+        rates: list[float] = []
+        for s in self.stages:
+            rate = s.capacity
+            if rate is None:
+                if s.queued or s.in_flight:
+                    return None
+                continue
+            rates.append(rate)
+        return min(rates, default=None)
+
+    @property
+    def backlog_per_replica(self) -> float:
+        """Items admitted and not yet answered (``in_flight``: waiting in the
+        stages' queues and inside their calls) per worker of the bottleneck
+        stage (before any work: of the stage with the fewest workers)."""
+        if self.in_flight <= 0 or not self.stages:
+            return 0.0
+        neck = next((s for s in self.stages if s.name == self.bottleneck), None)
+        workers = neck.workers if neck is not None else min(s.workers for s in self.stages)
+        return self.in_flight / max(1, workers)
+
+    @property
+    def drain_seconds(self) -> float | None:
+        """Estimated seconds to answer every item in flight at :attr:`capacity`:
+        ``in_flight / capacity`` (:func:`drain_seconds`). 0.0 with nothing in
+        flight; None while the capacity is unknown."""
+        return drain_seconds(self.in_flight, self.capacity)
+
     def since(self, prev: PipelineStats, seconds: float | None = None) -> PipelineStats:
         """What happened between ``prev`` and this snapshot of the same pipeline.
 
@@ -430,8 +516,15 @@ class PipelineStats:
 
     def to_dict(self) -> dict[str, Any]:
         """The figures as JSON-ready data, keyed by field name; ``stages`` as a
-        list of :meth:`StageStats.to_dict`."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        list of :meth:`StageStats.to_dict`; and the derived autoscaling
+        signals ``capacity``, ``backlog_per_replica`` and ``drain_seconds``."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out.update(
+            capacity=self.capacity,
+            backlog_per_replica=self.backlog_per_replica,
+            drain_seconds=self.drain_seconds,
+        )
+        return out
 
     def __str__(self) -> str:
         head = (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -119,6 +119,24 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
     latency = HistogramMetricFamily(
         "flowbatch_pipeline_latency_seconds", "End-to-end latency of completed items.", labels=ps
     )
+    # The autoscaling signals (docs/autoscaling.md), derived in metrics.py.
+    per_replica = GaugeMetricFamily(
+        "flowbatch_pipeline_backlog_per_replica",
+        "Items admitted and not answered, per worker of the bottleneck stage.",
+        labels=ps,
+    )
+    drain = GaugeMetricFamily(
+        "flowbatch_pipeline_drain_seconds",
+        "Estimated seconds to answer the items in flight at the measured capacity "
+        "(absent while the capacity is unknown).",
+        labels=ps,
+    )
+    capacity = GaugeMetricFamily(
+        "flowbatch_pipeline_capacity_items_per_second",
+        "Items per second the slowest stage finishes with all its workers busy, "
+        "measured since start (absent before it is known).",
+        labels=ps,
+    )
     items = CounterMetricFamily(
         "flowbatch_stage_items",
         "Items per stage by outcome: ok, failed, expired, dropped (caller gone).",
@@ -195,6 +213,11 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
             target_p.add_metric([name], s.latency_target)
         uptime.add_metric([name], s.elapsed)
         latency.add_metric([name], _hist_buckets(s.latency), s.latency.total)
+        per_replica.add_metric([name], s.backlog_per_replica)
+        if (rate := s.capacity) is not None:
+            capacity.add_metric([name], rate)
+        if (secs := s.drain_seconds) is not None:
+            drain.add_metric([name], secs)
         for st in s.stages:
             lab = [name, st.name]
             for outcome, n in (
@@ -223,9 +246,9 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
                 waste.add_metric(lab, st.padding_waste)
             bottleneck.add_metric(lab, 1.0 if st.name == s.bottleneck else 0.0)
     yield from (
-        submitted, outcomes, rejected, in_flight_p, limit_p, target_p, uptime, latency, items,
-        retries, info, depth, in_flight, workers, restarts, pending, busy, busy_ratio, wait,
-        service, bsize, bcost, waste, bottleneck,
+        submitted, outcomes, rejected, in_flight_p, limit_p, target_p, uptime, latency,
+        per_replica, drain, capacity, items, retries, info, depth, in_flight, workers, restarts,
+        pending, busy, busy_ratio, wait, service, bsize, bcost, waste, bottleneck,
     )
     yield from _device_families(stats)
     yield from _limit_families(stats)
@@ -326,14 +349,15 @@ def render(runners: Runners, *more: Collector) -> bytes:
 
 @contextlib.asynccontextmanager
 async def serve_metrics(
-    runners: Runners, port: int = 0, host: str = "127.0.0.1"
+    runners: Runners, port: int = 0, host: str = "127.0.0.1", *, more: Sequence[Collector] = ()
 ) -> AsyncIterator[str]:
     """Serve ``GET /metrics`` for ``runners`` while inside the block; yields its URL.
 
     For front ends without an HTTP server of their own (the broker worker,
     the demo), so that ``flowbatch top URL`` can watch them. It runs on the
     event loop, where the statistics are written, so a scrape never races
-    the runner. ``port=0`` picks a free port.
+    the runner. ``port=0`` picks a free port. ``more`` are further
+    collectors written into the page (the broker worker's queue lag).
 
     Usage::
 
@@ -350,7 +374,7 @@ async def serve_metrics(
             elif path != b"/metrics":
                 status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
             else:
-                status, ctype, body = "200 OK", CONTENT_TYPE, render(runners)
+                status, ctype, body = "200 OK", CONTENT_TYPE, render(runners, *more)
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

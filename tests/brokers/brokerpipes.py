@@ -62,3 +62,14 @@ async def crawl_batch(items: list[Any]) -> list[Any]:
 def crawl() -> fb.Pipeline:
     """Like noop, slowly: batches of up to 8, 50 ms each."""
     return fb.Pipeline([fb.stage(crawl_batch, batch=fb.Batch(max_size=8))], name="crawl")
+
+
+async def hold(x: Any) -> Any:
+    # Never returns: the message stays in flight until the worker is killed.
+    await asyncio.Event().wait()
+    return x
+
+
+def held() -> fb.Pipeline:
+    """A stage that never returns: each message fetched stays held (in flight)."""
+    return fb.Pipeline([fb.stage(hold)], name="held")

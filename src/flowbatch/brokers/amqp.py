@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -346,18 +347,24 @@ class AMQPBroker(Broker):
         return True
 
     async def queue_stats(self) -> QueueStats:
+        lag = await self.queue_lag()
         channel = await self._tool_channel()
         try:
-            work = await channel.declare_queue(self.queue, passive=True)
             dead = await channel.declare_queue(self.dead_queue, passive=True)
         finally:
             await channel.close()
-        # basic.qos hides what consumers hold (unacked) and a queue cannot be
-        # peeked without taking its head: those stay None.
-        return QueueStats(
-            waiting=_count(work),
-            dead=_count(dead),
-        )
+        return dataclasses.replace(lag, dead=_count(dead))
+
+    async def queue_lag(self) -> QueueStats:
+        # The ready count of a passive declare. basic.qos hides what consumers
+        # hold (unacked) and a queue cannot be peeked without taking its head:
+        # in_flight and the oldest age stay None.
+        channel = await self._tool_channel()
+        try:
+            work = await channel.declare_queue(self.queue, passive=True)
+        finally:
+            await channel.close()
+        return QueueStats(waiting=_count(work))
 
     async def _tool_channel(self) -> AbstractChannel:
         self._ch  # noqa: B018 - raises when not connected

@@ -507,6 +507,24 @@ class Broker(abc.ABC):
         """Depth and lag of the queue; fields the broker cannot report are None."""
         return QueueStats(dead=len(await self.dead_letters()))
 
+    async def queue_lag(self) -> QueueStats:
+        """What waits in the queue, cheap enough to ask every few seconds.
+
+        ``waiting`` (the lag: messages no worker has been handed yet),
+        ``in_flight`` (handed out, not yet acknowledged), ``delayed`` and
+        ``oldest_waiting_age``, as :meth:`queue_stats` reports them, without
+        the counts that cost a scan (``dead`` and ``results`` are None). The
+        worker reads it periodically for its ``flowbatch_broker_*`` gauges
+        (``docs/autoscaling.md``); the backends' ``queue_stats`` build on it.
+        """
+        s = await self.queue_stats()
+        return QueueStats(
+            waiting=s.waiting,
+            in_flight=s.in_flight,
+            delayed=s.delayed,
+            oldest_waiting_age=s.oldest_waiting_age,
+        )
+
     async def replay_dead_letters(self, keys: Sequence[str] | None = None) -> Replayed:
         """Put dead letters (all, or those with ``keys``) back on the queue.
 

@@ -34,6 +34,7 @@ from .base import (
 )
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LAG_INTERVAL,
     DEFAULT_LEASE,
     DEFAULT_PREFETCH,
     DEFAULT_RETRY,
@@ -92,8 +93,14 @@ def load_pipeline(target: str) -> Pipeline:
               help="Seconds stored results are kept (0: until deleted); "
                    "Redis, SQLite and NATS (RabbitMQ and Kafka: 7 days, their own retention).")
 @click.option("--metrics-port", type=click.IntRange(min=0), default=None,
-              help="Serve /metrics on 127.0.0.1 at this port (0: any free port), "
-                   "to watch the worker with `flowbatch top`.")
+              help="Serve /metrics on --metrics-host at this port (0: any free port), "
+                   "to watch the worker with `flowbatch top` or scrape it with Prometheus.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address /metrics listens on (0.0.0.0 in a container Prometheus scrapes).")
+@click.option("--lag-interval", default=DEFAULT_LAG_INTERVAL, show_default=True,
+              type=click.FloatRange(min=0),
+              help="Seconds between reads of the queue's lag for the flowbatch_broker_* "
+                   "gauges on /metrics (0: never read).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def worker(  # noqa: PLR0917 - click passes every option positionally
@@ -111,6 +118,8 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
     connect_timeout: float,
     result_ttl: float,
     metrics_port: int | None,
+    metrics_host: str,
+    lag_interval: float,
     log_level: str,
 ) -> None:
     """Consume QUEUE from a broker into the pipeline TARGET (module:attribute)."""
@@ -141,9 +150,12 @@ def worker(  # noqa: PLR0917 - click passes every option positionally
         stall_after=stall_after,
         result_ttl=result_ttl,
         connect_timeout=connect_timeout,
+        lag_interval=lag_interval or None,
     )
     try:
-        stats = asyncio.run(_serve(pipe, broker, config, early, metrics_port))
+        stats = asyncio.run(
+            _serve(pipe, broker, config, early, metrics_port, metrics_host=metrics_host)
+        )
     except (BrokerRefused, BrokerUnreachable) as exc:
         raise BrokerFailed(str(exc)) from None
     click.echo(json.dumps(dataclasses.asdict(stats)))
@@ -155,6 +167,8 @@ async def _serve(
     config: WorkerConfig,
     early: list[int],
     metrics_port: int | None,
+    *,
+    metrics_host: str = "127.0.0.1",
 ) -> Any:
     from .worker import Worker
 
@@ -162,7 +176,12 @@ async def _serve(
     if metrics_port is not None:
         from flowbatch.prometheus import serve_metrics
 
-        async with serve_metrics(w.runners, metrics_port) as url:
+        from .metrics import WorkerCollector
+
+        # A callable: the worker's runner opens (and closes) inside ``run``.
+        async with serve_metrics(
+            lambda: w.runners, metrics_port, metrics_host, more=[WorkerCollector(w)]
+        ) as url:
             click.echo(f"metrics: {url}  (watch: flowbatch top {url})", err=True)
             w.metrics_url = url
             return await _run_worker(w, early)

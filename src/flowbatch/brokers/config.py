@@ -17,6 +17,7 @@ from .base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RESULT_TTL
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_LAG_INTERVAL",
     "DEFAULT_LEASE",
     "DEFAULT_PREFETCH",
     "DEFAULT_RETRY",
@@ -28,6 +29,9 @@ DEFAULT_PREFETCH = 256
 #: Seconds a worker retries an unreachable broker at start before it gives up.
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_LEASE = 30.0
+#: Seconds between two reads of the queue's lag (the ``flowbatch_broker_*``
+#: gauges): about a Prometheus scrape interval.
+DEFAULT_LAG_INTERVAL = 15.0
 #: Broker-level retries: attempts in all (redeliveries included), then the
 #: dead-letter queue. Backoff is per message: 1 s, 2 s, 4 s ... up to 60 s.
 DEFAULT_RETRY = Retry(attempts=3, backoff=1.0, max_backoff=60.0)
@@ -68,6 +72,11 @@ class WorkerConfig:
       retention (7 days, set when they are created).
     - ``name``: the worker's name in its log lines and, where the broker has
       one, its consumer name there (default: host-pid-random).
+    - ``lag_interval``: seconds between two reads of the queue's lag
+      (``Broker.queue_lag``) for the worker's ``flowbatch_broker_*`` gauges
+      (``docs/autoscaling.md``); None: not read. Read off the hot path by a
+      task of the worker's own; a failed read is logged and the gauges are
+      left out until the next one succeeds.
     - ``stop_timeout``: on stop, how long to wait for in-flight messages to
       finish and be settled. A broker that is away at that point is retried
       for about a second after ``stop()``, no longer: what could not be
@@ -88,6 +97,7 @@ class WorkerConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     result_ttl: float = DEFAULT_RESULT_TTL
     name: str | None = field(default=None)
+    lag_interval: float | None = DEFAULT_LAG_INTERVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch, int) or self.prefetch < 1:
@@ -103,6 +113,10 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, got {self.timeout!r}")
+        if self.lag_interval is not None and (
+            not isinstance(self.lag_interval, int | float) or not self.lag_interval > 0
+        ):
+            raise ValueError(f"lag_interval must be a number > 0 or None, got {self.lag_interval!r}")
         if not isinstance(self.result_ttl, int | float) or self.result_ttl < 0:
             raise ValueError(f"result_ttl must be a number >= 0, got {self.result_ttl!r}")
         if self.max_message_bytes < 1:

@@ -329,6 +329,15 @@ class KafkaBroker(Broker):
         """Waiting: the group's lag (end offsets minus committed ones); dead:
         the dead-letter topic's length. In flight, delayed, results and ages
         are not counted (the topics would have to be read)."""
+        return await self._depth(with_dead=True)
+
+    async def queue_lag(self) -> QueueStats:
+        """Waiting: the group's consumer lag, end offsets minus committed ones
+        (messages fetched and not yet committed count too: Kafka cannot tell
+        them apart)."""
+        return await self._depth(with_dead=False)
+
+    async def _depth(self, *, with_dead: bool) -> QueueStats:
         self._prod()
         reader = AIOKafkaConsumer(
             bootstrap_servers=self.servers, enable_auto_commit=False, group_id=self.group
@@ -339,12 +348,15 @@ class KafkaBroker(Broker):
             parts = reader.partitions_for_topic(self.topic) or set()
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             dead_tp = TopicPartition(self.dead_topic, 0)
-            ends = await reader.end_offsets([*tps, dead_tp])
-            starts = await reader.beginning_offsets([*tps, dead_tp])
+            asked = [*tps, dead_tp] if with_dead else tps
+            ends = await reader.end_offsets(asked) if asked else {}
+            starts = await reader.beginning_offsets(asked) if asked else {}
             waiting = 0
             for tp in tps:
                 committed = await reader.committed(tp)
                 waiting += max(0, ends[tp] - (starts[tp] if committed is None else committed))
+            if not with_dead:
+                return QueueStats(waiting=waiting)
             return QueueStats(waiting=waiting, dead=max(0, ends[dead_tp] - starts[dead_tp]))
         finally:
             await reader.stop()

@@ -18,6 +18,7 @@ connection), ``stall()`` makes ``fetch`` return nothing until the next
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -235,12 +236,14 @@ class MemoryBroker(Broker):
         return True
 
     async def queue_stats(self) -> QueueStats:
+        lag = await self.queue_lag()
+        return dataclasses.replace(lag, dead=len(self._dead), results=len(self._results))
+
+    async def queue_lag(self) -> QueueStats:
         return QueueStats(
             waiting=len(self._ready),
             in_flight=len(self._unacked),
             delayed=len(self._delayed),
-            dead=len(self._dead),
-            results=len(self._results),
             oldest_waiting_age=_oldest(self._ready),
         )
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -369,6 +370,13 @@ class NATSBroker(Broker):
             results = len(await self._kv.keys())
         except nats.js.errors.NoKeysError:
             results = 0
+        lag = await self.queue_lag()
+        return dataclasses.replace(lag, dead=int(dead.state.messages), results=results)
+
+    async def queue_lag(self) -> QueueStats:
+        # The durable consumer's num_pending (not yet delivered) and
+        # num_ack_pending (delivered, not acked).
+        js = self._connected()
         try:
             info = await js.consumer_info(self.stream, DURABLE)
         except nats.js.errors.NotFoundError:  # no worker has consumed yet
@@ -383,13 +391,7 @@ class NATSBroker(Broker):
             # keeps only unacked messages); released ones are not seen here.
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 oldest = age_of(bytes((await js.get_msg(self.stream, next_seq)).data))
-        return QueueStats(
-            waiting=waiting,
-            in_flight=in_flight,
-            dead=int(dead.state.messages),
-            results=results,
-            oldest_waiting_age=oldest,
-        )
+        return QueueStats(waiting=waiting, in_flight=in_flight, oldest_waiting_age=oldest)
 
     async def delete(self) -> None:
         """Remove the queue's streams and results bucket (tests, tools)."""

@@ -33,6 +33,7 @@ restart (``SHUTDOWN SAVE``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -291,33 +292,39 @@ class RedisBroker(Broker):
             await pipe.execute()
         return True
 
-    async def queue_stats(self) -> QueueStats:
+    async def queue_lag(self) -> QueueStats:
         # Settled entries are deleted (XDEL), so the stream holds exactly the
-        # waiting and the pending (delivered, unacked) ones.
+        # waiting and the pending (delivered, unacked) ones. (XINFO GROUPS'
+        # own "lag" needs Redis 7 and can be null after deletions.)
         r = self._redis
         async with r.pipeline(transaction=False) as pipe:
             pipe.xlen(self.stream)
             pipe.xpending(self.stream, GROUP)
             pipe.xinfo_groups(self.stream)
-            pipe.xlen(self.dead_key)
-            pipe.hlen(self.results_key)
-            length, pending, groups, dead, legacy = await pipe.execute()
+            length, pending, groups = await pipe.execute()
         in_flight = int(pending.get("pending", 0) if isinstance(pending, dict) else pending[0])
         last = next(
             (_text(g.get("last-delivered-id")) for g in groups if g.get("name") in (GROUP, GROUP.encode())),
             "0-0",
         )
         oldest: Any = await r.xrange(self.stream, min=f"({last}", max="+", count=1)
-        results = int(legacy)
-        async for _ in r.scan_iter(match=self.result_prefix + "*", count=1000):
-            results += 1
         return QueueStats(
             waiting=max(0, int(length) - in_flight),
             in_flight=in_flight,
-            dead=int(dead),
-            results=results,
             oldest_waiting_age=age_of(_body(oldest[0][1])) if oldest else None,
         )
+
+    async def queue_stats(self) -> QueueStats:
+        lag = await self.queue_lag()
+        r = self._redis
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.dead_key)
+            pipe.hlen(self.results_key)
+            dead, legacy = await pipe.execute()
+        results = int(legacy)
+        async for _ in r.scan_iter(match=self.result_prefix + "*", count=1000):
+            results += 1
+        return dataclasses.replace(lag, dead=int(dead), results=results)
 
     async def delete(self) -> None:
         """Remove the queue's stream, results and dead letters (tests, tools)."""

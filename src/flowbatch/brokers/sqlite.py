@@ -27,6 +27,7 @@ on the file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import sqlite3
 import time
@@ -343,6 +344,27 @@ class SQLiteBroker(Broker):
 
     async def queue_stats(self) -> QueueStats:
         q = self.queue
+        lag = await self.queue_lag()
+
+        def read(db: sqlite3.Connection) -> QueueStats:
+            now = time.time()
+
+            def count(sql: str, *args: Any) -> int:
+                return int(db.execute(sql, (q, *args)).fetchone()[0])
+
+            return dataclasses.replace(
+                lag,
+                dead=count("SELECT count(*) FROM fb_dead WHERE queue = ?"),
+                results=count(
+                    "SELECT count(*) FROM fb_results WHERE queue = ? "
+                    "AND (expires_at IS NULL OR expires_at > ?)", now,
+                ),
+            )
+
+        return await self._run(read)
+
+    async def queue_lag(self) -> QueueStats:
+        q = self.queue
 
         def read(db: sqlite3.Connection) -> QueueStats:
             now = time.time()
@@ -366,11 +388,6 @@ class SQLiteBroker(Broker):
                 delayed=count(
                     "SELECT count(*) FROM fb_messages WHERE queue = ? AND visible_at > ? "
                     "AND owner IS NULL", now,
-                ),
-                dead=count("SELECT count(*) FROM fb_dead WHERE queue = ?"),
-                results=count(
-                    "SELECT count(*) FROM fb_results WHERE queue = ? "
-                    "AND (expires_at IS NULL OR expires_at > ?)", now,
                 ),
                 oldest_waiting_age=None if oldest is None else age_of(bytes(oldest[0]), now),
             )

@@ -17,9 +17,11 @@ backoff, or a dead letter. One settling task writes the outcomes in batches
 the deliveries acknowledged. A renewal task extends the lease of everything
 still unsettled every ``lease / 3`` seconds.
 
-Three tasks, all owned by one task group: the fetch loop (the caller's),
-the settler, the renewer. Retries that are not yet due are timer handles
-owned by the worker, cancelled (and their deliveries released) on stop.
+Four tasks, all owned by one task group: the fetch loop (the caller's),
+the settler, the renewer, and the lag reader (the queue's depth for
+``/metrics``, every ``lag_interval`` seconds, see :attr:`Worker.lag`).
+Retries that are not yet due are timer handles owned by the worker,
+cancelled (and their deliveries released) on stop.
 
 Places: ``prefetch`` bounds the messages fetched and not yet settled, and it
 is the runner's own limiter that counts them, so that the worker keeps no
@@ -70,6 +72,7 @@ from .base import (
     Delivery,
     Envelope,
     Outcome,
+    QueueStats,
     ResultRecord,
     decode_job,
     encode_job,
@@ -156,6 +159,7 @@ class Worker:
         self._give_up = asyncio.Event()
         self._give_up_timer: asyncio.TimerHandle | None = None
         self._started = asyncio.Event()
+        self._lag: QueueStats | None = None
         self._counts = dict.fromkeys(
             ("fetched", "succeeded", "retried", "dead", "released", "redelivered",
              "reconnects", "settles", "abandoned"),
@@ -207,6 +211,13 @@ class Worker:
         """Deliveries fetched and not yet settled."""
         return len(self._unsettled)
 
+    @property
+    def lag(self) -> QueueStats | None:
+        """The queue's depth as last read (``Broker.queue_lag``, every
+        ``WorkerConfig.lag_interval`` s while running): None before the first
+        read, after a failed one, with ``lag_interval=None``, or once stopped."""
+        return self._lag
+
     async def run(self) -> WorkerStats:
         """Consume until ``stop()``; returns the worker's statistics."""
         cfg = self.config
@@ -232,6 +243,8 @@ class Worker:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._settler())
                     tg.create_task(self._renewer())
+                    if cfg.lag_interval is not None:
+                        tg.create_task(self._lag_reader(cfg.lag_interval))
                     self._started.set()
                     try:
                         await self._fetch_loop()
@@ -240,6 +253,7 @@ class Worker:
         finally:
             self._runner = None
             self._places = None
+            self._lag = None
             # A broker that is down is not waited for (a client library may
             # try to flush into a dead connection).
             with contextlib.suppress(Exception):
@@ -556,6 +570,37 @@ class Worker:
                     await self.broker.extend(live)
                 except Exception as exc:
                     log.warning("worker %s: lease renewal failed: %s", self.name, _brief(exc))
+
+    # --------------------------------------------------------- lag reader
+
+    async def _lag_reader(self, interval: float) -> None:
+        """Read the queue's lag now and every ``interval`` s until stop.
+
+        Off the hot path: a slow or failing broker only delays or drops the
+        reading (logged: the first failure in a row as a warning), and stop
+        interrupts a read in progress.
+        """
+        failing = False
+        while not self._stopping.is_set():
+            try:
+                lag = await unless_stopped(
+                    self.broker.queue_lag(), max(interval, _MIN_OP_TIMEOUT), self._stopping
+                )
+            except Stopped:
+                return
+            except Exception as exc:
+                self._lag = None
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "worker %s: reading the queue's lag failed (%s); the broker gauges are "
+                    "left out until a read succeeds", self.name, _brief(exc),
+                )
+                failing = True
+            else:
+                self._lag = lag
+                failing = False
+            if not await pause(interval, self._stopping):
+                return
 
     # ---------------------------------------------------------- reconnect
 

@@ -318,6 +318,10 @@ class PipelineView:
     p99: float | None
     stages: tuple[StageView, ...]
     bottleneck: str | None
+    #: the autoscaling signals (docs/autoscaling.md), with the interval's capacity
+    #: (the since-start one when nothing finished in the interval)
+    backlog_per_replica: float = 0.0
+    drain_seconds: float | None = None
 
 
 def _nothing(name: str) -> PipelineStats:
@@ -367,6 +371,8 @@ def compute(
                 p99=w.latency.p99 if w.latency.count else None,
                 stages=tuple(stages),
                 bottleneck=w.bottleneck,
+                backlog_per_replica=w.backlog_per_replica,
+                drain_seconds=w.drain_seconds if w.capacity is not None else p.drain_seconds,
             )
         )
     return views
@@ -471,7 +477,8 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
             )
         head = Text.assemble(
             (f"{_rate(v.items_per_s)} items/s", "bold"),
-            f"  in flight {v.in_flight:.0f}  latency p50 {_dur(v.p50)} p99 {_dur(v.p99)}  ",
+            f"  in flight {v.in_flight:.0f} ({v.backlog_per_replica:.1f}/replica, "
+            f"drains in {_dur(v.drain_seconds)})  latency p50 {_dur(v.p50)} p99 {_dur(v.p99)}  ",
             (f"failed {v.failed:.0f}", "red" if v.failed else ""),
         )
         placed = [line for st in v.stages for line in _device_lines(st)]
