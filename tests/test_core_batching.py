@@ -539,3 +539,97 @@ def test_a_free_replica_takes_a_fair_share_of_the_work() -> None:
 
     asyncio.run(main())
     assert sorted(x for b in rec.batches for x in b) == list(range(12))
+
+
+# ------------------------------------------------------ why a batch went out
+
+
+def test_dispatch_reason_policy() -> None:
+    from flowbatch.batching import REASONS, dispatch_reason
+
+    assert dispatch_reason(None, 3, 0, 8, False) == "worker_free"
+    assert dispatch_reason(None, 8, 0, 8, False) == "full"
+    assert dispatch_reason(None, 3, 5, 8, False) == "full"  # a share or a budget cut it
+    assert dispatch_reason("max_wait", 3, 0, 8, False) == "max_wait"
+    assert dispatch_reason("max_wait", 8, 0, 8, False) == "full"  # the hold filled it
+    assert dispatch_reason("linger", 2, 0, 8, False) == "linger"
+    assert dispatch_reason("linger", 2, 0, 8, True) == "drain"
+    assert dispatch_reason(None, 2, 0, 8, True) == "drain"
+    assert dispatch_reason(None, 8, 0, 8, True) == "full"
+    assert dispatch_reason("deadline", 3, 5, 8, False) == "deadline"
+    assert set(REASONS) == {"full", "worker_free", "max_wait", "linger", "deadline", "drain"}
+
+
+def test_reasons_full_and_worker_free_with_their_mean_sizes() -> None:
+    clock = FakeClock()
+    rec = AsyncRecorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8))])
+
+    async def main() -> fb.StageStats:
+        async with pipe.open(clock=clock) as runner:
+            first = asyncio.create_task(runner.submit(0))
+            await until(lambda: len(rec.batches) == 1)
+            rest = [asyncio.create_task(runner.submit(i)) for i in range(1, 12)]
+            await until(lambda: runner.stats().stage("m").queued == 11)
+            rec.release_all()
+            await asyncio.gather(first, *rest)
+            return runner.stats().stage("m")
+
+    s = asyncio.run(main())
+    assert rec.batches == [[0], list(range(1, 9)), [9, 10, 11]]
+    assert s.batch_reasons == {"worker_free": 2, "full": 1}
+    assert s.mean_batch_size_by_reason() == {"worker_free": 2.0, "full": 8.0}
+    assert s.to_dict()["batch_reasons"] == [["worker_free", 2], ["full", 1]]
+
+
+@pytest.mark.parametrize(("size", "reason"), [(1, "max_wait"), (4, "full")])
+def test_reason_max_wait_when_it_runs_out_and_full_when_it_filled(size: int, reason: str) -> None:
+    rec = Recorder()
+    # 1 item: only max_wait can end the hold; 4: only a full batch (it could wait 1000 s).
+    wait = 0.01 if size == 1 else 1000
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=4, max_wait=wait))])
+
+    async def main() -> dict[str, int]:
+        async with pipe.open(clock=FakeClock()) as runner:
+            await asyncio.gather(*[runner.submit(i) for i in range(size)])
+            return runner.stats().stage("m").batch_reasons
+
+    assert asyncio.run(main()) == {reason: 1}
+    assert rec.batches == [list(range(size))]
+
+
+def test_reason_linger_when_a_worker_lingered_under_load() -> None:
+    rec = AsyncRecorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=8, linger=0.02))])
+
+    async def main() -> dict[str, int]:
+        async with pipe.open(clock=FakeClock()) as runner:
+            await _answer_a_batch_of_four(runner, rec)
+            assert runner.stats().stage("m").batch_reasons == {"worker_free": 2}
+            assert await runner.submit(5) == 50  # lingered for the burst, none came
+            return runner.stats().stage("m").batch_reasons
+
+    assert asyncio.run(main()) == {"worker_free": 2, "linger": 1}
+
+
+@pytest.mark.parametrize("held", ["linger", "max_wait"])
+def test_reason_drain_when_a_drain_cut_a_hold(held: str) -> None:
+    rec = AsyncRecorder()
+    batch = fb.Batch(max_size=8, linger=600) if held == "linger" else fb.Batch(max_wait=1000)
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=batch)])
+
+    async def main() -> tuple[fb.Runner, asyncio.Task[int]]:
+        async with pipe.open(clock=FakeClock()) as runner:
+            if held == "linger":
+                await _answer_a_batch_of_four(runner, rec)
+            rec.hold = False
+            late = asyncio.create_task(runner.submit(5))
+            await until(lambda: runner.stats().stage("m").queued == 1)
+            await settle()
+            assert runner.stats().stage("m").queued == 1  # held open
+        return runner, late
+
+    runner, late = asyncio.run(main())
+    assert late.result() == 50
+    reasons = runner.stats().stage("m").batch_reasons
+    assert reasons == ({"worker_free": 2, "drain": 1} if held == "linger" else {"drain": 1})

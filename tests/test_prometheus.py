@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import flowbatch as fb
 from flowbatch.prometheus import CONTENT_TYPE, render
+from polling import until
 
 
 async def double(x: str) -> str:
@@ -175,3 +176,51 @@ def test_rejections_restarts_and_pending_workers_are_exported_and_read_back() ->
     back = parse(text)["p"]
     assert back.rejected == 2
     assert (back.stages[0].restarts, back.stages[0].pending) == (2, 1)
+
+
+class Held:
+    """A batched async stage whose first call waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, xs: list[int]) -> list[int]:
+        self.calls.append(list(xs))
+        if len(self.calls) == 1:
+            await self.release.wait()
+        return xs
+
+
+def test_batches_by_reason_and_the_learned_batch_time_are_exported() -> None:
+    model = Held()
+    opts = fb.Batch(max_size=8, latency_target=600, linger=0)
+    pipe = fb.Pipeline([fb.stage(model, name="m", batch=opts)], name="p")
+
+    async def main() -> bytes:
+        async with pipe.open() as runner:
+            first = asyncio.create_task(runner.submit(0))
+            await until(lambda: len(model.calls) == 1)
+            rest = [asyncio.create_task(runner.submit(i)) for i in range(1, 12)]
+            await until(lambda: runner.stats().stage("m").queued == 11)
+            model.release.set()
+            await asyncio.gather(first, *rest)
+            return render({"p": runner})
+
+    got = samples(asyncio.run(main()).decode())
+    assert model.calls == [[0], list(range(1, 9)), [9, 10, 11]]
+    lab = (("pipeline", "p"), ("stage", "m"))
+
+    def by(name: str, reason: str) -> float:
+        return got[(name, (("pipeline", "p"), ("reason", reason), ("stage", "m")))]
+
+    assert by("flowbatch_stage_batches_total", "worker_free") == 2
+    assert by("flowbatch_stage_batches_total", "full") == 1
+    assert by("flowbatch_stage_batch_items_total", "worker_free") == 4  # mean 2
+    assert by("flowbatch_stage_batch_items_total", "full") == 8
+    assert not [k for k in got if k[0] == "flowbatch_stage_batches_total" and
+                dict(k[1])["reason"] not in ("worker_free", "full")]
+    # The first batch, held, took longest: the fit has a > 0 and b clamped at 0.
+    a = got[("flowbatch_stage_batch_time_fixed_seconds", lab)]
+    b = got[("flowbatch_stage_batch_time_per_item_seconds", lab)]
+    assert a > 0 and b >= 0

@@ -9,14 +9,22 @@ them, briefly, instead of running a near-empty batch. ``cost``/``max_cost``
 bound a batch by a budget such as tokens and group items of similar cost so
 that padding is small.
 
+``latency_target`` sizes batches to deadlines instead: a :class:`CostModel`
+learns the batch time curve (``a + b*n`` seconds) online, each batch is
+picked earliest deadline first and as large as still lets its most urgent
+item finish in time, and an item that cannot finish in time even alone is
+failed before it costs model time (:func:`pick_by_deadline`,
+:func:`deadline_hold`).
+
 The dispatch policy (hold a batch open, linger, fair share, the service-time
-estimate) is written here as pure functions of counts and times, so that the
-worker loops (workers.py) only wait, and tests can check each decision
-without running a stage.
+estimate, deadlines, why a batch went out: :data:`REASONS`) is written here
+as pure functions of counts and times, so that the worker loops (workers.py)
+only wait, and tests can check each decision without running a stage.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,18 +33,25 @@ from typing import Any, Protocol
 from .errors import WorkerCrashed
 
 __all__ = [
+    "COST_FORGET",
     "DEFAULT_MAX_SIZE",
     "DEFAULT_SPLIT_ON",
     "LINGER_GAP",
     "LINGER_SHARE",
+    "REASONS",
     "SERVICE_TIME_WEIGHT",
     "Batch",
+    "CostModel",
+    "DeadlinePick",
+    "deadline_hold",
+    "dispatch_reason",
     "fair_share",
     "holds_open",
     "linger_bound",
     "linger_target",
     "next_service_time",
     "pick_batch",
+    "pick_by_deadline",
 ]
 
 DEFAULT_MAX_SIZE = 32
@@ -87,6 +102,18 @@ class Batch:
       so that one bad item never fails the others. Default:
       ``(WorkerCrashed,)`` (a worker process that dies in a batch was most
       often killed by one input).
+    - ``latency_target``: seconds an item may spend in this stage (queue
+      plus the call); batches are then sized to deadlines. Each item's
+      deadline is its own (``submit(timeout=...)``) when it has one, else its
+      arrival at the stage plus ``latency_target``. The stage learns how long
+      a batch of ``n`` takes (``a + b*n``, refitted as batches run; see
+      :class:`CostModel`) and picks each batch earliest deadline first, as
+      large as still lets its most urgent item finish in time. Under load (a
+      worker comes free with fewer items waiting than its last batch held) a
+      batch is held for more items as long as the most urgent one can still
+      wait; a lone request never waits. An item that cannot finish in time
+      even in a batch of one fails with ``DeadlineExceeded`` before it costs
+      model time. Not with ``max_wait``; ``linger=0`` turns the holding off.
 
     Usage: ``fb.stage(embed, batch=fb.Batch(max_size=64, cost=len, max_cost=8192))``
     """
@@ -97,6 +124,7 @@ class Batch:
     max_cost: float | None = None
     linger: float | None = None
     split_on: tuple[type[BaseException], ...] = DEFAULT_SPLIT_ON
+    latency_target: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_size, int) or self.max_size < 1:
@@ -119,6 +147,27 @@ class Batch:
             isinstance(t, type) and issubclass(t, BaseException) for t in split_on
         ):
             raise ValueError(f"Batch.split_on must be exception classes, got {split_on!r}")
+        target = self.latency_target
+        if target is not None:
+            if (
+                isinstance(target, bool)
+                or not isinstance(target, int | float)
+                or not 0 < target < math.inf
+            ):
+                raise ValueError(
+                    "Batch.latency_target must be a number of seconds > 0 (or None), "
+                    f"got {target!r}"
+                )
+            if self.max_wait > 0:
+                raise ValueError(
+                    "Batch.latency_target and Batch.max_wait both say how long a batch is "
+                    "held; set one of them (with latency_target, deadlines bound the hold)"
+                )
+            if self.linger:
+                raise ValueError(
+                    "Batch.linger is not used with Batch.latency_target (deadlines bound "
+                    f"the hold); leave it None, or 0 to never hold a batch, got {self.linger!r}"
+                )
 
     def splits(self, error: BaseException) -> bool:
         """Whether ``error`` from a whole batch means "one item is bad": split at once."""
@@ -170,6 +219,202 @@ def next_service_time(estimate: float, sample: float) -> float:
     if not estimate:
         return sample
     return estimate + SERVICE_TIME_WEIGHT * (sample - estimate)
+
+
+#: Why a batch went out (``StageStats.batch_reasons``), one label per dispatch:
+#:
+#: - ``full``: as large as the limits allow (``max_size``, ``max_cost``, a
+#:   fair share among free workers): more was waiting, or a hold filled it;
+#: - ``worker_free``: a worker was free and took what waited, at once;
+#: - ``max_wait``: held open for ``max_wait``, not full when it ran out;
+#: - ``linger``: a worker lingered, under load, for the callers its last
+#:   batch answered;
+#: - ``deadline``: ``latency_target``: cut to the size that still meets its
+#:   most urgent item's deadline, or held until waiting longer would miss it;
+#: - ``drain``: the runner was draining, so nothing was held.
+REASONS = ("full", "worker_free", "max_wait", "linger", "deadline", "drain")
+
+
+def dispatch_reason(
+    held: str | None, taken: int, left: int, max_size: int, flushing: bool
+) -> str:
+    """Why a batch of ``taken`` items went out, ``left`` items still waiting after it.
+
+    ``held`` is what held it before it went (``"max_wait"``, ``"linger"``), or
+    ``"deadline"`` when a deadline cut it short or ended its hold; None when
+    nothing held it. A deadline outranks the limits, the limits a drain.
+    """
+    if held == "deadline":
+        return "deadline"
+    if taken >= max_size or left:
+        return "full"
+    if flushing:
+        return "drain"
+    return held or "worker_free"
+
+
+# --------------------------------------------------------- deadline batching
+
+#: The weight the cost model's past batches keep at each new one: an
+#: effective memory of about ``1 / (1 - COST_FORGET)`` = 20 batches.
+COST_FORGET = 0.95
+# Batch sizes whose (weighted) variance is below this count as one size.
+_DISTINCT_SIZES = 0.25
+
+
+class CostModel:
+    """How long a batch of ``n`` items takes: ``a + b*n`` seconds, learned online.
+
+    :meth:`observe` adds one measured batch and refits: a weighted least
+    squares line through every batch so far, each older batch weighed down
+    by ``forget`` per new one (recursive least squares with forgetting, in
+    its two-parameter closed form), so the fit follows a model that warms up
+    or a machine whose load changes. ``a`` (the fixed cost of a call) and
+    ``b`` (the cost per item) are never negative. Until batches of at least
+    two sizes have been measured the line cannot be fitted; the model is then
+    proportional (``a = 0``, ``b`` = mean time / mean size), which
+    overestimates batches larger than those seen and so errs towards smaller
+    batches, not missed deadlines. Before any batch it predicts 0.
+
+    The fit is linear, also for a model whose time grows faster than its
+    batch (padding, attention over longer inputs): the line is then fitted
+    through the sizes the stage runs, which are the sizes it is asked about,
+    and it follows as they change. Sizing by tokens rather than items is
+    :attr:`Batch.cost`'s business.
+
+    Usage: ``m = CostModel(); m.observe(8, 0.012); m.predict(16)``
+    """
+
+    __slots__ = ("_forget", "_sn", "_snn", "_snt", "_st", "_w", "a", "b", "samples")
+
+    def __init__(self, forget: float = COST_FORGET) -> None:
+        if not 0 < forget <= 1:
+            raise ValueError(f"CostModel forget must be in (0, 1], got {forget!r}")
+        self._forget = forget
+        self._w = self._sn = self._st = self._snn = self._snt = 0.0
+        self.a = 0.0
+        self.b = 0.0
+        self.samples = 0
+
+    def observe(self, n: int, seconds: float) -> None:
+        """A batch of ``n`` items took ``seconds``: refit ``a`` and ``b``."""
+        f = self._forget
+        self._w = self._w * f + 1.0
+        self._sn = self._sn * f + n
+        self._st = self._st * f + seconds
+        self._snn = self._snn * f + n * n
+        self._snt = self._snt * f + n * seconds
+        self.samples += 1
+        w = self._w
+        mean_n = self._sn / w
+        mean_t = self._st / w
+        var = self._snn / w - mean_n * mean_n
+        if var < _DISTINCT_SIZES:
+            self.a, self.b = 0.0, max(0.0, mean_t / mean_n) if mean_n > 0 else 0.0
+            return
+        b = (self._snt / w - mean_n * mean_t) / var
+        a = mean_t - b * mean_n
+        if b < 0:  # noise: time does not grow with size
+            a, b = mean_t, 0.0
+        elif a < 0:  # the line through the origin that fits best
+            a, b = 0.0, self._snt / self._snn
+        self.a, self.b = max(0.0, a), b
+
+    def predict(self, n: int) -> float:
+        """Seconds a batch of ``n`` items is expected to take."""
+        return self.a + self.b * n
+
+    def largest(self, seconds: float, limit: int) -> int:
+        """The largest batch, at most ``limit``, expected to take at most ``seconds`` (0: none)."""
+        if self.a + self.b > seconds:
+            return 0
+        if self.b <= 0:
+            return limit
+        return max(1, min(limit, int((seconds - self.a) / self.b)))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlinePick:
+    """What :func:`pick_by_deadline` removed from the queue.
+
+    ``late``: items that cannot meet their deadline even in a batch of one
+    (to fail with ``DeadlineExceeded``, uncalled); ``batch``: the next batch,
+    most urgent first; ``cut``: the deadline, not the limits, kept it smaller
+    than what waited.
+    """
+
+    late: list[Any]
+    batch: list[Any]
+    cut: bool
+
+
+def pick_by_deadline(
+    queue: deque[Any],
+    options: Batch,
+    model: CostModel,
+    slack: Callable[[Any], float],
+    limit: int | None = None,
+) -> DeadlinePick:
+    """Remove the late items and the next batch from ``queue``, earliest deadline first.
+
+    ``slack(item)`` is the seconds left until the item's deadline. An item
+    whose slack is below the predicted time of a batch of one is late. The
+    batch is the ``n`` most urgent of the others, ``n`` as large as the model
+    predicts still finishes within the most urgent one's slack, within
+    ``max_size`` (or ``limit``, a fair share) and ``max_cost`` (padded, as
+    :func:`pick_batch` counts it). What is not taken stays, in its order.
+    """
+    size = options.max_size if limit is None else max(1, min(limit, options.max_size))
+    one = model.predict(1)
+    items = list(queue)
+    keyed = sorted((slack(x), i) for i, x in enumerate(items))
+    slacks = [s for s, _ in keyed]
+    order = [i for _, i in keyed]
+    k = 0
+    while k < len(order) and slacks[k] < one:
+        k += 1
+    late = [items[i] for i in order[:k]]
+    rest = order[k:]
+    chosen: list[int] = []
+    cut = False
+    if rest:
+        fit = max(1, model.largest(slacks[k], size))
+        cut = fit < min(len(rest), size)
+        budget = options.max_cost if options.cost is not None else None
+        widest = 0.0
+        for i in rest[:fit]:
+            if budget is not None:
+                c = max(widest, items[i].cost)
+                if chosen and (len(chosen) + 1) * c > budget:
+                    cut = False  # the cost budget, a limit, ended it
+                    break
+                widest = c
+            chosen.append(i)
+    if late or chosen:
+        gone = set(order[:k]) | set(chosen)
+        queue.clear()
+        queue.extend(x for i, x in enumerate(items) if i not in gone)
+    return DeadlinePick(late, [items[i] for i in chosen], cut)
+
+
+def deadline_hold(options: Batch, model: CostModel, slacks: Sequence[float]) -> float:
+    """Seconds a free worker may still hold a batch for more items (0: dispatch now).
+
+    ``slacks``: seconds left until each waiting item's deadline. The batch
+    may wait while one more item would still let the most urgent item that
+    can make its deadline finish in time: that item's slack less the
+    predicted time of a batch one larger. Never for a full batch, with
+    ``linger=0``, or before the model has measured a batch. (The worker
+    starts holding only under load, as it lingers: see ``Batch.latency_target``.)
+    """
+    waiting = len(slacks)
+    if options.linger == 0 or not model.samples or not waiting or waiting >= options.max_size:
+        return 0.0
+    one = model.predict(1)
+    urgent = min((s for s in slacks if s >= one), default=None)
+    if urgent is None:
+        return 0.0
+    return max(0.0, urgent - model.predict(waiting + 1))
 
 
 class _Costed(Protocol):

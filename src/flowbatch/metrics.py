@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .batching import CostModel
+
 __all__ = [
     "PER_OCTAVE",
     "DeviceStats",
@@ -305,6 +307,15 @@ class StageStats:
     calls it may have in flight now (None for a fixed concurrency);
     ``backpressured`` the calls that raised ``fb.Backpressure`` (their items
     were queued again, not counted in ``retried``).
+
+    Why batches went out: ``batch_reasons`` counts the batches dispatched per
+    reason (``full``, ``worker_free``, ``max_wait``, ``linger``, ``deadline``,
+    ``drain``; see ``flowbatch.batching.REASONS``) and ``batch_reason_items``
+    the items in them (:meth:`mean_batch_size_by_reason`). A batch retried
+    whole or split after an error is one dispatch, though more calls
+    (``batches``). ``batch_time_fit``: with ``Batch(latency_target=...)``,
+    the learned ``(a, b)``: a batch of ``n`` is expected to take ``a + b*n``
+    seconds (``None`` otherwise, or before a batch has run).
     """
 
     name: str
@@ -332,6 +343,15 @@ class StageStats:
     devices: tuple[DeviceStats, ...] = ()
     concurrency_limit: int | None = None
     backpressured: int = 0
+    batch_reasons: dict[str, int] = field(default_factory=dict)
+    batch_reason_items: dict[str, int] = field(default_factory=dict)
+    batch_time_fit: tuple[float, float] | None = None
+
+    def mean_batch_size_by_reason(self) -> dict[str, float]:
+        """The mean size of the batches dispatched for each reason."""
+        return {
+            r: self.batch_reason_items.get(r, 0) / n for r, n in self.batch_reasons.items() if n
+        }
 
     def since(self, prev: StageStats, seconds: float) -> StageStats:
         """What the stage did in the ``seconds`` after ``prev`` was taken.
@@ -348,6 +368,8 @@ class StageStats:
             sizes = {k: v - prev.batch_sizes.get(k, 0) for k, v in self.batch_sizes.items()}
         else:
             batches, items, sizes = self.batches, self.mean_batch_size * self.batches, {}
+        reasons = _increases(self.batch_reasons, prev.batch_reasons)
+        reason_items = _increases(self.batch_reason_items, prev.batch_reason_items)
         return dataclasses.replace(
             self,
             done=int(_increase(self.done, prev.done)),
@@ -363,6 +385,8 @@ class StageStats:
             mean_batch_size=items / batches if batches else 0.0,
             batch_sizes={k: v for k, v in sizes.items() if v > 0},
             batch_cost=self.batch_cost.since(prev.batch_cost),
+            batch_reasons={k: v for k, v in reasons.items() if v > 0},
+            batch_reason_items={k: v for k, v in reason_items.items() if reasons.get(k)},
             restarts=int(_increase(self.restarts, prev.restarts)),
             backpressured=int(_increase(self.backpressured, prev.backpressured)),
         )
@@ -581,6 +605,7 @@ class StageMetrics:
         "batch_sizes",
         "batched_items",
         "batches",
+        "cost_model",
         "done",
         "dropped",
         "executor",
@@ -590,6 +615,8 @@ class StageMetrics:
         "limit",
         "name",
         "padded_cost",
+        "reason_batches",
+        "reason_items",
         "retried",
         "running",
         "service",
@@ -619,6 +646,10 @@ class StageMetrics:
         # fb.Adaptive: the stage's current limit (its StageRun sets it)
         self.limit: int | None = None
         self.backpressured = 0
+        self.reason_batches: dict[str, int] = {}
+        self.reason_items: dict[str, int] = {}
+        # Batch(latency_target=...): the learned batch time (the worker loop sets it).
+        self.cost_model: CostModel | None = None
 
     def served(self, slot: int, started: float, now: float) -> None:
         """Worker ``slot``'s call that began at ``started`` has returned."""
@@ -633,6 +664,11 @@ class StageMetrics:
         if costs:
             self.batch_cost.buf.append(sum(costs))
             self.padded_cost += size * max(costs)
+
+    def dispatched(self, reason: str, size: int) -> None:
+        """A batch of ``size`` items went out for ``reason`` (``batching.REASONS``)."""
+        self.reason_batches[reason] = self.reason_batches.get(reason, 0) + 1
+        self.reason_items[reason] = self.reason_items.get(reason, 0) + size
 
     def fold(self) -> None:
         self.service.fold()
@@ -666,6 +702,13 @@ class StageMetrics:
             padding_waste=1.0 - cost.total / self.padded_cost if self.padded_cost else 0.0,
             concurrency_limit=self.limit,
             backpressured=self.backpressured,
+            batch_reasons=dict(self.reason_batches),
+            batch_reason_items=dict(self.reason_items),
+            batch_time_fit=(
+                (model.a, model.b)
+                if (model := self.cost_model) is not None and model.samples
+                else None
+            ),
         )
 
 
@@ -706,8 +749,13 @@ def _unused(s: StageStats) -> StageStats:
     return dataclasses.replace(
         s, done=0, failed=0, retried=0, expired=0, dropped=0, busy_seconds=0.0,
         service_time=Summary(), queue_wait=Summary(), batches=0, mean_batch_size=0.0,
-        batch_sizes={}, batch_cost=Summary(),
+        batch_sizes={}, batch_cost=Summary(), batch_reasons={}, batch_reason_items={},
     )
+
+
+def _increases(cur: Mapping[str, int], prev: Mapping[str, int]) -> dict[str, int]:
+    """Per-key counter increases (a key whose counter went down was reset)."""
+    return {k: int(_increase(v, prev.get(k, 0))) for k, v in cur.items()}
 
 
 def _plain(v: Any) -> Any:

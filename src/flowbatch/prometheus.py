@@ -251,6 +251,7 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         pending, busy, busy_ratio, wait, service, bsize, bcost, waste, bottleneck,
     )
     yield from _device_families(stats)
+    yield from _batch_families(stats)
     yield from _limit_families(stats)
 
 
@@ -274,6 +275,43 @@ def _limit_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
             pushed.add_metric([name, st.name], st.backpressured)
     yield limit
     yield pushed
+
+
+def _batch_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
+    """Why batches went out, and the learned batch time (``Batch(latency_target=...)``)."""
+    per_reason = ["pipeline", "stage", "reason"]
+    pss = ["pipeline", "stage"]
+    batches = CounterMetricFamily(
+        "flowbatch_stage_batches",
+        "Batches dispatched, by why they went out: full, worker_free, max_wait, linger, "
+        "deadline, drain.",
+        labels=per_reason,
+    )
+    items = CounterMetricFamily(
+        "flowbatch_stage_batch_items",
+        "Items in the batches dispatched, by reason (mean batch size = this / batches).",
+        labels=per_reason,
+    )
+    fixed = GaugeMetricFamily(
+        "flowbatch_stage_batch_time_fixed_seconds",
+        "Learned fixed time of a batch call, a in a + b*n (Batch latency_target).",
+        labels=pss,
+    )
+    per_item = GaugeMetricFamily(
+        "flowbatch_stage_batch_time_per_item_seconds",
+        "Learned time per item of a batch call, b in a + b*n (Batch latency_target).",
+        labels=pss,
+    )
+    for name, s in stats:
+        for st in s.stages:
+            for reason, n in st.batch_reasons.items():
+                batches.add_metric([name, st.name, reason], n)
+                items.add_metric([name, st.name, reason], st.batch_reason_items.get(reason, 0))
+            if st.batch_time_fit is not None:
+                a, b = st.batch_time_fit
+                fixed.add_metric([name, st.name], a)
+                per_item.add_metric([name, st.name], b)
+    yield from (batches, items, fixed, per_item)
 
 
 def _device_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:

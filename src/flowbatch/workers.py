@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from types import CoroutineType
 from typing import Any
@@ -27,11 +28,16 @@ from typing import Any
 from .batching import (
     LINGER_GAP,
     Batch,
+    CostModel,
+    DeadlinePick,
+    deadline_hold,
+    dispatch_reason,
     fair_share,
     holds_open,
     linger_bound,
     linger_target,
     pick_batch,
+    pick_by_deadline,
 )
 from .envelope import Item
 from .errors import Backpressure, BatchContractError, DeadlineExceeded, PipelineClosed
@@ -357,13 +363,21 @@ class Workers:
     # --------------------------------------------------------------- batched
 
     async def run_batched(self, sr: StageRun, slot: int) -> None:
-        """One worker slot of a batched stage: takes what is waiting, up to the limit."""
+        """One worker slot of a batched stage: takes what is waiting, up to the limit.
+
+        Each batch is labelled with why it went out (``batching.REASONS``),
+        counted in the stage's metrics.
+        """
         ch = sr.inq
         opts = sr.batch
         assert opts is not None
-        holding = sr.metrics.holding
+        m = sr.metrics
+        holding = m.holding
         ledger = self.ledger
         time = self.loop.time
+        if opts.latency_target is not None and m.cost_model is None:
+            m.cost_model = CostModel()  # shared by the stage's workers
+        model = m.cost_model
         last = 1  # this worker's previous batch: how many callers it just answered
         while True:
             if not len(ch):
@@ -371,19 +385,25 @@ class Workers:
                     return
             # A device's learned memory caps lower max_size / max_cost (devices.py).
             options = opts if sr.limits is None else sr.limits(opts)
-            if not self.flushing:
-                if holds_open(options, len(ch)):
-                    await self._hold_open(sr, options)
-                    if not len(ch):
-                        continue
-                else:
-                    want = linger_target(options, len(ch), last)
-                    if want:
-                        await self._linger(sr, want)
+            held: str | None = None
+            if model is not None:
+                picked, held = await self._deadline_batch(sr, options, model, last)
+            else:
+                if not self.flushing:
+                    if holds_open(options, len(ch)):
+                        await self._hold_open(sr, options)
+                        held = "max_wait"
                         if not len(ch):
                             continue
-            share = fair_share(len(ch), holding)
-            picked = ch.take(functools.partial(pick_batch, options=options, limit=share))
+                    else:
+                        want = linger_target(options, len(ch), last)
+                        if want and await self._linger(sr, want):
+                            held = "linger"
+                            if not len(ch):
+                                continue
+                share = fair_share(len(ch), holding)
+                picked = ch.take(functools.partial(pick_batch, options=options, limit=share))
+            left = len(ch)
             batch: list[Item] = []
             now = time()
             for item in picked:
@@ -396,11 +416,96 @@ class Workers:
                     batch.append(item)
             if batch:
                 last = len(batch)
+                m.dispatched(
+                    dispatch_reason(held, len(picked), left, options.max_size, self.flushing),
+                    last,
+                )
                 await self.run_batch(sr, slot, batch, first=True)
                 # Let the callers answered by this batch run (and submit their
                 # next items) before this worker forms its next batch; else a
                 # closed loop of callers sees a run of tiny batches.
                 await asyncio.sleep(0)
+
+    def _slack(self, target: float) -> Callable[[Item], float]:
+        """Seconds left until an item's deadline, as of now: its own
+        (``submit(timeout=...)``, on the loop's clock) or its arrival at the
+        stage plus ``target`` (on the runner's clock), whichever comes first."""
+        loop_now = self.loop.time()
+        limit = target - self.clock()
+
+        def slack(item: Item) -> float:
+            s = item.t_enq + limit
+            d = item.root.deadline
+            return s if d is None or d - loop_now >= s else d - loop_now
+
+        return slack
+
+    async def _deadline_batch(
+        self, sr: StageRun, options: Batch, model: CostModel, last: int
+    ) -> tuple[list[Item], str | None]:
+        """``Batch(latency_target=...)``: hold the batch while deadlines allow,
+        then take it earliest deadline first, sized to its most urgent item's
+        deadline; items that cannot make theirs fail here, uncalled.
+
+        Returns the batch and ``"deadline"`` when a deadline cut it short or
+        ended its hold (else None). The hold starts only under load (fewer
+        items waiting than this worker's last batch held): a lone request
+        never waits.
+        """
+        ch = sr.inq
+        target = options.latency_target
+        assert target is not None
+        held: str | None = None
+        if len(ch) < last:
+            while not self.flushing and not ch.closed:
+                slack = self._slack(target)
+                wait = deadline_hold(options, model, [slack(x) for x in ch])
+                if wait <= 0:
+                    if held is not None and len(ch) < options.max_size:
+                        held = "deadline"  # one more item would miss a deadline
+                    break
+                held = "holding"
+                try:
+                    async with asyncio.timeout(wait):
+                        await ch.wait_put()
+                except TimeoutError:
+                    held = "deadline"
+                    break
+        slack = self._slack(target)
+        share = fair_share(len(ch), sr.metrics.holding)
+        picks: list[DeadlinePick] = []
+
+        def pick(q: deque[Item]) -> list[Item]:
+            p = pick_by_deadline(q, options, model, slack, share)
+            picks.append(p)
+            return p.late + p.batch
+
+        ch.take(pick)
+        p = picks[0]
+        if p.late:
+            one = model.predict(1)
+            for item in p.late:
+                self._cannot_make_it(sr, item, slack(item), one)
+        if held == "deadline" or p.cut:
+            return p.batch, "deadline"
+        return p.batch, None  # a hold that ended full, or by a drain, is labelled as such
+
+    def _cannot_make_it(self, sr: StageRun, item: Item, left: float, one: float) -> None:
+        """``item`` cannot meet its deadline in ``sr`` even alone: fail it, uncalled."""
+        ledger = self.ledger
+        if item.root.done:
+            ledger.drop_abandoned(sr, item)
+            return
+        ledger.resolve(
+            item.root,
+            None,
+            DeadlineExceeded(
+                f"item cannot meet its deadline in stage {sr.name!r}: {max(left, 0.0):.3g}s "
+                f"left, a batch of one takes about {one:.3g}s"
+            ),
+        )
+        sr.metrics.expired += 1
+        ledger.retire()
 
     async def _hold_open(self, sr: StageRun, opts: Batch) -> None:
         """Keep a non-full batch open for up to ``max_wait``; a drain ends it at once."""
@@ -410,7 +515,7 @@ class Workers:
                 while len(ch) < opts.max_size and not self.flushing:
                     await ch.wait_put()
 
-    async def _linger(self, sr: StageRun, want: int) -> None:
+    async def _linger(self, sr: StageRun, want: int) -> bool:
         """Under load: wait (briefly) for ``want`` items before taking a batch.
 
         The callers a batch answered usually send their next item at once, so
@@ -418,13 +523,14 @@ class Workers:
         one or two already waiting would run a near-empty batch (as costly as
         a full one on most models) while the burst waits behind it. Returns
         once ``want`` items wait, once no item has come for a gap, after the
-        linger's bound, or when a drain begins.
+        linger's bound, or when a drain begins. False when it did not wait
+        at all (a bound of 0: no service time measured yet).
         """
         opts = sr.batch
         assert opts is not None
         bound = linger_bound(opts, sr.service_time)
         if bound <= 0:
-            return
+            return False
         time = self.loop.time
         ch = sr.inq
         gap = bound * LINGER_GAP
@@ -432,12 +538,13 @@ class Workers:
         while len(ch) < want and not self.flushing:
             left = end - time()
             if left <= 0:
-                return
+                return True
             try:
                 async with asyncio.timeout(min(gap, left)):
                     await ch.wait_put()
             except TimeoutError:
-                return  # nothing came for a gap: the burst is over
+                return True  # nothing came for a gap: the burst is over
+        return True
 
     async def run_batch(self, sr: StageRun, slot: int, batch: list[Item], first: bool) -> None:
         """Call the stage on ``batch``; pass each result on or report its error."""
@@ -473,6 +580,8 @@ class Workers:
         t1 = clock()
         m.served(slot, t0, t1)
         sr.measured(t1 - t0)
+        if m.cost_model is not None:
+            m.cost_model.observe(n, t1 - t0)
         results = check_batch(sr, outs, n)
         if isinstance(results, BatchContractError):
             for item in batch:

@@ -18,6 +18,7 @@ import flowbatch as fb
 from flowbatch.metrics import quantile
 from flowbatch.observe.top import compute, metrics_url, parse, render, top
 from flowbatch.prometheus import render as exposition
+from polling import until
 
 
 async def fast(x: int) -> int:
@@ -115,3 +116,40 @@ def test_top_in_tmux_names_the_bottleneck_of_a_live_server() -> None:
     assert set(rows) >= {"prep", "embed", "store"}, screen
     assert "▶embed" in rows["embed"]  # the marker sits on the bottleneck's row
     assert "pipeline demo" in screen and "items/s" in screen and "latency p50" in screen
+
+
+def test_why_batches_went_out_is_read_back_and_shown() -> None:
+    release = asyncio.Event()
+    calls: list[list[int]] = []
+
+    async def held(xs: list[int]) -> list[int]:
+        calls.append(list(xs))
+        if len(calls) == 1:
+            await release.wait()
+        return xs
+
+    opts = fb.Batch(max_size=8, latency_target=600, linger=0)
+    pipe = fb.Pipeline([fb.stage(held, name="m", batch=opts)], name="p")
+
+    async def main() -> str:
+        async with pipe.open() as runner:
+            first = asyncio.create_task(runner.submit(0))
+            await until(lambda: len(calls) == 1)
+            rest = [asyncio.create_task(runner.submit(i)) for i in range(1, 12)]
+            await until(lambda: runner.stats().stage("m").queued == 11)
+            release.set()
+            await asyncio.gather(first, *rest)
+            return exposition({"p": runner}).decode()
+
+    cur = parse(asyncio.run(main()))
+    s = cur["p"].stage("m")
+    assert s.batch_reasons == {"worker_free": 2, "full": 1}
+    assert s.mean_batch_size_by_reason() == {"worker_free": 2.0, "full": 8.0}
+    assert s.batch_time_fit is not None
+    (view,) = compute({}, cur, 1.0)
+    (st,) = view.stages
+    assert st.reasons == (("worker_free", 2, 2.0), ("full", 1, 8.0))
+    console = Console(record=True, width=160)
+    console.print(render([view], "http://x/metrics"))
+    screen = console.export_text()
+    assert "batches of m: worker_free 2 (mean 2.0), full 1 (mean 8.0); batch time" in screen

@@ -5,6 +5,9 @@ shows, from the difference between the last two scrapes, per pipeline and
 per stage: throughput, queue depth, in-flight items, utilization (as a bar),
 mean batch size, recent p50/p99 of the stage call, and errors. The stage whose
 workers were busiest in the last interval, the bottleneck, is highlighted.
+Under the table, per batched stage: why its batches went out in the interval
+(full, worker_free, max_wait, linger, deadline, drain) with the mean size of
+each, and the learned batch time ``a + b*n`` where ``latency_target`` is set.
 
 A scrape is read back into :class:`~flowbatch.PipelineStats` and the interval
 is :meth:`~flowbatch.PipelineStats.since`: the same quantiles, utilization and
@@ -73,6 +76,9 @@ class _Stage:
     cost: _Histogram = field(default_factory=_Histogram)
     batch_count: float = 0.0
     batch_sum: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+    reason_items: dict[str, int] = field(default_factory=dict)
+    fit: dict[str, float] = field(default_factory=dict)
     # Stages placed with devices=: figures per (device, replica), and per device.
     replicas: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)
     device_figures: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -123,6 +129,9 @@ class _Stage:
             restarts=int(c("restarts", 0)),
             pending=int(c("pending", 0)),
             devices=self.device_stats(),
+            batch_reasons=dict(self.reasons),
+            batch_reason_items=dict(self.reason_items),
+            batch_time_fit=(self.fit["a"], self.fit["b"]) if len(self.fit) == 2 else None,
         )
 
 
@@ -245,6 +254,14 @@ def parse(text: str) -> dict[str, PipelineStats]:
                 stage(labels).batch_count = v
             elif name == "flowbatch_stage_batch_size_sum":
                 stage(labels).batch_sum = v
+            elif name == "flowbatch_stage_batches_total" and "reason" in labels:
+                stage(labels).reasons[labels["reason"]] = int(v)
+            elif name == "flowbatch_stage_batch_items_total" and "reason" in labels:
+                stage(labels).reason_items[labels["reason"]] = int(v)
+            elif name == "flowbatch_stage_batch_time_fixed_seconds":
+                stage(labels).fit["a"] = v
+            elif name == "flowbatch_stage_batch_time_per_item_seconds":
+                stage(labels).fit["b"] = v
             elif name in _REPLICA_GAUGES and "device" in labels:
                 key = (labels["device"], int(labels.get("replica", "0") or 0))
                 stage(labels).replicas.setdefault(key, {})[_REPLICA_GAUGES[name]] = v
@@ -303,6 +320,11 @@ class StageView:
     wait_p50: float | None
     bottleneck: bool = False
     devices: tuple[DeviceStats, ...] = ()
+    #: Why its batches went out in the interval: (reason, batches, mean size),
+    #: most batches first.
+    reasons: tuple[tuple[str, int, float], ...] = ()
+    #: The learned batch time (a, b): a batch of n takes a + b*n seconds.
+    batch_time_fit: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -358,6 +380,8 @@ def compute(
                     wait_p50=s.queue_wait.p50 if s.queue_wait.count else None,
                     bottleneck=s.name == w.bottleneck,
                     devices=total.devices,
+                    reasons=_reasons(s),
+                    batch_time_fit=total.batch_time_fit,
                 )
             )
         views.append(
@@ -376,6 +400,15 @@ def compute(
             )
         )
     return views
+
+
+def _reasons(s: StageStats) -> tuple[tuple[str, int, float], ...]:
+    means = s.mean_batch_size_by_reason()
+    return tuple(
+        (r, n, means[r])
+        for r, n in sorted(s.batch_reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n > 0
+    )
 
 
 # ------------------------------------------------------------------ rendering
@@ -440,6 +473,18 @@ def _device_lines(st: StageView) -> list[Text]:
     return lines
 
 
+def _batch_line(st: StageView) -> Text | None:
+    """Why a batched stage's batches went out in the interval, and its learned batch time."""
+    if not st.reasons and st.batch_time_fit is None:
+        return None
+    why = ", ".join(f"{r} {n} (mean {mean:.1f})" for r, n, mean in st.reasons) or "none"
+    line = Text(f" batches of {st.name}: {why}")
+    if st.batch_time_fit is not None:
+        a, b = st.batch_time_fit
+        line.append(f"; batch time {_dur(a)} + {_dur(b)}/item")
+    return line
+
+
 def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> RenderableType:
     """The screen for ``views``."""
     parts: list[RenderableType] = []
@@ -482,6 +527,7 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
             (f"failed {v.failed:.0f}", "red" if v.failed else ""),
         )
         placed = [line for st in v.stages for line in _device_lines(st)]
+        placed += [line for st in v.stages if (line := _batch_line(st)) is not None]
         neck = next((st for st in v.stages if st.bottleneck), None)
         foot = (
             Text.assemble(
