@@ -316,6 +316,11 @@ class StageStats:
     (``batches``). ``batch_time_fit``: with ``Batch(latency_target=...)``,
     the learned ``(a, b)``: a batch of ``n`` is expected to take ``a + b*n``
     seconds (``None`` otherwise, or before a batch has run).
+
+    ``replicas``: with ``concurrency=fb.Adaptive(...)`` on a stage whose
+    executor can resize (process workers, Ray actors), the replicas taking
+    calls now (between ``min`` and ``max``; ``workers`` is ``max``); None
+    for other stages.
     """
 
     name: str
@@ -346,6 +351,7 @@ class StageStats:
     batch_reasons: dict[str, int] = field(default_factory=dict)
     batch_reason_items: dict[str, int] = field(default_factory=dict)
     batch_time_fit: tuple[float, float] | None = None
+    replicas: int | None = None
 
     def mean_batch_size_by_reason(self) -> dict[str, float]:
         """The mean size of the batches dispatched for each reason."""

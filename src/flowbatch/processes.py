@@ -278,13 +278,14 @@ class _Requests(asyncio.BaseProtocol):
 
 
 class _Proc:
-    __slots__ = ("answers", "dead", "fut", "process", "ready", "requests")
+    __slots__ = ("answers", "dead", "fut", "process", "ready", "requests", "retired")
 
     def __init__(self, process: Any, fut: asyncio.Future[Any]) -> None:
         self.process = process
         self.fut = fut
         self.dead = False
         self.ready = False  # set once its setup() has succeeded
+        self.retired = False  # stopped by a shrink: its exit is no crash
         self.requests: asyncio.WriteTransport | None = None
         self.answers: asyncio.ReadTransport | None = None
 
@@ -333,9 +334,19 @@ class ProcessExecutor(Executor):
         self._closing = False
         self._broken: BaseException | None = None
         self.restarts = 0
+        # Replicas: the fewest allowed, and the count kept (live, starting or
+        # being replaced); the most is ``workers``.
+        self._lo = 1
+        self._size = workers
+        self._resizing: asyncio.Lock | None = None
 
     async def start(self, stage: Stage | None = None) -> None:
-        procs = await asyncio.gather(*(self._spawn() for _ in range(self.workers)))
+        adaptive = stage.adaptive if stage is not None else None
+        # concurrency=fb.Adaptive(...): start with its start count; the runner
+        # grows and shrinks the pool between min and max (``workers``).
+        self._lo = adaptive.min if adaptive is not None else 1
+        self._size = min(adaptive.start, self.workers) if adaptive is not None else self.workers
+        procs = await asyncio.gather(*(self._spawn() for _ in range(self._size)))
         results = await asyncio.gather(*(p.fut for p in procs), return_exceptions=True)
         for r in results:
             if isinstance(r, WorkerCrashed):  # died before it could answer at all
@@ -403,7 +414,7 @@ class ProcessExecutor(Executor):
             self._own(self._reap(proc, cause))
         # A worker that never got through setup() is not replaced here: its
         # replacer reports the failure (else a broken setup would loop).
-        if not self._closing and proc.ready:
+        if not self._closing and proc.ready and not proc.retired:
             self.restarts += 1
             self._own(self._replace())
 
@@ -441,6 +452,93 @@ class ProcessExecutor(Executor):
             return
         proc.ready = True
         self._idle.put_nowait(proc)
+
+    # ----------------------------------------------------------- resizing
+
+    @property
+    def replicas(self) -> int:
+        """Worker processes kept now: running, starting, or being replaced."""
+        return self._size
+
+    async def resize(self, n: int) -> None:
+        """Run ``n`` worker processes, between the stage's ``Adaptive.min`` (1
+        for a fixed concurrency) and ``workers``: :meth:`grow` or :meth:`shrink`
+        until there. Resizes run one at a time."""
+        if isinstance(n, bool) or not isinstance(n, int) or not self._lo <= n <= self.workers:
+            raise ValueError(
+                f"stage {self.stage!r}: resize({n!r}) is outside "
+                f"[min={self._lo}, max={self.workers}] worker processes"
+            )
+        if self._resizing is None:
+            self._resizing = asyncio.Lock()
+        async with self._resizing:
+            while self._size < n:
+                await self.grow()
+            while self._size > n:
+                await self.shrink()
+
+    async def grow(self) -> None:
+        """Start one more worker process; returns once its ``setup()`` has run
+        and it takes calls. A setup that fails raises its error (the stage
+        keeps the workers it had)."""
+        if self._closing:
+            raise RuntimeError(f"stage {self.stage!r}: the executor is stopping")
+        if self._size >= self.workers:
+            raise ValueError(
+                f"stage {self.stage!r} already runs its most worker processes ({self.workers})"
+            )
+        self._size += 1
+        task = asyncio.get_running_loop().create_task(self._add())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # Shielded: a cancelled caller leaves the start to finish (or stop() to end it).
+        await asyncio.shield(task)
+
+    async def _add(self) -> None:
+        try:
+            proc = await self._spawn()
+            await proc.fut
+        except BaseException as exc:
+            self._size -= 1
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, WorkerCrashed):
+                raise _start_up_error(self.stage, exc) from exc
+            raise _setup_error(self.stage, exc) from exc
+        proc.ready = True
+        self._idle.put_nowait(proc)
+
+    async def shrink(self) -> None:
+        """Stop one worker process once it is idle (its ``teardown()`` runs);
+        never below the minimum. Returns once it has exited."""
+        if self._size <= self._lo:
+            raise ValueError(
+                f"stage {self.stage!r} already runs its fewest worker processes ({self._lo})"
+            )
+        self._size -= 1
+        try:
+            while True:
+                proc = await self._idle.get()
+                if not proc.dead:
+                    break
+                # Died while idle: its replacement is (or will be) in the queue.
+        except BaseException:
+            self._size += 1
+            raise
+        proc.retired = True
+        task = asyncio.get_running_loop().create_task(self._retire(proc))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
+
+    async def _retire(self, proc: _Proc) -> None:
+        if proc.requests is not None and not proc.requests.is_closing():
+            proc.requests.write(_frame(_STOP))
+        await asyncio.to_thread(proc.process.join, 30.0)  # off the loop: teardown() runs
+        if proc.process.is_alive():
+            proc.process.kill()
+            await asyncio.to_thread(proc.process.join, 5.0)
+        self._died(proc)  # closes its transports; no replacement: it was retired
 
     async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
         try:

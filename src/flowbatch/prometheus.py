@@ -252,7 +252,22 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
     )
     yield from _device_families(stats)
     yield from _batch_families(stats)
+    yield from _replica_families(stats)
     yield from _limit_families(stats)
+
+
+def _replica_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
+    """``concurrency=fb.Adaptive(...)`` on a stage that resizes: its replicas now."""
+    replicas = GaugeMetricFamily(
+        "flowbatch_stage_replicas",
+        "Replicas taking calls now, for a stage whose replica count follows the load.",
+        labels=["pipeline", "stage"],
+    )
+    for name, s in stats:
+        for st in s.stages:
+            if st.replicas is not None:
+                replicas.add_metric([name, st.name], st.replicas)
+    yield replicas
 
 
 def _limit_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:

@@ -47,6 +47,7 @@ from .hooks import Hooks
 from .ledger import Ledger
 from .limits import CapacityLimiter
 from .metrics import PipelineStats, StageStats, find_bottleneck
+from .replicas import start_scalers
 from .stagerun import StageRun
 from .workers import Workers
 
@@ -139,6 +140,7 @@ class Runner:
         self._tg: asyncio.TaskGroup | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._folder: asyncio.Task[None] | None = None
+        self._scalers: list[asyncio.Task[None]] = []  # adaptive replicas (replicas.py)
         self._state = "new"  # new -> open -> closing -> closed
         self._aborted: BaseException | None = None
         self._drained: asyncio.Future[None] | None = None
@@ -186,6 +188,7 @@ class Runner:
             for slot in range(sr.spec.concurrency):
                 self._worker_tasks.append(self._tg.create_task(self._guard(workers.run(sr, slot))))
         self._folder = self._tg.create_task(self._fold_periodically())
+        self._scalers = start_scalers(self._tg, self._stages, self._clock)
         self._t_open = self._clock()
         self._state = "open"
         return self
@@ -276,6 +279,8 @@ class Runner:
             self.limiter.total = math.inf  # wake every waiter: the closed queue refuses it
         if self._folder is not None:
             self._folder.cancel()
+        for task in self._scalers:
+            task.cancel()
         tg, self._tg = self._tg, None
         try:
             if tg is not None:
@@ -708,6 +713,8 @@ class Runner:
         ex = sr.executor
         if isinstance(ex, DeviceExecutor):
             snap = dataclasses.replace(snap, devices=ex.device_stats())
+        if sr.scaler is not None:
+            snap = dataclasses.replace(snap, replicas=sr.scaler.replicas)
         if ex.restarts or ex.pending:
             return dataclasses.replace(snap, restarts=ex.restarts, pending=ex.pending)
         return snap

@@ -379,10 +379,16 @@ class Workers:
             m.cost_model = CostModel()  # shared by the stage's workers
         model = m.cost_model
         last = 1  # this worker's previous batch: how many callers it just answered
+        gate = sr.gate
         while True:
             if not len(ch):
                 if not await ch.wait_nonempty():
                     return
+            if gate is not None:
+                await gate.acquire()  # the stage's current limit (fb.Adaptive)
+                if not len(ch):  # another slot took them while this one waited
+                    gate.release()
+                    continue
             # A device's learned memory caps lower max_size / max_cost (devices.py).
             options = opts if sr.limits is None else sr.limits(opts)
             held: str | None = None
@@ -394,12 +400,16 @@ class Workers:
                         await self._hold_open(sr, options)
                         held = "max_wait"
                         if not len(ch):
+                            if gate is not None:
+                                gate.release()
                             continue
                     else:
                         want = linger_target(options, len(ch), last)
                         if want and await self._linger(sr, want):
                             held = "linger"
                             if not len(ch):
+                                if gate is not None:
+                                    gate.release()
                                 continue
                 share = fair_share(len(ch), holding)
                 picked = ch.take(functools.partial(pick_batch, options=options, limit=share))
@@ -421,10 +431,14 @@ class Workers:
                     last,
                 )
                 await self.run_batch(sr, slot, batch, first=True)
+                if gate is not None:
+                    gate.release()
                 # Let the callers answered by this batch run (and submit their
                 # next items) before this worker forms its next batch; else a
                 # closed loop of callers sees a run of tiny batches.
                 await asyncio.sleep(0)
+            elif gate is not None:
+                gate.release()
 
     def _slack(self, target: float) -> Callable[[Item], float]:
         """Seconds left until an item's deadline, as of now: its own

@@ -1,0 +1,366 @@
+"""Replicas that follow the load: the controller on a fake clock, the process
+executor's resize, and a runner whose process stage grows and shrinks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from itertools import pairwise
+from typing import Any
+
+import pytest
+
+import flowbatch as fb
+from flowbatch.processes import ProcessExecutor
+from flowbatch.prometheus import render
+from flowbatch.replicas import ReplicaController, ReplicaRule, can_resize
+from polling import until
+
+# ------------------------------------------------------------ the controller
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Simulated:
+    """A stage of ``replicas`` servers of ``rate`` items/s each, fed ``load``
+    items/s (a fluid model), observed every ``dt`` seconds by a controller
+    whose wishes are carried out at once."""
+
+    def __init__(self, ctl: ReplicaController, clock: FakeClock, rate: float = 100.0) -> None:
+        self.ctl = ctl
+        self.clock = clock
+        self.rate = rate
+        self.backlog = 0.0
+        self.history: list[tuple[float, int]] = []
+
+    def run(self, seconds: float, load: float, noise: float = 0.0, dt: float = 0.5,
+            rng: random.Random | None = None) -> None:
+        for _ in range(round(seconds / dt)):
+            self.clock.now += dt
+            offered = load * (1 + noise * (2 * rng.random() - 1)) if rng else load
+            n = self.ctl.replicas
+            work = self.backlog + offered * dt
+            done = min(work, n * self.rate * dt)
+            self.backlog = work - done
+            want = self.ctl.observe(
+                backlog=int(self.backlog), busy=done / (self.rate * dt), throughput=done / dt
+            )
+            if want != n:
+                self.ctl.resized(want)
+            self.history.append((self.clock.now, self.ctl.replicas))
+
+    def first_time(self, after: float, replicas: int) -> float:
+        return next(t for t, n in self.history if t > after and n == replicas) - after
+
+
+def controller(lo: int = 1, hi: int = 4, start: int = 1, **rule: Any) -> tuple[
+    ReplicaController, FakeClock
+]:
+    clock = FakeClock()
+    return ReplicaController(lo, hi, start, ReplicaRule(**rule), clock), clock
+
+
+def test_replicas_follow_a_load_step_up_and_back_down() -> None:
+    ctl, clock = controller(hi=4)
+    sim = Simulated(ctl, clock)
+    t0 = clock.now
+    sim.run(30, load=40)  # 10% of 4 x 100/s
+    assert ctl.replicas == 1
+    up = clock.now
+    sim.run(60, load=400)  # 100%
+    assert ctl.replicas == 4
+    assert sim.first_time(up, 4) <= 10.0
+    down = clock.now
+    sim.run(60, load=40)  # back to 10%
+    assert ctl.replicas == 1
+    # ~5 s to work off the backlog built while growing, then down_after (5 s).
+    assert sim.first_time(down, 1) <= 11.0
+    # Each direction in few steps, never back and forth.
+    counts = [n for t, n in sim.history if t > t0]
+    ups = [b for a, b in pairwise(counts) if b > a]
+    downs = [b for a, b in pairwise(counts) if b < a]
+    assert 1 <= len(ups) <= 3 and 1 <= len(downs) <= 3
+    peak = counts.index(4)  # up, then down: never a step against the load
+    assert counts[: peak + 1] == sorted(counts[: peak + 1])
+    assert counts[peak:] == sorted(counts[peak:], reverse=True)
+
+
+def test_the_step_up_is_sized_by_the_arrival_rate() -> None:
+    ctl, clock = controller(hi=8)
+    sim = Simulated(ctl, clock)
+    sim.run(3, load=380)  # 3.8 replicas' worth while one runs
+    grown = [n for _, n in sim.history if n > 1]
+    assert grown and grown[0] == 2  # at most doubling per step
+    sim.run(30, load=380)
+    # Enough for the load and to work off the backlog built meanwhile; not max.
+    assert 4 <= ctl.replicas <= 6 and sim.backlog == 0
+    settled = ctl.replicas
+    sim.run(120, load=380)
+    assert ctl.replicas == settled  # steady load, steady count
+
+
+@pytest.mark.parametrize("load", [170.0, 60.0])
+def test_no_thrash_under_noisy_load_near_a_threshold(load: float) -> None:
+    # 170/s on 2 x 100/s sits at the up threshold (85%); 60/s is where one
+    # replica fewer would sit at the down threshold (60%).
+    ctl, clock = controller(hi=4, start=2)
+    sim = Simulated(ctl, clock)
+    sim.run(600, load=load, noise=0.15, rng=random.Random(7))
+    counts = [n for _, n in sim.history]
+    steps = [b - a for a, b in pairwise(counts) if b != a]
+    assert len(steps) <= 1, steps  # at most one move, never back
+
+
+def test_bounds_are_kept() -> None:
+    ctl, clock = controller(lo=2, hi=3, start=2)
+    sim = Simulated(ctl, clock)
+    sim.run(60, load=400)  # 4 replicas' worth
+    assert ctl.replicas == 3 and max(n for _, n in sim.history) == 3
+    sim.run(120, load=0)
+    assert ctl.replicas == 2 and min(n for _, n in sim.history) == 2
+    ctl.resized(9)
+    assert ctl.replicas == 3
+    with pytest.raises(ValueError, match="outside"):
+        ReplicaController(1, 2, 3)
+    with pytest.raises(ValueError, match="min <= max"):
+        ReplicaController(3, 2, 2)
+
+
+def test_rule_values_are_checked() -> None:
+    with pytest.raises(ValueError, match="must be below up_util"):
+        ReplicaRule(up_util=0.5, down_util=0.6)
+    with pytest.raises(ValueError, match="tick must be > 0"):
+        ReplicaRule(tick=0)
+    with pytest.raises(ValueError, match="up_util must be a number in"):
+        ReplicaRule(up_util=1.5)
+
+
+def test_cooldown_after_a_change_and_a_break_in_the_load_resets_the_wait() -> None:
+    ctl, clock = controller(hi=4, up_after=2.0, cooldown=5.0)
+
+    def tick(busy: float, backlog: int) -> int:
+        clock.now += 0.5
+        want = ctl.observe(backlog=backlog, busy=busy, throughput=100.0 * busy)
+        if want != ctl.replicas:
+            ctl.resized(want)
+        return ctl.replicas
+
+    for _ in range(3):  # saturated for 1.5 s: not yet
+        assert tick(1.0, 50) == 1
+    assert tick(0.5, 0) == 1  # a break: the wait starts again
+    for _ in range(4):
+        assert tick(1.0, 50) == 1
+    assert tick(1.0, 50) == 2  # saturated for 2 s
+    for _ in range(9):  # 4.5 s of cool-down: saturated, no change
+        assert tick(2.0, 500) == 2
+    for _ in range(6):
+        tick(2.0, 500)
+    assert ctl.replicas > 2
+
+
+def test_a_backlog_that_drains_by_itself_adds_nothing() -> None:
+    def wishes(backlogs: list[int]) -> list[int]:
+        ctl, clock = controller(hi=4, up_after=2.0)
+        out = []
+        for b in backlogs:
+            clock.now += 0.5
+            out.append(ctl.observe(backlog=b, busy=1.0, throughput=300.0))
+        return out
+
+    # Saturated with a backlog for 2 s, but it falls 200/s and is nearly gone.
+    assert wishes([420, 320, 220, 120, 20, 0, 0]) == [1] * 7
+    # The same backlog, standing still: one more replica.
+    assert wishes([420] * 5)[-1] == 2
+
+
+# ------------------------------------------------------- process executor
+
+
+def worker_pid(x: int) -> int:
+    return os.getpid()
+
+
+def spin(x: int) -> int:
+    """A CPU call of about 10 ms."""
+    end = time.perf_counter() + 0.01
+    while time.perf_counter() < end:
+        pass
+    return x * 2
+
+
+def crash_on_13(x: int) -> int:
+    if x == 13:
+        os._exit(7)
+    return x
+
+
+class FailingSetup:
+    def setup(self) -> None:
+        if os.environ.get("FB_TEST_FAIL_SETUP") == "1":
+            raise RuntimeError("no model here")
+
+    def __call__(self, x: int) -> int:
+        return x
+
+
+def test_process_executor_grows_and_shrinks_between_its_bounds() -> None:
+    st = fb.stage(worker_pid, executor="process", concurrency=fb.Adaptive(min=1, max=3))
+    ex = ProcessExecutor(worker_pid, 3, "w")
+    assert can_resize(ex)
+
+    async def main() -> None:
+        await ex.start(st)
+        try:
+            assert ex.replicas == 1 and len(ex._procs) == 1
+            await ex.resize(3)
+            assert ex.replicas == 3
+            pids = set(await asyncio.gather(*(ex.call(i, None) for i in range(30))))
+            assert len(pids) >= 2  # calls spread over the new workers
+            procs = list(ex._procs)
+            await ex.shrink()
+            assert ex.replicas == 2
+            gone = [p for p in procs if p.dead]
+            assert len(gone) == 1 and not gone[0].process.is_alive()
+            await ex.resize(1)
+            assert ex.replicas == 1 and len(ex._procs) == 1
+            assert ex.restarts == 0  # retired, not crashed
+            with pytest.raises(ValueError, match=r"outside \[min=1, max=3\]"):
+                await ex.resize(0)
+            with pytest.raises(ValueError, match="fewest worker processes"):
+                await ex.shrink()
+            assert await ex.call(5, None) == next(iter(ex._procs)).process.pid
+        finally:
+            await ex.stop()
+
+    asyncio.run(main())
+
+
+def test_a_grow_whose_setup_fails_keeps_the_stage_running(monkeypatch: Any) -> None:
+    st = fb.stage(FailingSetup(), executor="process", concurrency=fb.Adaptive(min=1, max=2))
+    ex = ProcessExecutor(FailingSetup(), 2, "m")
+
+    async def main() -> None:
+        await ex.start(st)
+        try:
+            monkeypatch.setenv("FB_TEST_FAIL_SETUP", "1")  # the next spawn inherits it
+            with pytest.raises(fb.PipelineError, match="no model here"):
+                await ex.grow()
+            assert ex.replicas == 1 and ex.restarts == 0
+            assert await ex.call(4, None) == 4
+        finally:
+            await ex.stop()
+
+    asyncio.run(main())
+
+
+def test_a_crash_while_growing_fails_only_its_call() -> None:
+    st = fb.stage(crash_on_13, executor="process", concurrency=fb.Adaptive(min=1, max=2))
+    ex = ProcessExecutor(crash_on_13, 2, "c")
+
+    async def main() -> None:
+        await ex.start(st)
+        try:
+            grow = asyncio.ensure_future(ex.grow())
+            got = await asyncio.gather(*(ex.call(i, None) for i in (12, 13, 14)),
+                                       return_exceptions=True)
+            await grow
+            assert got[0] == 12 and got[2] == 14
+            assert isinstance(got[1], fb.WorkerCrashed)
+            assert ex.replicas == 2
+            await until(lambda: ex.restarts == 1 and len(ex._procs) == 2)
+            assert await ex.call(1, None) == 1
+        finally:
+            await ex.stop()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------- in a runner
+
+
+def test_a_process_stage_grows_under_a_backlog_then_shrinks_when_idle() -> None:
+    clock = FakeClock()
+    pipe = fb.Pipeline([
+        fb.stage(spin, name="cpu", executor="process", concurrency=fb.Adaptive(min=1, max=2))
+    ])
+
+    async def main() -> None:
+        async with pipe.open(clock=clock) as runner:
+            assert runner.stats().stage("cpu").replicas == 1
+            grown = False
+
+            async def source() -> AsyncIterator[int]:
+                i = 0
+                while not grown or i % 50:  # keep a backlog until it has grown
+                    yield i
+                    i += 1
+
+            async def consume() -> list[int]:
+                return [y async for y in runner.map(source(), window=8)]
+
+            results = asyncio.ensure_future(consume())
+
+            def advanced(replicas: int) -> bool:
+                clock.now += 0.05  # the runner's clock: the scaler's seconds
+                return runner.stats().stage("cpu").replicas == replicas
+
+            await until(lambda: advanced(2), what="a second replica")
+            grown = True
+            out = await results
+            assert out == [2 * i for i in range(len(out))]  # every item answered
+            text = render({"p": runner}).decode()
+            assert 'flowbatch_stage_replicas{pipeline="p",stage="cpu"} 2.0' in text
+            # Idle now: after the quiet period the extra replica goes.
+            await until(lambda: advanced(1), what="back to one replica")
+            stats = runner.stats().stage("cpu")
+            assert stats.restarts == 0 and stats.workers == 2
+            assert await runner.submit(21) == 42
+
+    asyncio.run(main())
+
+
+class Blocking:
+    """A batched thread stage whose calls wait until released."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = threading.Event()
+
+    def __call__(self, xs: list[int]) -> list[int]:
+        self.calls += 1
+        self.release.wait(30)
+        return xs
+
+
+def test_a_batched_stage_runs_no_more_batches_than_its_gate_allows() -> None:
+    fn = Blocking()
+    pipe = fb.Pipeline([
+        fb.stage(fn, name="b", executor="thread", batch=fb.Batch(max_size=2),
+                 concurrency=fb.Adaptive(min=1, max=2))
+    ])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            sr = runner._stages[0]
+            gate = sr.gate
+            assert gate is not None and gate.total == 1
+            futs = [runner.submit_nowait(i) for i in range(4)]
+            await until(lambda: fn.calls == 1 and gate.waiting == 1, what="one batch, one waiter")
+            assert fn.calls == 1  # the second slot waits at the gate, not in a call
+            gate.total = 2  # what a controller does when it allows one more
+            await until(lambda: fn.calls == 2, what="the second batch")
+            fn.release.set()
+            assert sorted(await asyncio.gather(*futs)) == [0, 1, 2, 3]
+            assert gate.borrowed == 0
+
+    asyncio.run(main())
