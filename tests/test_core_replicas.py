@@ -350,8 +350,10 @@ def test_a_batched_stage_runs_no_more_batches_than_its_gate_allows() -> None:
     ])
 
     async def main() -> None:
-        async with pipe.open() as runner:
+        # A clock that stands still: the stage's replica scaler never moves the gate.
+        async with pipe.open(clock=FakeClock()) as runner:
             sr = runner._stages[0]
+            assert sr.scaler is not None and not sr.scaler.resizes
             gate = sr.gate
             assert gate is not None and gate.total == 1
             futs = [runner.submit_nowait(i) for i in range(4)]
@@ -362,5 +364,100 @@ def test_a_batched_stage_runs_no_more_batches_than_its_gate_allows() -> None:
             fn.release.set()
             assert sorted(await asyncio.gather(*futs)) == [0, 1, 2, 3]
             assert gate.borrowed == 0
+
+    asyncio.run(main())
+
+
+class Elastic(fb.Executor):
+    """An executor whose replica count the runner sets with a plain ``resize(n)``
+    (as Ray's is): it starts at its most, refuses more than ``cap``, and its
+    calls wait until the test releases them."""
+
+    def __init__(self, cap: int) -> None:
+        self.replicas = 3
+        self.cap = cap
+        self.sizes: list[int] = []
+        self.refused: list[int] = []
+        self.running = 0
+        self.release: asyncio.Event | None = None
+
+    def resize(self, n: int) -> None:
+        if n > self.cap:
+            self.refused.append(n)
+            raise ValueError(f"resize({n}) is over the cap of {self.cap}")
+        self.sizes.append(n)
+        self.replicas = n
+
+    async def start(self, stage: Any) -> None:
+        self.release = asyncio.Event()
+
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
+        assert self.release is not None
+        self.running += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return arg
+
+    async def stop(self) -> None:
+        pass
+
+
+def test_the_runner_drives_any_executor_that_can_resize(caplog: Any) -> None:
+    clock = FakeClock()
+    ex = Elastic(cap=2)
+    pipe = fb.Pipeline([
+        fb.stage(worker_pid, name="e", executor=ex, concurrency=fb.Adaptive(min=1, max=3))
+    ])
+
+    def advanced(cond: Any) -> Any:
+        clock.now += 0.05
+        return cond()
+
+    async def main() -> None:
+        async with pipe.open(clock=clock) as runner:
+            await until(lambda: ex.sizes == [1], what="the executor set to Adaptive.start")
+            futs = [runner.submit_nowait(i) for i in range(10)]
+            await until(lambda: ex.running == 1)
+            await until(lambda: advanced(lambda: ex.sizes[-1] == 2), what="a second replica")
+            assert runner.stats().stage("e").replicas == 2
+            await until(lambda: ex.running == 2, what="a second call in flight")
+            # Still saturated: it asks for a third, which the executor refuses.
+            await until(lambda: advanced(lambda: ex.refused), what="a refused resize")
+            assert runner.stats().stage("e").replicas == 2 and runner._stages[0].gate.total == 2
+            assert "could not resize to 3 replicas" in caplog.text
+            assert ex.release is not None
+            ex.release.set()
+            assert await asyncio.gather(*futs) == list(range(10))
+            await until(lambda: advanced(lambda: ex.sizes[-1] == 1), what="back to one")
+            assert runner.stats().stage("e").replicas == 1
+
+    asyncio.run(main())
+
+
+def test_a_batched_thread_stage_lets_another_worker_in_under_a_backlog() -> None:
+    # Threads cannot resize: all max workers are set up, and the count sets
+    # how many take calls.
+    fn = Blocking()
+    clock = FakeClock()
+    pipe = fb.Pipeline([
+        fb.stage(fn, name="b", executor="thread", batch=fb.Batch(max_size=2),
+                 concurrency=fb.Adaptive(min=1, max=2))
+    ])
+
+    async def main() -> None:
+        async with pipe.open(clock=clock) as runner:
+
+            def advanced() -> bool:
+                clock.now += 0.05
+                return runner.stats().stage("b").replicas == 2
+
+            futs = [runner.submit_nowait(i) for i in range(6)]
+            await until(lambda: fn.calls == 1)
+            await until(advanced, what="a second worker let in")
+            await until(lambda: fn.calls == 2, what="a second batch in flight")
+            fn.release.set()
+            assert sorted(await asyncio.gather(*futs)) == list(range(6))
 
     asyncio.run(main())

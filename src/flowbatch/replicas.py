@@ -1,5 +1,6 @@
 """Replicas that follow the load: ``concurrency=fb.Adaptive(min, max)`` on a stage
-whose executor can resize (process workers; Ray actors).
+whose executor can resize (process workers; Ray actors; any executor with
+``resize(n)`` and ``replicas``), or on a batched stage.
 
 Two parts:
 
@@ -244,7 +245,9 @@ class ReplicaScaler:
 
     Growing: the new replicas are started (their ``setup()`` done) before
     the gate lets more calls in. Shrinking: the gate is lowered first, then
-    the executor retires replicas as they come idle.
+    the executor retires replicas as they come idle. An executor that cannot
+    resize (a batched stage in threads, say) keeps its ``max`` workers set
+    up; the count then only sets how many of them take calls.
     """
 
     def __init__(
@@ -256,11 +259,9 @@ class ReplicaScaler:
         adaptive = sr.spec.adaptive
         if adaptive is None or sr.gate is None:
             raise ValueError(f"stage {sr.name!r} has no concurrency=fb.Adaptive(...) to follow")
-        if not can_resize(sr.executor):
-            raise ValueError(
-                f"stage {sr.name!r}: its executor ({type(sr.executor).__name__}) cannot resize"
-            )
         self.sr = sr
+        #: False: the executor keeps all ``max`` workers; only the gate follows.
+        self.resizes = can_resize(sr.executor)
         self.gate = sr.gate
         self.clock = clock
         start = int(sr.gate.total)
@@ -277,7 +278,7 @@ class ReplicaScaler:
     async def run(self) -> None:
         """Tick until cancelled (the runner cancels it when it stops)."""
         ex: Any = self.sr.executor
-        if ex.replicas != self.replicas:  # an executor that started at another count
+        if self.resizes and ex.replicas != self.replicas:  # started at another count
             await self._resize(self.replicas)
         while True:
             await asyncio.sleep(self.controller.rule.tick)
@@ -317,7 +318,16 @@ class ReplicaScaler:
             log.info("flowbatch: stage %r runs %d replicas (was %d)", self.sr.name, now, before)
 
     async def _resize(self, n: int) -> int:
+        """Ask the executor for ``n`` replicas; the count to admit calls for.
+
+        ``n`` once the executor has taken the order (an executor whose
+        ``resize`` returns before busy replicas have gone, as Ray's does,
+        still counts them in ``replicas`` for a while); what it runs when
+        the order failed.
+        """
         ex: Any = self.sr.executor
+        if not self.resizes:
+            return n
         try:
             done = ex.resize(n)
             if inspect.isawaitable(done):
@@ -325,10 +335,12 @@ class ReplicaScaler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("flowbatch: stage %r could not resize to %d replicas: %r",
-                        self.sr.name, n, exc)
-        ctl = self.controller
-        return min(max(int(ex.replicas), ctl.lo), ctl.hi)
+            log.warning(
+                "flowbatch: stage %r could not resize to %d replicas: %r", self.sr.name, n, exc
+            )
+            ctl = self.controller
+            return min(max(int(ex.replicas), ctl.lo), ctl.hi)
+        return n
 
 
 def start_scalers(
@@ -337,11 +349,15 @@ def start_scalers(
     clock: Callable[[], float],
     rule: ReplicaRule = DEFAULT_REPLICA_RULE,
 ) -> list[asyncio.Task[None]]:
-    """One :class:`ReplicaScaler` task in ``tg`` per adaptive stage whose executor
-    can resize (set as ``sr.scaler``); the caller cancels the tasks when it stops."""
+    """One :class:`ReplicaScaler` task in ``tg`` per adaptive stage that is
+    batched or whose executor can resize (set as ``sr.scaler``); the caller
+    cancels the tasks when it stops. (An unbatched stage on an executor that
+    cannot resize has its limit set from latency instead: adaptive.py.)"""
     tasks: list[asyncio.Task[None]] = []
     for sr in stages:
-        if sr.gate is not None and sr.spec.adaptive is not None and can_resize(sr.executor):
+        if sr.gate is None or sr.spec.adaptive is None:
+            continue
+        if can_resize(sr.executor) or sr.batch is not None:
             sr.scaler = scaler = ReplicaScaler(sr, clock, rule)
             tasks.append(tg.create_task(scaler.run()))
     return tasks
