@@ -16,9 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import flowbatch as fb
-from flowbatch.brokers import MemoryBroker, QueueStats, Worker, WorkerConfig
+from flowbatch.brokers import MemoryBroker, QueueStats, Worker, WorkerCollector, WorkerConfig
 from flowbatch.brokers.base import encode_job
-from flowbatch.brokers.metrics import WorkerCollector
 from flowbatch.metrics import PipelineStats, StageStats, Summary, capacity, drain_seconds
 from flowbatch.observe.top import compute, parse
 from flowbatch.prometheus import render

@@ -34,6 +34,7 @@ from .base import (
 from .client import Client
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .memory import MemoryBroker
+from .metrics import WorkerCollector
 from .registry import BACKENDS, DEFAULT_BROKER_URL, DEFAULT_QUEUE, make_broker
 from .worker import Worker, WorkerStats
 
@@ -57,6 +58,7 @@ __all__ = [
     "ResultRecord",
     "ResultTimeout",
     "Worker",
+    "WorkerCollector",
     "WorkerConfig",
     "WorkerStats",
     "make_broker",

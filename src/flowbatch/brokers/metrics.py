@@ -11,7 +11,7 @@ are all of them before the first reading and after a failed one. See
 
 Usage::
 
-    async with serve_metrics(worker.runners, 9100, more=[WorkerCollector(worker)]) as url: ...
+    async with serve_metrics(lambda: worker.runners, 9100, more=[WorkerCollector(worker)]): ...
 """
 
 from __future__ import annotations
