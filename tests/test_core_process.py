@@ -65,6 +65,37 @@ def echo_size(blob: bytes) -> bytes:
     return bytes(reversed(blob)) + len(blob).to_bytes(8, "little")
 
 
+def embed_rows(xs: list[int]) -> Any:
+    import numpy as np
+
+    cols = np.arange(384, dtype=np.float32)[None, :]
+    return cols + np.array(xs, dtype=np.float32)[:, None]  # row i: xs[i], xs[i] + 1, ...
+
+
+def embed_list(xs: list[int]) -> list[Any]:
+    return [*embed_rows(xs), {"not": "an array"}]
+
+
+def test_array_results_cross_as_raw_buffers_and_arrive_writable() -> None:
+    np = pytest.importorskip("numpy")
+    from flowbatch.processes import _BUFFERS, _dumps_answer, _loads_answer
+
+    rows = embed_rows([1, 2, 3])
+    data = _dumps_answer((True, rows))
+    assert data[:1] == _BUFFERS and len(data) > rows.nbytes  # the floats are not pickled
+    ok, back = _loads_answer(data)
+    assert ok and back.dtype == np.float32 and np.array_equal(back, rows)
+    back[0, 0] = -1.0  # writable, as the worker's array was
+    ok, mixed = _loads_answer(_dumps_answer((True, embed_list([4, 5]))))
+    assert np.array_equal(mixed[1], embed_rows([4, 5])[1]) and mixed[2] == {"not": "an array"}
+    assert _loads_answer(_dumps_answer((False, ValueError("x"))))[1].args == ("x",)
+
+    pipe = fb.Pipeline([fb.stage(embed_rows, executor="process", batch=fb.Batch(max_size=4))])
+    out = pipe.run(range(10), progress=False)
+    assert [float(r[0]) for r in out] == [float(x) for x in range(10)]
+    assert all(r.shape == (384,) for r in out)
+
+
 def test_process_stage_runs_in_other_processes_with_setup_each() -> None:
     pipe = fb.Pipeline([fb.stage(PidModel(), executor="process", concurrency=2)])
     out = pipe.run(range(40), progress=False)

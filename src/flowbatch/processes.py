@@ -76,9 +76,47 @@ def _start_up_error(stage: str, exc: BaseException) -> PipelineError:
     return err
 
 
+#: An answer whose arrays travel out of band starts with this byte (a pickle
+#: starts with its protocol opcode, 0x80): then a 4-byte count of buffers, an
+#: 8-byte length for each, the pickle, and the buffers' raw bytes.
+_BUFFERS = b"B"
+
+
+def _dumps_answer(value: tuple[bool, Any]) -> bytes:
+    """``value`` pickled; arrays in it (numpy and other buffer-protocol
+    objects that support pickle protocol 5) as raw bytes beside the pickle,
+    not copied into it."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    if not buffers:
+        return data
+    raws = [b.raw() for b in buffers]
+    head = [_BUFFERS, len(raws).to_bytes(4, "little")]
+    head += [r.nbytes.to_bytes(8, "little") for r in raws]
+    return b"".join([*head, len(data).to_bytes(8, "little"), data, *raws])
+
+
+def _loads_answer(data: bytes) -> Any:
+    """The inverse of :func:`_dumps_answer`; arrays come back writable."""
+    if data[:1] != _BUFFERS:
+        return pickle.loads(data)
+    view = memoryview(data)
+    count = int.from_bytes(view[1:5], "little")
+    at = 5 + 8 * count
+    sizes = [int.from_bytes(view[5 + 8 * i : 13 + 8 * i], "little") for i in range(count)]
+    size = int.from_bytes(view[at : at + 8], "little")
+    pickled = view[at + 8 : at + 8 + size]
+    at += 8 + size
+    buffers = []
+    for n in sizes:
+        buffers.append(bytearray(view[at : at + n]))  # a copy the caller may write to
+        at += n
+    return pickle.loads(pickled, buffers=buffers)
+
+
 def _encode_result(out: Any) -> bytes:
     try:
-        return pickle.dumps((True, out))
+        return _dumps_answer((True, out))
     except Exception as exc:
         why: BaseException = exc
     if isinstance(out, list) and any(isinstance(x, BaseException) for x in out):
@@ -389,7 +427,7 @@ class ProcessExecutor(Executor):
 
     def _answer(self, proc: _Proc, data: bytes) -> None:
         try:
-            ok, value = pickle.loads(data)
+            ok, value = _loads_answer(data)
         except Exception as exc:
             ok, value = False, RemoteError(f"could not unpickle the worker's answer: {exc!r}")
         _resolve(proc.fut, ok, value)
