@@ -282,7 +282,12 @@ class ReplicaScaler:
             await self._resize(self.replicas)
         while True:
             await asyncio.sleep(self.controller.rule.tick)
-            await self.step()
+            try:
+                await self.step()
+            except Exception:
+                # A fault here must not take the stage's workers down with
+                # it (they share the runner's task group): log, keep going.
+                log.exception("flowbatch: the replica scaler of stage %r failed", self.sr.name)
 
     async def step(self) -> None:
         """One observation, and the change it calls for."""
