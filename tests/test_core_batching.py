@@ -579,7 +579,7 @@ def test_reasons_full_and_worker_free_with_their_mean_sizes() -> None:
     assert rec.batches == [[0], list(range(1, 9)), [9, 10, 11]]
     assert s.batch_reasons == {"worker_free": 2, "full": 1}
     assert s.mean_batch_size_by_reason() == {"worker_free": 2.0, "full": 8.0}
-    assert s.to_dict()["batch_reasons"] == [["worker_free", 2], ["full", 1]]
+    assert s.to_dict()["batch_reasons"] == [["full", 1], ["worker_free", 2]]  # REASONS order
 
 
 @pytest.mark.parametrize(("size", "reason"), [(1, "max_wait"), (4, "full")])

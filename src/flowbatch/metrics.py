@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .batching import CostModel
+from .batching import REASONS, CostModel
 
 __all__ = [
     "PER_OCTAVE",
@@ -652,8 +652,10 @@ class StageMetrics:
         # fb.Adaptive: the stage's current limit (its StageRun sets it)
         self.limit: int | None = None
         self.backpressured = 0
-        self.reason_batches: dict[str, int] = {}
-        self.reason_items: dict[str, int] = {}
+        # Why batches went out (batching.REASONS), every key present: the
+        # worker loop counts with one `+=` each, no method call per batch.
+        self.reason_batches: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.reason_items: dict[str, int] = dict.fromkeys(REASONS, 0)
         # Batch(latency_target=...): the learned batch time (the worker loop sets it).
         self.cost_model: CostModel | None = None
 
@@ -670,11 +672,6 @@ class StageMetrics:
         if costs:
             self.batch_cost.buf.append(sum(costs))
             self.padded_cost += size * max(costs)
-
-    def dispatched(self, reason: str, size: int) -> None:
-        """A batch of ``size`` items went out for ``reason`` (``batching.REASONS``)."""
-        self.reason_batches[reason] = self.reason_batches.get(reason, 0) + 1
-        self.reason_items[reason] = self.reason_items.get(reason, 0) + size
 
     def fold(self) -> None:
         self.service.fold()
@@ -708,8 +705,8 @@ class StageMetrics:
             padding_waste=1.0 - cost.total / self.padded_cost if self.padded_cost else 0.0,
             concurrency_limit=self.limit,
             backpressured=self.backpressured,
-            batch_reasons=dict(self.reason_batches),
-            batch_reason_items=dict(self.reason_items),
+            batch_reasons={k: v for k, v in self.reason_batches.items() if v},
+            batch_reason_items={k: v for k, v in self.reason_items.items() if v},
             batch_time_fit=(
                 (model.a, model.b)
                 if (model := self.cost_model) is not None and model.samples

@@ -373,6 +373,7 @@ class Workers:
         assert opts is not None
         m = sr.metrics
         holding = m.holding
+        why, why_items = m.reason_batches, m.reason_items
         ledger = self.ledger
         time = self.loop.time
         if opts.latency_target is not None and m.cost_model is None:
@@ -426,10 +427,9 @@ class Workers:
                     batch.append(item)
             if batch:
                 last = len(batch)
-                m.dispatched(
-                    dispatch_reason(held, len(picked), left, options.max_size, self.flushing),
-                    last,
-                )
+                reason = dispatch_reason(held, len(picked), left, options.max_size, self.flushing)
+                why[reason] += 1
+                why_items[reason] += last
                 await self.run_batch(sr, slot, batch, first=True)
                 if gate is not None:
                     gate.release()
