@@ -46,6 +46,7 @@ import asyncio
 import inspect
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -155,9 +156,10 @@ class ReplicaController:
         self.changes = 0
         self._hold_until = -math.inf
         self._hot_since: float | None = None
-        self._hot: list[tuple[float, int, float]] = []  # (time, backlog, throughput)
+        # The streaks' ticks, the last up_after / down_after seconds of them:
+        self._hot: deque[tuple[float, int, float]] = deque()  # (time, backlog, throughput)
         self._cold_since: float | None = None
-        self._cold: list[float] = []  # busy replicas per tick
+        self._cold: deque[tuple[float, float]] = deque()  # (time, busy replicas)
 
     def observe(self, backlog: int, busy: float, throughput: float) -> int:
         """One tick: ``backlog`` items waiting in the stage's queue, ``busy``
@@ -176,13 +178,17 @@ class ReplicaController:
             if self._hot_since is None:
                 self._hot_since = now
             self._hot.append((now, backlog, throughput))
+            while now - self._hot[0][0] > rule.up_after:
+                self._hot.popleft()
         else:
             self._hot_since = None
             self._hot.clear()
         if n > self.lo and util * n / (n - 1) <= rule.down_util:
             if self._cold_since is None:
                 self._cold_since = now
-            self._cold.append(util * n)
+            self._cold.append((now, util * n))
+            while now - self._cold[0][0] > rule.down_after:
+                self._cold.popleft()
         else:
             self._cold_since = None
             self._cold.clear()
@@ -206,7 +212,7 @@ class ReplicaController:
         return min(self.hi, max(n + 1, min(need, 2 * n)))
 
     def _down(self, n: int) -> int:
-        busy = sum(self._cold) / len(self._cold)
+        busy = sum(b for _, b in self._cold) / len(self._cold)
         need = math.ceil(busy / self.rule.down_util) if busy > 0 else self.lo
         return max(self.lo, min(n - 1, need))
 
