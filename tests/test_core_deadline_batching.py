@@ -330,3 +330,29 @@ def test_a_lone_request_is_not_held_and_a_drain_ends_a_hold() -> None:
     assert late.result() == 110  # leaving the block drained: the held batch ran
     assert model.calls[-1] == [11]
     assert runner.stats().stage("m").batch_reasons == {"worker_free": 4, "drain": 1}
+
+
+def test_cost_that_grows_faster_than_the_batch_is_detected_and_not_underestimated() -> None:
+    def quadratic(n: int) -> float:  # padding or attention: time grows as n**2
+        return 0.001 + 0.0001 * n * n
+
+    m = CostModel()
+    for i in range(100):
+        n = 4 + (i * 5) % 45  # the stage has run batches of 4..48
+        m.observe(n, quadratic(n))
+    assert m.exponent is not None and m.exponent > 1.5
+    line_only = int((0.2 - m.a) / m.b)  # the line alone: a batch that misses 0.2 s by 50%
+    assert quadratic(line_only) > 1.4 * 0.2
+    n = m.largest(0.2, 128)  # a batch that must finish within 0.2 s
+    assert 40 <= n < line_only and quadratic(n) <= 0.2 * 1.1
+    assert m.predict(64) > m.a + m.b * 64
+
+    linear = CostModel()  # a line's log-log slope is at most 1: never flagged
+    for i in range(100):
+        n = 1 + (i * 7) % 64
+        linear.observe(n, 0.004 + 0.0005 * n)
+    assert linear.exponent is None
+    proportional = CostModel()
+    for n in (1, 2, 4, 8, 16, 32) * 5:
+        proportional.observe(n, 0.001 * n)
+    assert proportional.exponent is None

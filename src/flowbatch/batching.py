@@ -40,6 +40,7 @@ __all__ = [
     "LINGER_SHARE",
     "REASONS",
     "SERVICE_TIME_WEIGHT",
+    "SUPERLINEAR",
     "Batch",
     "CostModel",
     "DeadlinePick",
@@ -258,8 +259,13 @@ def dispatch_reason(
 #: The weight the cost model's past batches keep at each new one: an
 #: effective memory of about ``1 / (1 - COST_FORGET)`` = 20 batches.
 COST_FORGET = 0.95
-# Batch sizes whose (weighted) variance is below this count as one size.
+#: A log-log slope of batch time over batch size from which cost counts as
+#: growing faster than the batch (a line's is at most 1; see CostModel).
+SUPERLINEAR = 1.1
+# Batch sizes whose (weighted) variance is below this count as one size;
+# for the log-log fit, the variance of log sizes (sizes 1 and 2 alike: 0.12).
 _DISTINCT_SIZES = 0.25
+_DISTINCT_LOG_SIZES = 0.1
 
 
 class CostModel:
@@ -276,28 +282,39 @@ class CostModel:
     overestimates batches larger than those seen and so errs towards smaller
     batches, not missed deadlines. Before any batch it predicts 0.
 
-    The fit is linear, also for a model whose time grows faster than its
-    batch (padding, attention over longer inputs): the line is then fitted
-    through the sizes the stage runs, which are the sizes it is asked about,
-    and it follows as they change. Sizing by tokens rather than items is
+    Cost that grows faster than the batch (padding, attention over longer
+    inputs) is detected from a second fit of the same batches, a line in
+    log-log space (``log t = log c + k log n``, weighted alike): a line's
+    own log-log slope is at most 1, so a slope ``k`` of at least
+    ``SUPERLINEAR`` (1.1) over batches of clearly different sizes means the
+    curve bends up. ``exponent`` is then ``k`` (None otherwise) and a batch
+    is predicted to take the larger of the line and ``c * n**k``: the line
+    alone, fitted through the sizes seen, would promise too little for
+    larger batches and miss deadlines. Sizing by tokens rather than items is
     :attr:`Batch.cost`'s business.
 
     Usage: ``m = CostModel(); m.observe(8, 0.012); m.predict(16)``
     """
 
-    __slots__ = ("_forget", "_sn", "_snn", "_snt", "_st", "_w", "a", "b", "samples")
+    __slots__ = (
+        "_forget", "_lw", "_lx", "_lxx", "_lxy", "_ly", "_scale", "_sn", "_snn", "_snt", "_st",
+        "_w", "a", "b", "exponent", "samples",
+    )
 
     def __init__(self, forget: float = COST_FORGET) -> None:
         if not 0 < forget <= 1:
             raise ValueError(f"CostModel forget must be in (0, 1], got {forget!r}")
         self._forget = forget
         self._w = self._sn = self._st = self._snn = self._snt = 0.0
+        self._lw = self._lx = self._ly = self._lxx = self._lxy = 0.0
+        self._scale = 0.0
         self.a = 0.0
         self.b = 0.0
+        self.exponent: float | None = None
         self.samples = 0
 
     def observe(self, n: int, seconds: float) -> None:
-        """A batch of ``n`` items took ``seconds``: refit ``a`` and ``b``."""
+        """A batch of ``n`` items took ``seconds``: refit the model."""
         f = self._forget
         self._w = self._w * f + 1.0
         self._sn = self._sn * f + n
@@ -305,6 +322,17 @@ class CostModel:
         self._snn = self._snn * f + n * n
         self._snt = self._snt * f + n * seconds
         self.samples += 1
+        if n >= 1 and seconds > 0:
+            x, y = math.log(n), math.log(seconds)
+            self._lw = self._lw * f + 1.0
+            self._lx = self._lx * f + x
+            self._ly = self._ly * f + y
+            self._lxx = self._lxx * f + x * x
+            self._lxy = self._lxy * f + x * y
+            self._fit_power()
+        self._fit_line()
+
+    def _fit_line(self) -> None:
         w = self._w
         mean_n = self._sn / w
         mean_t = self._st / w
@@ -320,14 +348,36 @@ class CostModel:
             a, b = 0.0, self._snt / self._snn
         self.a, self.b = max(0.0, a), b
 
+    def _fit_power(self) -> None:
+        w = self._lw
+        mx, my = self._lx / w, self._ly / w
+        var = self._lxx / w - mx * mx
+        k = (self._lxy / w - mx * my) / var if var >= _DISTINCT_LOG_SIZES else 0.0
+        if k >= SUPERLINEAR:
+            self.exponent, self._scale = k, math.exp(my - k * mx)
+        else:
+            self.exponent = None
+
     def predict(self, n: int) -> float:
         """Seconds a batch of ``n`` items is expected to take."""
-        return self.a + self.b * n
+        t = self.a + self.b * n
+        if self.exponent is not None:
+            return max(t, self._scale * math.pow(n, self.exponent))
+        return t
 
     def largest(self, seconds: float, limit: int) -> int:
         """The largest batch, at most ``limit``, expected to take at most ``seconds`` (0: none)."""
-        if self.a + self.b > seconds:
+        if self.predict(1) > seconds:
             return 0
+        if self.exponent is not None:  # predict grows with n: bisect
+            lo, hi = 1, limit
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.predict(mid) <= seconds:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return lo
         if self.b <= 0:
             return limit
         return max(1, min(limit, int((seconds - self.a) / self.b)))
