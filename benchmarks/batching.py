@@ -1,6 +1,17 @@
 """batching: dynamic batching against the model's own best offline throughput.
 
-For each serving configuration (replicas x torch threads; on 2 cores:
+The default case (``--config default``) is the model as users write it
+(serving.py's ``Embed``: sentence-transformers ``encode``, rows as lists) in
+``fb.stage(Embed(), batch=fb.Batch(max_size=64))`` with nothing else set, so
+``executor="auto"`` picks where it runs. Its yardstick is the best
+configuration of that model on this machine: the model alone (no engine) in
+1 process with all cores' threads and in N processes (N = cores) of 1
+thread each, batch sizes scanned, the best taken. Then 64 closed-loop
+callers of ``runner.submit`` (target >= 0.95x that limit) and one caller
+alone (p50 against the batch-of-1 time of the shape the default runs;
+target: within 1 ms; p99 within 2x p50).
+
+The thread configurations (``--config both|1x2|2x1``): for each serving configuration (replicas x torch threads; on 2 cores:
 ``1x2`` = one replica with 2 torch threads, ``2x1`` = two replicas with one
 each), in one process and one run:
 
@@ -21,15 +32,18 @@ each), in one process and one run:
 (a), (b) and (c) are interleaved ``--rounds`` times; figures are medians
 over rounds (each batch size's own median, then the best of them).
 
-Usage: .venv/bin/python benchmarks/batching.py [--config both|1x2|2x1] [--rounds 2]
+Usage: .venv/bin/python benchmarks/batching.py [--config default|both|1x2|2x1] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from statistics import fmean
 from time import perf_counter
@@ -40,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     CONFIGS,
     MAIN_CONFIGS,
+    ProcessReplicas,
     Replicas,
     cycle,
     load_sentences,
@@ -51,6 +66,8 @@ from _common import (
 )
 
 TARGET_RATIO = 0.9
+#: The default stage's target (issue 12): 64 callers at 0.95x the best configuration.
+DEFAULT_TARGET_RATIO = 0.95
 TARGET_LATENCY_MS = 1.0
 CALLERS = 64
 MAX_BATCH = 64
@@ -193,9 +210,119 @@ async def measure(name: str, args: argparse.Namespace, sentences: list[str]) -> 
     }
 
 
+@contextlib.contextmanager
+def thread_env(threads: int) -> Iterator[None]:
+    """Spawned yardstick replicas get the thread pools flowbatch gives its own
+    process workers (torch/OpenMP/BLAS and the tokenizer's, from the environment)."""
+    from flowbatch.processes import THREAD_VARS
+
+    saved = {v: os.environ.get(v) for v in THREAD_VARS}
+    os.environ.update({v: str(threads) for v in THREAD_VARS})
+    try:
+        yield
+    finally:
+        for v, old in saved.items():
+            if old is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = old
+
+
+async def measure_default(args: argparse.Namespace, sentences: list[str]) -> dict[str, Any]:
+    """The default stage against the best offline configuration of the same model."""
+    from serving import Embed
+
+    import flowbatch as fb
+    from flowbatch.stage import auto_shape, usable_cores
+
+    cores = usable_cores()
+    shapes = sorted({(1, cores), (cores, 1)})
+    sizes = [b for b in (int(x) for x in args.batch_sizes.split(",")) if b > 1]
+    default_shape = auto_shape()
+    yardsticks = {}
+    for n, threads in shapes:
+        with thread_env(threads):
+            yardsticks[(n, threads)] = ProcessReplicas(n, threads, factory=Embed)
+    for reps in yardsticks.values():
+        reps.throughput(sentences[: 4 * max(sizes)], max(sizes))  # warm-up
+    alone = yardsticks.get(default_shape) or ProcessReplicas(*default_shape, factory=Embed)
+    limit: dict[tuple[int, int, int], list[float]] = {}
+    served: list[float] = []
+    lone: list[float] = []
+    direct: list[float] = []
+    stage = fb.stage(Embed(), name="embed", batch=fb.Batch(max_size=MAX_BATCH))
+    pipe = fb.Pipeline([stage], name="batching")
+    async with pipe.open() as runner:
+        await asyncio.gather(*(runner.submit(s) for s in sentences[:CALLERS]))  # warm-up
+        await lone_latencies(runner, sentences[:4])
+        before, _ = stage_counts(runner)
+        for rnd in range(args.rounds):
+            for (n, threads), reps in yardsticks.items():
+                for b in sizes:
+                    gc.collect()
+                    texts = cycle(sentences, max(args.items, 2 * n * b), rnd * 97)
+                    limit.setdefault((n, threads, b), []).append(reps.throughput(texts, b))
+            gc.collect()
+            served.append(await closed_loop(runner, cycle(sentences, args.served_items), CALLERS))
+            lone_texts = cycle(sentences, args.lone, 1000 + rnd * 31)
+            for i in range(len(lone_texts)):
+                block = lone_texts[i : i + 1]
+                direct.extend(alone.call_times(block))
+                lone.extend(await lone_latencies(runner, block))
+        after, _ = stage_counts(runner)
+    for reps in {*yardsticks.values(), alone}:
+        reps.close()
+    per = {k: median(v) for k, v in limit.items()}
+    best = max(per, key=per.__getitem__)
+    served_med = median(served)
+    sizes_seen = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    n_batches = sum(sizes_seen.values())
+    p50, p99 = median(lone), sorted(lone)[int(0.99 * (len(lone) - 1))]
+    return {
+        "stage": f"{stage.executor} x{stage.concurrency}, {stage.cpu_threads} thread each",
+        "limit_by_shape": {f"{n}x{t} b{b}": round(v, 1) for (n, t, b), v in per.items()},
+        "best_shape": f"{best[0]} process x {best[1]} thread, batch {best[2]}",
+        "limit_items_per_s": round(per[best], 1),
+        "served_items_per_s": round(served_med, 1),
+        "served_runs": [round(x, 1) for x in served],
+        "ratio": r3(served_med / per[best]),
+        "served_mean_batch_size": round(
+            sum(k * v for k, v in sizes_seen.items()) / n_batches, 1) if n_batches else 0.0,
+        "batch1_p50_ms": round(1000 * median(direct), 3),
+        "lone_p50_ms": round(1000 * p50, 3),
+        "lone_p99_ms": round(1000 * p99, 3),
+        "lone_p50_minus_batch1_ms": round(1000 * (p50 - median(direct)), 3),
+        "lone_p99_over_p50": r3(p99 / p50),
+    }
+
+
+def report_default(r: dict[str, Any], args: argparse.Namespace) -> None:
+    ok_ratio = r["ratio"] >= DEFAULT_TARGET_RATIO
+    ok_lone = r["lone_p50_minus_batch1_ms"] <= TARGET_LATENCY_MS and r["lone_p99_over_p50"] <= 2
+    report(
+        "batching",
+        f"the default stage (Embed, no settings): {CALLERS} closed-loop submit callers "
+        f"vs the best offline configuration (medians of {args.rounds} rounds)",
+        ["default stage (auto)", "best config", "limit/s", "served/s", "ratio", "mean batch",
+         "b=1 p50 ms", "lone p50 ms", "lone p99 ms"],
+        [[r["stage"], r["best_shape"], r["limit_items_per_s"],
+          r["served_items_per_s"], r["ratio"], r["served_mean_batch_size"],
+          r["batch1_p50_ms"], r["lone_p50_ms"], r["lone_p99_ms"]]],
+        {**r, "target_ratio": DEFAULT_TARGET_RATIO, "ratio_met": ok_ratio,
+         "lone_met": ok_lone, "rounds": args.rounds},
+        notes=[
+            "limits: " + "; ".join(f"{k}: {v}" for k, v in r["limit_by_shape"].items()),
+            (f"ratio {r['ratio']} ({verdict(r['ratio'], DEFAULT_TARGET_RATIO)}, target >= "
+             f"{DEFAULT_TARGET_RATIO}); lone p50 - batch-of-1 p50 "
+             f"{r['lone_p50_minus_batch1_ms']} ms (target <= {TARGET_LATENCY_MS}); "
+             f"lone p99/p50 {r['lone_p99_over_p50']} (target <= 2)"),
+        ],
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=("both", *CONFIGS), default="both")
+    p.add_argument("--config", choices=("default", "both", *CONFIGS), default="default")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,8,16,32,64,128")
     p.add_argument("--items", type=int, default=512, help="sentences per limit measurement")
@@ -205,6 +332,9 @@ def main() -> None:
     args = p.parse_args()
     quiet_model_loading()
     sentences = load_sentences()
+    if args.config == "default":
+        report_default(asyncio.run(measure_default(args, sentences)), args)
+        return
     names = list(MAIN_CONFIGS) if args.config == "both" else [args.config]
     results = [asyncio.run(measure(n, args, sentences)) for n in names]
 
