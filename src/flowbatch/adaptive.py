@@ -23,15 +23,17 @@ short-term latency), with these choices, each a constructor argument:
   ``min_samples`` = 8, ``max_window`` = 1.0 s. The window's mean latency is
   the *short-term* latency.
 - **Long-term latency.** An exponential moving average of the windows'
-  short-term latency over ``long_window`` = 100 windows while latency rises,
-  and ``fall`` = 0.5 of the gap per window when it falls (Gradient2 falls
-  slowly, then cuts its long term by 5% per update once it is twice the short
-  term; falling fast is that rule made continuous). A standing queue is thus
-  absorbed into the long term only slowly (over ~``long_window`` windows),
-  while a service that got faster is believed within a few windows.
+  short-term latency over ``long_window`` = 500 windows while latency rises
+  (a window counts as at most twice the long term), and ``fall`` = 0.5 of the
+  gap per window when it falls (Gradient2 falls slowly, then cuts its long
+  term by 5% per update once it is twice the short term; falling fast is that
+  rule made continuous), and set outright by each probe (below). A standing
+  queue is thus absorbed only slowly, a burst of queueing hardly at all, and a
+  service that got faster is believed within a few windows.
 - **Gradient.** ``g = clamp(tolerance * long / short, 0.5, 1.0)``,
-  ``tolerance`` = 1.0 (Gradient2's default is 1.5: it tolerates 50% more
-  latency before it backs off; 1.0 keeps the queue to the allowance below).
+  ``tolerance`` = 1.25 (Gradient2's default is 1.5: it tolerates 50% more
+  latency before it backs off; 1.0 keeps the least queue, but loses a few
+  percent of throughput where latency also rises with the client's own load).
   The floor 0.5 keeps one noisy window from halving the limit.
 - **Queue allowance.** ``new = limit * g + queue(limit)`` with ``queue`` =
   ``sqrt`` by default: the limit keeps probing upward by about ``sqrt(limit)``
@@ -41,13 +43,27 @@ short-term latency), with these choices, each a constructor argument:
 - **Held when unused.** A window in which the most calls in flight stayed
   below half the limit leaves the limit as it is (the stage is limited by its
   input, not by the service: no evidence to grow or shrink on).
+- **Slow start.** Until the first window whose latency is ``SLOW_START_EXIT``
+  (1.1) times the long term, or a drop or backpressure, the limit grows by
+  ``slow_start`` = 1.5 times per window instead (TCP's slow start;
+  ``Adaptive()`` starts at 1). 1.0 turns it off.
+- **Probe.** Every ``probe_every`` = 50 windows in use, the limit is cut to
+  ``limit / (2 * tolerance)`` for one window of calls started after the cut
+  (below the service's knee: its queue drains); their mean latency becomes the
+  long-term latency and the limit is restored. An average alone slowly absorbs
+  the standing queue the allowance keeps, and the limit then drifts up for
+  ever (Gradient2 has that drift); the probe (as in Netflix's Gradient, Envoy's
+  adaptive concurrency, BBR's ProbeRTT) bounds it, for about one window at a
+  lower limit every 50. A service that got uniformly slower is learned there.
 - **Drops.** A window with a dropped call (a timeout, ``dropped=True``)
   multiplies the limit by ``backoff`` = 0.5 instead of the gradient step.
 - **Backpressure.** :meth:`GradientLimit.backpressure` (a call raised
   :class:`~flowbatch.Backpressure`: the service said it is overloaded) cuts the
-  limit by ``backoff`` at once, at most once per window, discards the open
-  window, and sets :attr:`~GradientLimit.resume_at`: the stage starts no call
-  before it.
+  limit by ``backoff`` at once, discards the open window, ends slow start and
+  any probe, and sets :attr:`~GradientLimit.resume_at` (``retry_after``
+  later, ``DEFAULT_RETRY_AFTER`` when None): the stage starts no call before
+  it. Once per episode: other answers within ``max(retry_after, a call's
+  time)`` of the cut (calls that were already in flight) do not cut again.
 
 The limit is a float inside; :attr:`GradientLimit.value` (an int between
 ``min`` and ``max``) is what the gate gets. The controller is a plain object:
@@ -102,6 +118,9 @@ class Adaptive:
         return self.initial if self.initial is not None else self.min
 
 
+#: Slow start ends at the first window whose latency is this much above the long term.
+SLOW_START_EXIT = 1.1
+
 #: Seconds a stage waits after a :class:`~flowbatch.Backpressure` that gave no
 #: ``retry_after``.
 DEFAULT_RETRY_AFTER = 0.05
@@ -126,6 +145,7 @@ class GradientLimit:
         "_probe_left",
         "_probe_start",
         "_rtt_sum",
+        "_slow",
         "_t_start",
         "backoff",
         "backpressured",
@@ -142,6 +162,7 @@ class GradientLimit:
         "queue",
         "resume_at",
         "short_rtt",
+        "slow_start",
         "smoothing",
         "tolerance",
         "value",
@@ -153,13 +174,14 @@ class GradientLimit:
         bounds: Adaptive | None = None,
         *,
         smoothing: float = 0.2,
-        tolerance: float = 1.0,
-        long_window: int = 100,
+        tolerance: float = 1.25,
+        long_window: int = 500,
         fall: float = 0.5,
         min_samples: int = 8,
         max_window: float = 1.0,
         backoff: float = 0.5,
         probe_every: int = 50,
+        slow_start: float = 1.5,
         queue: Callable[[float], float] = math.sqrt,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -173,6 +195,7 @@ class GradientLimit:
             ("max_window", max_window, max_window > 0, "> 0"),
             ("backoff", backoff, 0.0 < backoff < 1.0, "in (0, 1)"),
             ("probe_every", probe_every, probe_every >= 2, ">= 2"),
+            ("slow_start", slow_start, slow_start >= 1.0, ">= 1"),
         )
         for name, v, ok, want in checks:
             if not ok:
@@ -187,6 +210,7 @@ class GradientLimit:
         self.max_window = max_window
         self.backoff = backoff
         self.probe_every = probe_every
+        self.slow_start = slow_start
         self.queue = queue
         self.clock = clock
         #: the limit (a float; :attr:`value` is the int the gate gets)
@@ -205,6 +229,7 @@ class GradientLimit:
         self._probe_left = probe_every
         self._probe_start: float | None = None  # set while probing
         self._probe_from = 0.0
+        self._slow = slow_start > 1.0  # until the first window that shows a queue
         self._n = 0
         self._rtt_sum = 0.0
         self._inflight = 0
@@ -251,6 +276,7 @@ class GradientLimit:
         self.backpressured += 1
         # Calls started before the cut answer the same within about a call's
         # time: one cut per episode, not one per answer.
+        self._slow = False
         if now >= self._calm_at:
             self._set(self.limit * self.backoff)
             self._calm_at = now + max(wait, self.long_rtt, self.short_rtt)
@@ -272,6 +298,7 @@ class GradientLimit:
             self._probe_start = None
             self._set(self._probe_from)
         if dropped:
+            self._slow = False
             self._set(self.limit * self.backoff)
             return
         self.short_rtt = short
@@ -280,13 +307,18 @@ class GradientLimit:
             long = short  # the latency without a standing queue
         elif short < long:
             long += (short - long) * self.fall
-        else:
-            long += (short - long) / self.long_window
+        else:  # at most twice the long term counts: a burst of queueing is no baseline
+            long += (min(short, 2.0 * long) - long) / self.long_window
         self.long_rtt = long
         limit = self.limit
         if inflight < limit / 2 or short <= 0.0:
             return  # not using its limit: hold
         gradient = min(1.0, max(0.5, self.tolerance * long / short))
+        if self._slow:
+            if short <= SLOW_START_EXIT * long:
+                self._set(max(limit * self.slow_start, limit + 1.0))
+                return
+            self._slow = False
         target = limit * gradient + self.queue(limit)
         self._set(limit + self.smoothing * (target - limit))
         self._probe_left -= 1
@@ -296,7 +328,7 @@ class GradientLimit:
             self._probe_left = self.probe_every
             self._probe_from = self.limit
             self._probe_start = now
-            self._set(self.limit * 0.5)
+            self._set(self.limit * 0.5 / self.tolerance)
 
     def _set(self, limit: float) -> None:
         limit = min(float(self.max), max(float(self.min), limit))
