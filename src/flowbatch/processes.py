@@ -5,7 +5,10 @@ Each worker has two pipes: calls go out through an asyncio write transport
 read transport, so the event loop itself is woken by an answer. The idle
 worker used last takes the next call. A worker that dies fails only the call
 it held (``WorkerCrashed``, its cause chained) and is replaced; its exit code
-is waited for off the event loop.
+is waited for off the event loop. The pool resizes (``resize(n)``, ``grow()``,
+``shrink()``; with ``concurrency=fb.Adaptive(...)`` the runner does it, see
+replicas.py): a new worker is set up before it takes a call, a retired one
+goes when idle.
 """
 
 from __future__ import annotations
