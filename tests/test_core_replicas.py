@@ -461,3 +461,36 @@ def test_a_batched_thread_stage_lets_another_worker_in_under_a_backlog() -> None
             assert sorted(await asyncio.gather(*futs)) == list(range(6))
 
     asyncio.run(main())
+
+
+class PushesBackOnce(Elastic):
+    """Its first call raises ``fb.Backpressure``; the others answer at once."""
+
+    def __init__(self) -> None:
+        super().__init__(cap=3)
+        self.pushed = False
+
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
+        if not self.pushed:
+            self.pushed = True
+            raise fb.Backpressure(retry_after=0.001)
+        return arg
+
+
+def test_backpressure_on_a_scaled_stage_leaves_its_replicas_alone() -> None:
+    ex = PushesBackOnce()
+    pipe = fb.Pipeline([
+        fb.stage(worker_pid, name="e", executor=ex,
+                 concurrency=fb.Adaptive(min=1, max=3, initial=2))
+    ])
+
+    async def main() -> None:
+        async with pipe.open(clock=FakeClock()) as runner:  # a still clock: no ticks act
+            await until(lambda: ex.sizes == [2], what="the executor set to Adaptive.start")
+            assert await runner.submit(7) == 7  # pushed back once, then answered
+            assert ex.pushed
+            stats = runner.stats().stage("e")
+            assert stats.replicas == 2 and runner._stages[0].gate.total == 2
+            assert stats.backpressured == 1
+
+    asyncio.run(main())

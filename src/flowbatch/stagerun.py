@@ -160,7 +160,7 @@ class StageRun:
         limit, and return the time before which the stage starts no call."""
         self.metrics.backpressured += 1
         ctl = self.control
-        if ctl is None:
+        if ctl is None or self.scaler is not None:  # replicas.py owns a scaled stage's gate
             return now + (DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
         n = ctl.backpressure(retry_after, now)
         assert self.gate is not None
