@@ -34,6 +34,7 @@ from .errors import WorkerCrashed
 
 __all__ = [
     "COST_FORGET",
+    "COST_MARGIN",
     "DEFAULT_MAX_SIZE",
     "DEFAULT_SPLIT_ON",
     "LINGER_GAP",
@@ -259,6 +260,11 @@ def dispatch_reason(
 #: The weight the cost model's past batches keep at each new one: an
 #: effective memory of about ``1 / (1 - COST_FORGET)`` = 20 batches.
 COST_FORGET = 0.95
+#: A batch is held for more items only while it would still finish with
+#: this share of its predicted time to spare (plus twice the spread of the
+#: model's recent errors and the measured lateness of the worker's
+#: wake-ups: see CostModel.budget).
+COST_MARGIN = 0.1
 #: A log-log slope of batch time over batch size from which cost counts as
 #: growing faster than the batch (a line's is at most 1; see CostModel).
 SUPERLINEAR = 1.1
@@ -293,12 +299,20 @@ class CostModel:
     larger batches and miss deadlines. Sizing by tokens rather than items is
     :attr:`Batch.cost`'s business.
 
+    A batch is held for more items only while :meth:`budget`, the
+    prediction with room to spare, still fits: ``COST_MARGIN`` of it, twice
+    ``spread`` (the root mean square of the model's recent errors, once the
+    line is fitted) and ``lag`` (how late the worker's timed wake-ups have
+    been: a busy event loop). Batches themselves are sized by the plain
+    prediction: a margin there would shrink every batch, and smaller
+    batches under load serve fewer items in time, not more.
+
     Usage: ``m = CostModel(); m.observe(8, 0.012); m.predict(16)``
     """
 
     __slots__ = (
-        "_forget", "_lw", "_lx", "_lxx", "_lxy", "_ly", "_scale", "_sn", "_snn", "_snt", "_st",
-        "_w", "a", "b", "exponent", "samples",
+        "_forget", "_lined", "_lw", "_lx", "_lxx", "_lxy", "_ly", "_scale", "_sn", "_snn", "_snt", "_sq",
+        "_st", "_w", "a", "b", "exponent", "lag", "samples", "spread",
     )
 
     def __init__(self, forget: float = COST_FORGET) -> None:
@@ -308,6 +322,10 @@ class CostModel:
         self._w = self._sn = self._st = self._snn = self._snt = 0.0
         self._lw = self._lx = self._ly = self._lxx = self._lxy = 0.0
         self._scale = 0.0
+        self._sq = 0.0
+        self._lined = False
+        self.spread = 0.0
+        self.lag = 0.0
         self.a = 0.0
         self.b = 0.0
         self.exponent: float | None = None
@@ -316,6 +334,12 @@ class CostModel:
     def observe(self, n: int, seconds: float) -> None:
         """A batch of ``n`` items took ``seconds``: refit the model."""
         f = self._forget
+        if self._lined:
+            # The line is fitted: how far off was it? (Before that, errors
+            # only say that the model was still learning.)
+            miss = seconds - self.predict(n)
+            self._sq = self._sq * f + (1 - f) * miss * miss
+            self.spread = math.sqrt(self._sq)
         self._w = self._w * f + 1.0
         self._sn = self._sn * f + n
         self._st = self._st * f + seconds
@@ -337,7 +361,8 @@ class CostModel:
         mean_n = self._sn / w
         mean_t = self._st / w
         var = self._snn / w - mean_n * mean_n
-        if var < _DISTINCT_SIZES:
+        self._lined = var >= _DISTINCT_SIZES
+        if not self._lined:
             self.a, self.b = 0.0, max(0.0, mean_t / mean_n) if mean_n > 0 else 0.0
             return
         b = (self._snt / w - mean_n * mean_t) / var
@@ -365,22 +390,28 @@ class CostModel:
             return max(t, self._scale * math.pow(n, self.exponent))
         return t
 
+    def budget(self, n: int) -> float:
+        """Seconds to allow a batch of ``n`` to be sure it is done: the
+        prediction, ``COST_MARGIN`` of it, twice ``spread``, and ``lag``."""
+        return self.predict(n) * (1 + COST_MARGIN) + 2 * self.spread + self.lag
+
+    def woke_late(self, seconds: float) -> None:
+        """A timed wake-up of the worker came ``seconds`` late (a busy loop)."""
+        self.lag += SERVICE_TIME_WEIGHT * (max(0.0, seconds) - self.lag)
+
     def largest(self, seconds: float, limit: int) -> int:
-        """The largest batch, at most ``limit``, expected to take at most ``seconds`` (0: none)."""
+        """The largest batch, at most ``limit``, predicted to take at most
+        ``seconds`` (0: not even one)."""
         if self.predict(1) > seconds:
             return 0
-        if self.exponent is not None:  # predict grows with n: bisect
-            lo, hi = 1, limit
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if self.predict(mid) <= seconds:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            return lo
-        if self.b <= 0:
-            return limit
-        return max(1, min(limit, int((seconds - self.a) / self.b)))
+        lo, hi = 1, limit  # the prediction grows with n: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.predict(mid) <= seconds:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,7 +484,7 @@ def deadline_hold(options: Batch, model: CostModel, slacks: Sequence[float]) -> 
     ``slacks``: seconds left until each waiting item's deadline. The batch
     may wait while one more item would still let the most urgent item that
     can make its deadline finish in time: that item's slack less the
-    predicted time of a batch one larger. Never for a full batch, with
+    :meth:`CostModel.budget` of a batch one larger. Never for a full batch, with
     ``linger=0``, or before the model has measured a batch. (The worker
     starts holding only under load, as it lingers: see ``Batch.latency_target``.)
     """
@@ -464,7 +495,7 @@ def deadline_hold(options: Batch, model: CostModel, slacks: Sequence[float]) -> 
     urgent = min((s for s in slacks if s >= one), default=None)
     if urgent is None:
         return 0.0
-    return max(0.0, urgent - model.predict(waiting + 1))
+    return max(0.0, urgent - model.budget(waiting + 1))
 
 
 class _Costed(Protocol):

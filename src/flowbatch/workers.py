@@ -479,10 +479,12 @@ class Workers:
                         held = "deadline"  # one more item would miss a deadline
                     break
                 held = "holding"
+                until = self.loop.time() + wait
                 try:
-                    async with asyncio.timeout(wait):
+                    async with asyncio.timeout_at(until):
                         await ch.wait_put()
                 except TimeoutError:
+                    model.woke_late(self.loop.time() - until)  # a busy loop: leave more room
                     held = "deadline"
                     break
         slack = self._slack(target)
