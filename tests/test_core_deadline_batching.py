@@ -200,15 +200,16 @@ def test_deadline_hold_waits_while_one_more_item_still_fits() -> None:
     model = _known()
     opts = fb.Batch(max_size=64, latency_target=TARGET)
     # The most urgent (10 s left) can wait while a batch of 3 (3.5 s, 10% to spare) fits.
-    assert deadline_hold(opts, model, [10.0, 20.0]) == pytest.approx(10 - 3.5 * 1.1)
-    assert deadline_hold(opts, model, [1.0, 10.0, 20.0]) == pytest.approx(10 - 4.4)  # 1.0: late
-    assert deadline_hold(opts, model, [10.0] * 14) == 0.0  # a 15th: 1.1 x 9.5 > 10 s, go
-    assert deadline_hold(fb.Batch(max_size=2, latency_target=TARGET), model, [10, 20]) == 0.0
-    assert deadline_hold(fb.Batch(latency_target=TARGET, linger=0), model, [10.0]) == 0.0
-    assert deadline_hold(opts, CostModel(), [10.0]) == 0.0  # nothing measured: never hold
+    assert deadline_hold(opts, model, 2, 10.0) == pytest.approx(10 - 3.5 * 1.1)
+    assert deadline_hold(opts, model, 3, 10.0) == pytest.approx(10 - 4.0 * 1.1)
+    assert deadline_hold(opts, model, 14, 10.0) == 0.0  # a 15th: 1.1 x 9.5 > 10 s, go
+    assert deadline_hold(opts, model, 2, 2.0) == 0.0  # it cannot make it (2.5 s): go, fail it
+    assert deadline_hold(fb.Batch(max_size=2, latency_target=TARGET), model, 2, 10.0) == 0.0
+    assert deadline_hold(fb.Batch(latency_target=TARGET, linger=0), model, 1, 10.0) == 0.0
+    assert deadline_hold(opts, CostModel(), 1, 10.0) == 0.0  # nothing measured: never hold
     model.woke_late(1.0)  # a wake-up came 1 s late (a busy loop): hold with more room
     assert model.lag == pytest.approx(0.2)
-    assert deadline_hold(opts, model, [10.0, 20.0]) == pytest.approx(10 - 3.5 * 1.1 - 0.2)
+    assert deadline_hold(opts, model, 2, 10.0) == pytest.approx(10 - 3.5 * 1.1 - 0.2)
     assert model.largest(4.0, 8) == 4  # batches are still sized by the plain prediction
 
 

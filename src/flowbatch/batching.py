@@ -478,22 +478,21 @@ def pick_by_deadline(
     return DeadlinePick(late, [items[i] for i in chosen], cut)
 
 
-def deadline_hold(options: Batch, model: CostModel, slacks: Sequence[float]) -> float:
-    """Seconds a free worker may still hold a batch for more items (0: dispatch now).
+def deadline_hold(options: Batch, model: CostModel, waiting: int, urgent: float) -> float:
+    """Seconds a free worker may still hold a batch of ``waiting`` items for
+    more (0: dispatch now).
 
-    ``slacks``: seconds left until each waiting item's deadline. The batch
-    may wait while one more item would still let the most urgent item that
-    can make its deadline finish in time: that item's slack less the
-    :meth:`CostModel.budget` of a batch one larger. Never for a full batch, with
-    ``linger=0``, or before the model has measured a batch. (The worker
-    starts holding only under load, as it lingers: see ``Batch.latency_target``.)
+    ``urgent``: seconds left until the earliest deadline among them. The
+    batch may wait while one more item would still let that item finish in
+    time: its slack less the :meth:`CostModel.budget` of a batch one larger.
+    Never for a full batch, with ``linger=0``, before the model has measured
+    a batch, or when that item cannot make it at all (it fails at the pick,
+    at once, and the others go). (The worker starts holding only under load,
+    as it lingers: see ``Batch.latency_target``.)
     """
-    waiting = len(slacks)
     if options.linger == 0 or not model.samples or not waiting or waiting >= options.max_size:
         return 0.0
-    one = model.predict(1)
-    urgent = min((s for s in slacks if s >= one), default=None)
-    if urgent is None:
+    if urgent < model.predict(1):
         return 0.0
     return max(0.0, urgent - model.budget(waiting + 1))
 

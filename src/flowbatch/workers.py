@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from types import CoroutineType
@@ -471,9 +473,24 @@ class Workers:
         assert target is not None
         held: str | None = None
         if len(ch) < last:
+            # The earliest deadline waiting, on the runner's clock, kept up to
+            # date from the items that arrive (each wake-up looks at the new
+            # ones only). Items another worker took may linger in it: that
+            # only ends the hold sooner.
+            clock = self.clock
+            earliest = math.inf
+            seen = 0
             while not self.flushing and not ch.closed:
-                slack = self._slack(target)
-                wait = deadline_hold(options, model, [slack(x) for x in ch])
+                n = len(ch)
+                if n != seen:
+                    if n < seen:
+                        earliest, seen = math.inf, 0
+                    slack = self._slack(target)
+                    now = clock()
+                    for x in itertools.islice(ch, seen, n):  # the new ones (C-speed skip)
+                        earliest = min(earliest, now + slack(x))
+                    seen = n
+                wait = deadline_hold(options, model, n, earliest - clock())
                 if wait <= 0:
                     if held is not None and len(ch) < options.max_size:
                         held = "deadline"  # one more item would miss a deadline
