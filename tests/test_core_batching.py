@@ -633,3 +633,21 @@ def test_reason_drain_when_a_drain_cut_a_hold(held: str) -> None:
     assert late.result() == 50
     reasons = runner.stats().stage("m").batch_reasons
     assert reasons == ({"worker_free": 2, "drain": 1} if held == "linger" else {"drain": 1})
+
+
+def test_reasons_over_an_interval_are_the_increases() -> None:
+    rec = Recorder()
+    pipe = fb.Pipeline([fb.stage(rec, name="m", batch=fb.Batch(max_size=4, max_wait=1000))])
+
+    async def main() -> tuple[fb.PipelineStats, fb.PipelineStats]:
+        async with pipe.open(clock=FakeClock()) as runner:
+            await asyncio.gather(*[runner.submit(i) for i in range(4)])  # full, at once
+            before = runner.stats()
+            await asyncio.gather(*[runner.submit(i) for i in range(8)])  # two more, full
+            return before, runner.stats()
+
+    before, after = asyncio.run(main())
+    assert after.stage("m").batch_reasons == {"full": 3}
+    recent = after.since(before).stage("m")
+    assert recent.batch_reasons == {"full": 2} and recent.batch_reason_items == {"full": 8}
+    assert recent.mean_batch_size_by_reason() == {"full": 4.0}

@@ -366,3 +366,21 @@ def test_cost_that_grows_faster_than_the_batch_is_detected_and_not_underestimate
     for n in (1, 2, 4, 8, 16, 32) * 5:
         proportional.observe(n, 0.001 * n)
     assert proportional.exponent is None
+
+
+def test_several_workers_with_a_latency_target_answer_everything() -> None:
+    clock = FakeClock()
+    model = SimModel(clock, a=0.001, b=0.0001)
+    opts = fb.Batch(max_size=8, latency_target=1e6)
+    pipe = fb.Pipeline([fb.stage(model, name="m", batch=opts, concurrency=3)])
+
+    async def main() -> tuple[list[Any], fb.StageStats]:
+        async with pipe.open(clock=clock) as runner:
+            out = [y async for y in runner.map(range(200))]
+            return out, runner.stats().stage("m")
+
+    out, s = asyncio.run(main())
+    assert out == [x * 10 for x in range(200)]
+    assert s.expired == 0 and sum(s.batch_reason_items.values()) == 200
+    assert max(len(c) for c in model.calls) <= 8
+    assert s.batch_time_fit is not None
