@@ -24,13 +24,16 @@ The controller (why this one):
   closed loop of that many clients is always admitted. A target that no
   limit above the floor can meet (two batches take longer than the target)
   is missed, not enforced by starving the model.
-- **Throughput** ``X``: items answered per second, smoothed (exponential,
-  time constant :data:`THROUGHPUT_TAU`).
+- **Throughput** ``X``: items answered per second over the same window as
+  the latency, ``max(WINDOW, target)`` seconds (answers come in bursts of a
+  batch; nothing changes until the window spans :data:`WINDOW` seconds).
 - **Latency**: the p99 of the latency samples of the last ``max(WINDOW,
-  target)`` seconds (at least the last :data:`MIN_SAMPLES`), counting only
+  target)`` seconds (at least the last :data:`MIN_SAMPLES`; at most
+  :data:`MAX_SAMPLES_PER_UPDATE` per update, evenly spaced), counting only
   items admitted after the last decrease, so that one overload is not
   punished twice for the same slow answers.
-- **Decrease** (p99 above the target): jump to Little's law,
+- **Decrease** (p99 above ``HIGH * target``: a margin, since what is
+  measured is a limit's effect one latency ago): jump to Little's law,
   ``limit = BACKOFF * min(limit, X * target)``: ``X * target`` items in
   flight is the population whose *mean* latency is the target at the
   measured throughput, so one step lands near the answer however far the
@@ -39,10 +42,17 @@ The controller (why this one):
   at least :data:`IN_USE` full or a refusal since the last update):
   additive, :data:`INCREASE_RATE` floors per second, but at once to
   ``LITTLE_SHARE * X * target`` when that is higher (fast start: at the
-  measured throughput that population waits half the target on average).
-  An unused limit is held: a quiet hour does not shrink it, so a burst is
-  not refused while the measurements catch up.
-- **Between** ``LOW * target`` and the target: held.
+  measured throughput that population waits half the target on average),
+  and never past ``X * (LOW * target - service time)``: the population
+  whose mean wait leaves one service time of the target for the tail (an
+  item that just missed a batch waits for the next). That cap matters: an
+  item's latency is only seen once it is answered, a queue's worth of time
+  after it was admitted, so without it the p99 still looks good while the
+  limit runs far past the target (measured on the embedding model: to the
+  ceiling of 1024 in 8 s, then a p99 of 1.5x the target). An unused limit
+  is held: a quiet hour does not shrink it, so a burst is not refused while
+  the measurements catch up.
+- **Between** ``LOW * target`` and ``HIGH * target``: held.
 
 This is AIMD on the observed p99 with Little's law as the jump, the shape
 of TCP congestion control and of Netflix's concurrency-limits "AIMD" limit,
@@ -54,9 +64,12 @@ in flight would only lengthen the queue, never add answers per second.
 The target itself: explicit, or, with ``latency_target="auto"`` (the HTTP
 default), :func:`auto_target`: ``TARGET_MULTIPLE`` times the pipeline's
 measured service time (the sum over stages of each stage's recent batch
-service time, held at its peak for a minute so that a lull of small batches
-does not shrink it), at least :data:`TARGET_FLOOR`. Four times: an item
-admitted under overload waits about one batch being served, one batch
+service time, smoothed over :data:`SERVICE_TAU` seconds), at least
+:data:`TARGET_FLOOR`. Under overload the batches are full, so this is a
+multiple of a full batch's time; at light load it is lower, but then the
+limit is not in use (and is held). (Holding the peak instead kept the slow
+first batches of a cold model as the target for a minute.) Four times: an
+item admitted under overload waits about one batch being served, one batch
 forming and its own, with a batch to spare for the tail.
 
 The controller is a pure object (no clock, no event loop): tests drive
@@ -70,6 +83,7 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -85,6 +99,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKOFF",
+    "HIGH",
+    "LOW",
     "MIN_LIMIT",
     "TARGET_FLOOR",
     "TARGET_MULTIPLE",
@@ -104,26 +120,30 @@ MIN_LIMIT = 4
 TARGET_MULTIPLE = 4.0
 #: ...and at least this many seconds.
 TARGET_FLOOR = 0.05
-#: Seconds a peak of the measured service time holds the auto target up (halves per this).
-SERVICE_PEAK_HALF_LIFE = 60.0
+#: Seconds, time constant over which the measured service time is smoothed
+#: (the stages' own averages follow each batch; the target should not).
+SERVICE_TAU = 10.0
 #: Seconds of latency samples the p99 is taken over (at least the target).
 WINDOW = 1.0
 #: The p99 is read only from at least this many samples.
 MIN_SAMPLES = 20
+#: At most this many latency samples are kept per update (evenly spaced), so
+#: that an update costs the same at 100 or 100,000 answers per second.
+MAX_SAMPLES_PER_UPDATE = 256
 #: The quantile held under the target.
 QUANTILE = 0.99
 #: Multiplicative decrease (of the limit or of the Little's-law population).
 BACKOFF = 0.8
-#: Increase only while the p99 is below this share of the target.
-LOW = 0.8
+#: Decrease once the p99 is above this share of the target...
+HIGH = 0.9
+#: ...increase only while it is below this share.
+LOW = 0.7
 #: Additive increase: floors per second.
 INCREASE_RATE = 0.5
 #: On increase, jump to at least this share of ``throughput * target``.
 LITTLE_SHARE = 0.5
 #: The limit counts as in use with this share of its places held.
 IN_USE = 0.8
-#: Seconds, time constant of the smoothed throughput.
-THROUGHPUT_TAU = 1.0
 
 
 def check_target(target: object, name: str = "latency_target") -> LatencyTarget | None:
@@ -171,10 +191,11 @@ class AdmissionController:
     __slots__ = (
         "_answered",
         "_auto",
+        "_counts",
         "_last",
         "_refused",
         "_samples",
-        "_service_peak",
+        "_service",
         "_t_decrease",
         "ceiling",
         "decreases",
@@ -213,7 +234,9 @@ class AdmissionController:
         self._refused = 0
         # (answer time, latency) of recent answers
         self._samples: deque[tuple[float, float]] = deque()
-        self._service_peak = 0.0
+        self._service = 0.0  # the service time, smoothed (SERVICE_TAU)
+        # (update time, answers since the previous update): the throughput window
+        self._counts: deque[tuple[float, int]] = deque()
         self._t_decrease = -math.inf
 
     def __repr__(self) -> str:
@@ -239,10 +262,13 @@ class AdmissionController:
         last call. ``answered``: items answered in any way since then
         (results, errors, deadlines, cancellations: places given back).
         ``in_flight``: places held now. ``refused``: refusals (and callers
-        waiting in line) since then. ``service_time``: for an auto target,
-        the pipeline's measured service time in seconds (0.0: not known).
+        waiting in line) since then. ``service_time``: the pipeline's
+        measured service time in seconds (0.0: not known); it sets an auto
+        target and trims the growth cap.
         """
         samples = self._samples
+        if len(latencies) > MAX_SAMPLES_PER_UPDATE:
+            latencies = latencies[:: math.ceil(len(latencies) / MAX_SAMPLES_PER_UPDATE)]
         samples.extend((now, lat) for lat in latencies)
         self._answered += answered
         self._refused += refused
@@ -253,22 +279,27 @@ class AdmissionController:
         answered, self._answered = self._answered, 0
         refused, self._refused = self._refused, 0
         if last is None:
+            self._counts.append((now, 0))
             return self.limit
         dt = now - last
-        rate = answered / dt
-        if self.throughput == 0.0:
-            self.throughput = rate
-        else:
-            self.throughput += (1.0 - math.exp(-dt / THROUGHPUT_TAU)) * (rate - self.throughput)
-        if self._auto and service_time > 0:
-            decay = 0.5 ** (dt / SERVICE_PEAK_HALF_LIFE)
-            self._service_peak = max(service_time, self._service_peak * decay)
-            self.target = auto_target(self._service_peak)
+        if service_time > 0:
+            smooth = self._service
+            weight = 1.0 if not smooth else 1.0 - math.exp(-dt / SERVICE_TAU)
+            service_time = self._service = smooth + weight * (service_time - smooth)
+            if self._auto:
+                self.target = auto_target(service_time)
         target = self.target
-        if target <= 0:
-            return self.limit
-        # The window: the last max(WINDOW, target) seconds, at least MIN_SAMPLES answers.
+        # The window: the last max(WINDOW, target) seconds (at least
+        # MIN_SAMPLES answers for the p99).
         start = now - max(WINDOW, target)
+        counts = self._counts
+        counts.append((now, answered))
+        while len(counts) > 1 and counts[1][0] <= start:
+            counts.popleft()  # counts[0] stays: where the span begins
+        span = now - counts[0][0]
+        self.throughput = sum(n for _, n in itertools.islice(counts, 1, None)) / span
+        if target <= 0 or span < WINDOW:
+            return self.limit  # too soon to judge: answers come in bursts of a batch
         while len(samples) > MIN_SAMPLES and samples[0][0] < start:
             samples.popleft()
         # Only answers to items admitted after the last decrease count.
@@ -279,15 +310,24 @@ class AdmissionController:
         recent.sort()
         p99 = self.p99 = recent[min(len(recent) - 1, math.ceil(QUANTILE * len(recent)) - 1)]
         limit = self.limit
-        if p99 > target:
+        if p99 > HIGH * target:
             little = self.throughput * target
             limit = math.floor(BACKOFF * min(limit, little))
             self._t_decrease = now
             self.decreases += 1
         elif p99 < LOW * target and (refused > 0 or in_flight >= IN_USE * limit):
+            # Latency answers late (an item admitted now is measured once it
+            # is answered), so growth is capped by Little's law: never more
+            # in flight than would wait LOW * target on average at the
+            # measured throughput, less one service time for the tail (an
+            # item that just missed a batch waits for the next one).
+            little = self.throughput * target
+            cap = self.throughput * max(0.0, LOW * target - service_time)
             step = max(1, round(INCREASE_RATE * self.floor * dt))
-            limit = max(limit + step, math.floor(LITTLE_SHARE * self.throughput * target))
-            self.increases += 1
+            grown = min(max(limit + step, math.floor(LITTLE_SHARE * little)), math.floor(cap))
+            if grown > limit:
+                limit = grown
+                self.increases += 1
         self.limit = min(max(limit, self.floor), self.ceiling)
         return self.limit
 
