@@ -411,3 +411,32 @@ def test_the_runner_feeds_its_controller_and_resizes_the_limiter() -> None:
             assert await asyncio.gather(*held) == ["hold"] * 9
 
     asyncio.run(main())
+
+
+def test_the_limit_stays_between_floor_and_ceiling() -> None:
+    ctl = AdmissionController(10.0, floor=4, ceiling=16)
+    ctl.update(0.0, [], 0, 0)
+    # fast answers, far under the target, the limit in use: it grows, to the ceiling only
+    for i in range(1, 20):
+        ctl.update(i * TICK, [0.01] * 100, 1000, in_flight=ctl.limit, refused=5)
+    assert ctl.limit == 16
+    # slow answers, over the target: it falls (once per latency: only items
+    # admitted after a decrease judge it), to the floor only
+    for i in range(20, 400):
+        ctl.update(i * TICK, [12.0] * 100, 1, in_flight=ctl.limit)
+    assert ctl.limit == 4
+    assert 4 <= ctl.decreases <= 8
+
+
+def test_admit_many_past_the_floor_of_an_adaptive_limit_is_refused_with_a_reason() -> None:
+    pipe = fb.Pipeline([fb.stage(lambda x: x, name="f")])  # the floor: 4
+
+    async def main() -> None:
+        async with pipe.open(latency_target=1.0) as runner:
+            with pytest.raises(ValueError, match="5 items can never be admitted at once: .*"
+                               "never below 4"):
+                await runner.admit_many(list(range(5)))
+            futs = await runner.admit_many(list(range(4)))
+            assert await asyncio.gather(*futs) == [0, 1, 2, 3]
+
+    asyncio.run(main())
