@@ -112,7 +112,8 @@ def report(
         for t_title, t_columns, t_rows in all_tables:
             table = Table(title=t_title)
             for c in t_columns:
-                table.add_column(c, justify="left" if c == t_columns[0] else "right")
+                first = c == t_columns[0]
+                table.add_column(c, justify="left" if first else "right", no_wrap=first)
             for r in t_rows:
                 table.add_row(*(_fmt(x) for x in r))
             console.print(table)

@@ -108,7 +108,7 @@ INFINITY_PYTHON = "/work/infinity-venv/bin/python"
 #: The name infinity-emb serves the model under (its OpenAI-style route).
 INFINITY_NAME = "all-MiniLM-L6-v2"
 BATCH_SIZES = (8, 16, 32, 64)
-#: Sentences per offline-limit measurement.
+#: Sentences per offline-limit measurement (``--limit-sentences``).
 LIMIT_TEXTS = 1024
 
 # ------------------------------------------------------------------ the model
@@ -658,8 +658,10 @@ class Model:
     batch size, batch-of-1 time on its first replica).
     """
 
-    def __init__(self, texts: list[str], shape: str, cores: int) -> None:
+    def __init__(self, texts: list[str], shape: str, cores: int,
+                 limit_texts: int = LIMIT_TEXTS) -> None:
         self.texts = texts
+        self.limit_texts = limit_texts
         factory = Embed if shape == "default" else None
         self.configs: dict[str, ProcessReplicas] = {}
         try:
@@ -667,7 +669,7 @@ class Model:
                 self.configs[name] = ProcessReplicas(n, threads, factory)
             for reps in self.configs.values():
                 reps.throughput(texts[:128], 16)  # warm up
-            self.scan = {name: {b: reps.throughput(texts[:LIMIT_TEXTS], b) for b in BATCH_SIZES}
+            self.scan = {name: {b: reps.throughput(texts[:limit_texts], b) for b in BATCH_SIZES}
                          for name, reps in self.configs.items()}
         except BaseException:
             self.close()
@@ -680,7 +682,7 @@ class Model:
 
     def limits(self) -> dict[str, float]:
         """Each configuration's offline sentences/s at its best batch size."""
-        return {name: float(reps.throughput(self.texts[:LIMIT_TEXTS], self.best_batch[name]))
+        return {name: float(reps.throughput(self.texts[:self.limit_texts], self.best_batch[name]))
                 for name, reps in self.configs.items()}
 
     def batch1_ms(self, n: int = 30) -> dict[str, float]:
@@ -887,6 +889,9 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted per phase")
     p.add_argument("--overload", type=float, default=3.0,
                    help="the open loop offers this many times the offline limit")
+    p.add_argument("--limit-sentences", type=int, default=LIMIT_TEXTS,
+                   help="sentences per measurement of the offline limit (fewer: a quicker, "
+                        "noisier look)")
     p.add_argument("--runs", type=int, default=1, help="runs; figures are medians")
     p.add_argument("--windows", type=int, default=4,
                    help="c1 and c64 run in this many wrk windows of duration/windows s, "
@@ -910,6 +915,8 @@ def main() -> None:
                 f"choose from {', '.join(SERVERS)}")
     if args.overload <= 0:
         p.error(f"--overload must be > 0, got {args.overload}")
+    if args.limit_sentences < max(BATCH_SIZES):
+        p.error(f"--limit-sentences must be at least {max(BATCH_SIZES)}, got {args.limit_sentences}")
 
     import uvloop
 
@@ -930,7 +937,7 @@ def main() -> None:
     failed: dict[str, str] = {}
     runs: list[dict[str, Any]] = []
     for r in range(args.runs):
-        model = Model(texts, args.shape, cores)
+        model = Model(texts, args.shape, cores, args.limit_sentences)
         try:
             print(f"run {r + 1}: the model offline, sentences/s by batch size: "
                   + "; ".join(f"{k} { {b: round(v, 1) for b, v in scan.items()} }"
@@ -1073,7 +1080,8 @@ def target_notes(shape: str, figures: dict[str, Any], servers: list[Server]) -> 
         parts = []
         for ph in ("c1", "c16", "c64"):
             peer = max(figures[f"{key}_{ph}"]["rps"] for key in keys)
-            parts.append(f"{ph} {figures[f'flowbatch_{ph}']['rps'] / max(peer, 1e-9):.2f}x")
+            parts.append(f"{ph} {figures[f'flowbatch_{ph}']['rps'] / peer:.2f}x" if peer > 0
+                         else f"{ph} (the peer answered nothing)")
         notes.append(f"flowbatch / {kind}{' (best worker count per load)' if len(keys) > 1 else ''}"
                      f": {', '.join(parts)}")
     return notes
