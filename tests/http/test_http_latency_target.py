@@ -1,13 +1,18 @@
-"""ServeConfig(latency_target=...) and `flowbatch serve --latency-target`: settings checks."""
+"""ServeConfig(latency_target=...) and `flowbatch serve --latency-target`: settings checks,
+and the embedding model served by default admitting a closed loop of 64 clients."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
+from httphelpers import serve_in_thread
 
-from flowbatch.http import ServeConfig
+import flowbatch as fb
+from flowbatch.http import ServeConfig, create_app
 from flowbatch.http.cli import serve
 
 
@@ -39,3 +44,36 @@ def test_serve_takes_latency_target_and_refuses_it_with_max_in_flight() -> None:
     assert out.exit_code == 2 and "not both" in out.output
     out = cli.invoke(serve, ["x:y", "--latency-target", "0"])
     assert out.exit_code == 2 and "--latency-target" in out.output
+
+
+def test_the_embedding_model_served_by_default_admits_64_clients() -> None:
+    # The served shape of benchmarks/serving.py (2 replicas, batches of 64),
+    # no admission setting: a closed loop of 64 clients, each sending again
+    # when answered, is never refused (the floor is 2 x 2 x 64 = 256).
+    from flowbatch.models import SentenceEmbedder
+
+    embed = fb.stage(SentenceEmbedder(torch_threads=1), name="embed", concurrency=2,
+                     batch=fb.Batch(max_size=64))
+    app = create_app(fb.Pipeline([embed], name="embed"))
+
+    async def client(c: httpx.AsyncClient, k: int) -> list[int]:
+        codes = []
+        for i in range(3):
+            r = await c.post("/v1/pipelines/embed", json={"input": f"sentence {k} number {i}"})
+            codes.append(r.status_code)
+            assert r.status_code != 200 or len(r.json()["output"]) == 384
+        return codes
+
+    async def main(url: str) -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+            codes = await asyncio.gather(*(client(c, k) for k in range(64)))
+        assert [code for cs in codes for code in cs] == [200] * 64 * 3
+        runner = app.service.endpoints["embed"].runner
+        assert runner is not None and runner.admission is not None
+        s = runner.stats()
+        assert s.rejected == 0 and s.completed == 64 * 3
+        assert s.in_flight_limit is not None and 256 <= s.in_flight_limit < 1e9
+
+    with serve_in_thread(app) as srv:
+        asyncio.run(main(srv.url))
