@@ -321,6 +321,13 @@ class StageStats:
     executor can resize (process workers, Ray actors), the replicas taking
     calls now (between ``min`` and ``max``; ``workers`` is ``max``); None
     for other stages.
+
+    ``worker_seconds``: with ``concurrency=fb.Adaptive(...)``, the worker
+    time the stage's limit allowed over the record's span (the integral of
+    ``concurrency_limit``, or of ``replicas``, over time), and ``mean_limit``
+    that time per second. Such a stage's ``utilization`` and ``capacity`` are
+    over them, not over ``workers`` (its ``max``): a stage held at 2 of 16
+    with both busy is 100% busy. None for a fixed concurrency.
     """
 
     name: str
@@ -352,6 +359,8 @@ class StageStats:
     batch_reason_items: dict[str, int] = field(default_factory=dict)
     batch_time_fit: tuple[float, float] | None = None
     replicas: int | None = None
+    worker_seconds: float | None = None
+    mean_limit: float | None = None
 
     def mean_batch_size_by_reason(self) -> dict[str, float]:
         """The mean size of the batches dispatched for each reason."""
@@ -364,7 +373,8 @@ class StageStats:
 
         Counters, busy time, histograms and batches become increases (a
         counter that went down was reset: a restart), utilization is over
-        ``seconds``; gauges (``queued``, ``in_flight``, ``workers``) and
+        ``seconds`` (an adaptive stage's: over the worker-seconds its limit
+        allowed in them); gauges (``queued``, ``in_flight``, ``workers``) and
         ``padding_waste`` are as of this snapshot.
         """
         busy = _increase(self.busy_seconds, prev.busy_seconds)
@@ -376,6 +386,10 @@ class StageStats:
             batches, items, sizes = self.batches, self.mean_batch_size * self.batches, {}
         reasons = _increases(self.batch_reasons, prev.batch_reasons)
         reason_items = _increases(self.batch_reason_items, prev.batch_reason_items)
+        allowed = mean = None
+        if self.worker_seconds is not None:
+            allowed = _increase(self.worker_seconds, prev.worker_seconds or 0.0)
+            mean = allowed / seconds if seconds > 0 else self.mean_limit
         return dataclasses.replace(
             self,
             done=int(_increase(self.done, prev.done)),
@@ -383,8 +397,10 @@ class StageStats:
             retried=int(_increase(self.retried, prev.retried)),
             expired=int(_increase(self.expired, prev.expired)),
             dropped=int(_increase(self.dropped, prev.dropped)),
-            utilization=utilization(busy, self.workers, seconds),
+            utilization=utilization(busy, self.workers if mean is None else mean, seconds),
             busy_seconds=busy,
+            worker_seconds=allowed,
+            mean_limit=mean,
             service_time=self.service_time.since(prev.service_time),
             queue_wait=self.queue_wait.since(prev.queue_wait),
             batches=batches,
@@ -402,12 +418,13 @@ class StageStats:
         """Items per second the stage finishes with all its workers busy.
 
         Items that left it (done or failed) per second of busy worker time,
-        times its workers (:func:`capacity`); None before it has finished an
-        item. Over the interval for a :meth:`since` record. A batched stage's
+        times its workers (:func:`capacity`; an adaptive stage's: its
+        :attr:`mean_limit`); None before it has finished an item. Over the interval for a :meth:`since` record. A batched stage's
         figure holds for the batch sizes it ran: under a backlog its batches
         grow and it serves more, so a drain estimate from it errs long.
         """
-        return capacity(self.done + self.failed, self.busy_seconds, self.workers)
+        workers = self.workers if self.mean_limit is None else self.mean_limit
+        return capacity(self.done + self.failed, self.busy_seconds, workers)
 
     def to_dict(self) -> dict[str, Any]:
         """The figures as JSON-ready data, keyed by field name (``batch_sizes``
@@ -493,11 +510,14 @@ class PipelineStats:
     def backlog_per_replica(self) -> float:
         """Items admitted and not yet answered (``in_flight``: waiting in the
         stages' queues and inside their calls) per worker of the bottleneck
-        stage (before any work: of the stage with the fewest workers)."""
+        stage (before any work: of the stage with the fewest workers); an
+        adaptive stage's workers are its limit now (``concurrency_limit``)."""
         if self.in_flight <= 0 or not self.stages:
             return 0.0
         neck = next((s for s in self.stages if s.name == self.bottleneck), None)
-        workers = neck.workers if neck is not None else min(s.workers for s in self.stages)
+        workers = (
+            _now_workers(neck) if neck is not None else min(_now_workers(s) for s in self.stages)
+        )
         return self.in_flight / max(1, workers)
 
     @property
@@ -619,6 +639,8 @@ class StageMetrics:
         "failed",
         "holding",
         "limit",
+        "limit_at",
+        "limit_seconds",
         "name",
         "padded_cost",
         "reason_batches",
@@ -651,6 +673,10 @@ class StageMetrics:
         self.padded_cost = 0.0
         # fb.Adaptive: the stage's current limit (its StageRun sets it)
         self.limit: int | None = None
+        # ... and its integral over time: worker-seconds allowed up to limit_at
+        # (set_limit moves both; a change, not a call, costs one update)
+        self.limit_seconds = 0.0
+        self.limit_at = 0.0
         self.backpressured = 0
         # Why batches went out (batching.REASONS), every key present: the
         # worker loop counts with one `+=` each, no method call per batch.
@@ -658,6 +684,18 @@ class StageMetrics:
         self.reason_items: dict[str, int] = dict.fromkeys(REASONS, 0)
         # Batch(latency_target=...): the learned batch time (the worker loop sets it).
         self.cost_model: CostModel | None = None
+
+    def opened(self, now: float) -> None:
+        """The runner opened at ``now``: the limit's worker-seconds count from here."""
+        self.limit_seconds = 0.0
+        self.limit_at = now
+
+    def set_limit(self, n: int, now: float) -> None:
+        """An adaptive stage's limit (gate total, replicas) is ``n`` from ``now``."""
+        if self.limit is not None:
+            self.limit_seconds += self.limit * max(0.0, now - self.limit_at)
+        self.limit_at = now
+        self.limit = n
 
     def served(self, slot: int, started: float, now: float) -> None:
         """Worker ``slot``'s call that began at ``started`` has returned."""
@@ -682,6 +720,12 @@ class StageMetrics:
         service = self.service.summary()
         busy = service.total + sum(now - t for t in self.running if t)
         cost = self.batch_cost.summary()
+        allowed = mean = None
+        if self.limit is not None:  # fb.Adaptive: over the limit's worker-seconds
+            allowed = 0.0
+            if elapsed > 0:
+                allowed = self.limit_seconds + self.limit * max(0.0, now - self.limit_at)
+            mean = allowed / elapsed if elapsed > 0 else float(self.limit)
         return StageStats(
             name=self.name,
             executor=self.executor,
@@ -694,8 +738,10 @@ class StageMetrics:
             dropped=self.dropped,
             queued=queued,
             in_flight=sum(self.holding),
-            utilization=utilization(busy, self.workers, elapsed),
+            utilization=utilization(busy, self.workers if mean is None else mean, elapsed),
             busy_seconds=busy,
+            worker_seconds=allowed,
+            mean_limit=mean,
             service_time=service,
             queue_wait=self.wait.summary(),
             batches=self.batches,
@@ -747,12 +793,18 @@ def format_seconds(s: float) -> str:
     return f"{s:.2f} s"
 
 
+def _now_workers(s: StageStats) -> int:
+    """The workers taking calls now: an adaptive stage's limit, else ``workers``."""
+    return s.workers if s.concurrency_limit is None else s.concurrency_limit
+
+
 def _unused(s: StageStats) -> StageStats:
     """``s`` before it did anything: the base of a stage a snapshot lacks."""
     return dataclasses.replace(
         s, done=0, failed=0, retried=0, expired=0, dropped=0, busy_seconds=0.0,
         service_time=Summary(), queue_wait=Summary(), batches=0, mean_batch_size=0.0,
         batch_sizes={}, batch_cost=Summary(), batch_reasons={}, batch_reason_items={},
+        worker_seconds=None if s.worker_seconds is None else 0.0,
     )
 
 

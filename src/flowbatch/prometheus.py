@@ -165,12 +165,14 @@ def _families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
     )
     busy = CounterMetricFamily(
         "flowbatch_stage_busy_seconds",
-        "Worker time spent in the stage function (rate / workers = utilization).",
+        "Worker time spent in the stage function (rate / workers = utilization; an "
+        "adaptive stage's: rate / rate(flowbatch_stage_limit_seconds_total)).",
         labels=pss,
     )
     busy_ratio = GaugeMetricFamily(
         "flowbatch_stage_busy_ratio",
-        "Fraction of the workers' time spent in the stage function since start.",
+        "Fraction of the workers' time (an adaptive stage's: of the time its limit "
+        "allowed) spent in the stage function since start.",
         labels=pss,
     )
     wait = HistogramMetricFamily(
@@ -283,13 +285,22 @@ def _limit_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:
         "Calls of the stage that raised Backpressure (their items were queued again).",
         labels=pss,
     )
+    allowed = CounterMetricFamily(
+        "flowbatch_stage_limit_seconds",
+        "Worker time an adaptive stage's limit allowed (its integral over time): "
+        "rate(flowbatch_stage_busy_seconds_total) / rate(this) is its utilization.",
+        labels=pss,
+    )
     for name, s in stats:
         for st in s.stages:
             if st.concurrency_limit is not None:
                 limit.add_metric([name, st.name], st.concurrency_limit)
+            if st.worker_seconds is not None:
+                allowed.add_metric([name, st.name], st.worker_seconds)
             pushed.add_metric([name, st.name], st.backpressured)
     yield limit
     yield pushed
+    yield allowed
 
 
 def _batch_families(stats: list[tuple[str, PipelineStats]]) -> Iterator[Metric]:

@@ -323,7 +323,7 @@ class ReplicaScaler:
             self.gate.total = n  # at most n calls from now; the others finish first
         now = await self._resize(n)
         self.gate.total = now
-        self.sr.metrics.limit = now  # stats()' concurrency_limit
+        self.sr.metrics.set_limit(now, self.clock())  # stats()' concurrency_limit
         ctl.resized(now)
         if now != before:
             log.info("flowbatch: stage %r runs %d replicas (was %d)", self.sr.name, now, before)

@@ -190,6 +190,8 @@ class Runner:
         self._folder = self._tg.create_task(self._fold_periodically())
         self._scalers = start_scalers(self._tg, self._stages, self._clock)
         self._t_open = self._clock()
+        for sr in self._stages:
+            sr.metrics.opened(self._t_open)  # an adaptive limit's worker-seconds count from here
         self._state = "open"
         return self
 

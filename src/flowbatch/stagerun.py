@@ -45,6 +45,7 @@ class StageRun:
         "metrics",
         "name",
         "next",
+        "paused_until",
         "retry",
         "scaler",
         "service_time",
@@ -95,6 +96,9 @@ class StageRun:
         #: What resizes the stage's replicas (replicas.py), for an adaptive stage
         #: whose executor can resize; set by the runner when it opens.
         self.scaler: ReplicaScaler | None = None
+        #: After a ``Backpressure``: a batched stage starts no batch before this
+        #: time (the runner's clock; 0.0: never paused).
+        self.paused_until = 0.0
         self.executor: Executor
         # A device stage's learned memory caps lower its next batch (devices.py).
         self.limits: Callable[[Batch], Batch] | None = None
@@ -153,7 +157,7 @@ class StageRun:
         n = ctl.sample(rtt, gate.borrowed, now, dropped)
         if n != gate.total:
             gate.total = n
-            self.metrics.limit = n
+            self.metrics.set_limit(n, now)
 
     def backpressure(self, retry_after: float | None, now: float) -> float:
         """A call raised ``Backpressure``: count it, cut an adaptive stage's
@@ -161,13 +165,16 @@ class StageRun:
         self.metrics.backpressured += 1
         ctl = self.control
         if ctl is None or self.scaler is not None:  # replicas.py owns a scaled stage's gate
-            return now + (DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
-        n = ctl.backpressure(retry_after, now)
-        assert self.gate is not None
-        if n != self.gate.total:
-            self.gate.total = n
-            self.metrics.limit = n
-        return ctl.resume_at
+            resume = now + (DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
+        else:
+            n = ctl.backpressure(retry_after, now)
+            assert self.gate is not None
+            if n != self.gate.total:
+                self.gate.total = n
+                self.metrics.set_limit(n, now)
+            resume = ctl.resume_at
+        self.paused_until = max(self.paused_until, resume)
+        return resume
 
     def measured(self, seconds: float) -> None:
         """A batch call took ``seconds``: update the service-time estimate."""

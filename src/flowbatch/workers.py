@@ -392,6 +392,11 @@ class Workers:
                 if not len(ch):  # another slot took them while this one waited
                     gate.release()
                     continue
+            if sr.paused_until and (left := sr.paused_until - self.clock()) > 0:
+                await asyncio.sleep(left)  # after a Backpressure: the stage waits as told
+                if gate is not None:
+                    gate.release()
+                continue  # and looks again
             # A device's learned memory caps lower max_size / max_cost (devices.py).
             options = opts if sr.limits is None else sr.limits(opts)
             held: str | None = None
@@ -606,6 +611,9 @@ class Workers:
                 for item in batch:
                     ledger.fail(sr, item, err)
                 raise
+            if isinstance(exc, Backpressure):
+                self._batch_pushed_back(sr, batch, exc)
+                return
             if isinstance(exc, CallTimedOut) and exc.pending is not None:
                 await asyncio.wait([exc.pending])
             await self._batch_failed(sr, slot, batch, exc)
@@ -628,6 +636,25 @@ class Workers:
             else:
                 m.done += 1
                 await self._moved_on(sr, item, out, t1)
+
+    def _batch_pushed_back(self, sr: StageRun, batch: list[Item], exc: Backpressure) -> None:
+        """A batch call raised ``Backpressure``: as in :meth:`backpressured`, the
+        stage (an adaptive one cuts its limit) starts no batch before the time
+        it was told (``sr.paused_until``, which :meth:`run_batched` waits out)
+        and the batch goes back to the queue without spending an attempt."""
+        now = self.clock()
+        resume = sr.backpressure(exc.retry_after, now)
+        log.debug(
+            "stage %r: the called service pushed back (%s); a batch of %d waits %.3fs",
+            sr.name,
+            exc,
+            len(batch),
+            resume - now,
+            extra={"pipeline": self.name, "stage": sr.name},
+        )
+        for item in batch:
+            item.t_enq = now
+            sr.inq.put_force(item)
 
     async def _batch_failed(
         self, sr: StageRun, slot: int, batch: list[Item], exc: BaseException
