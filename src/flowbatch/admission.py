@@ -48,8 +48,9 @@ The controller (why this one):
   item that just missed a batch waits for the next). That cap matters: an
   item's latency is only seen once it is answered, a queue's worth of time
   after it was admitted, so without it the p99 still looks good while the
-  limit runs far past the target (measured on the embedding model: to the
-  ceiling of 1024 in 8 s, then a p99 of 1.5x the target). An unused limit
+  limit runs far past the target (measured on the embedding model on a
+  busy machine: to the ceiling of 1024 in 8 s, then a p99 of 1.5x the
+  target; pinned by a simulated slow model in the tests). An unused limit
   is held: a quiet hour does not shrink it, so a burst is not refused while
   the measurements catch up.
 - **Between** ``LOW * target`` and ``HIGH * target``: held.
@@ -57,9 +58,10 @@ The controller (why this one):
 This is AIMD on the observed p99 with Little's law as the jump, the shape
 of TCP congestion control and of Netflix's concurrency-limits "AIMD" limit,
 with a jump because a serving queue, unlike a network path, tells us its
-throughput directly. Throughput is never traded away: the limit only falls
-when admitted requests already wait longer than the target, i.e. when more
-in flight would only lengthen the queue, never add answers per second.
+throughput directly. Throughput is not traded away: the limit only falls
+when admitted requests already wait nearly the target (``HIGH``), i.e. when
+more in flight would only lengthen the queue, not add answers per second,
+and never below the floor that keeps every worker's batches full.
 
 The target itself: explicit, or, with ``latency_target="auto"`` (the HTTP
 default), :func:`auto_target`: ``TARGET_MULTIPLE`` times the pipeline's
