@@ -153,3 +153,66 @@ def test_why_batches_went_out_is_read_back_and_shown() -> None:
     console.print(render([view], "http://x/metrics"))
     screen = console.export_text()
     assert "batches of m: worker_free 2 (mean 2.0), full 1 (mean 8.0); batch time" in screen
+
+
+def test_an_adaptive_stage_shows_its_limit_and_is_measured_over_it() -> None:
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+
+    async def main() -> tuple[str, str]:
+        hold = asyncio.Event()
+
+        async def api(x: int) -> int:  # holds items from 100 on
+            if x >= 100:
+                await hold.wait()
+            return x
+
+        async def store(x: int) -> int:  # holds items below 100
+            if x < 100:
+                await hold.wait()
+            return x
+
+        pipe = fb.Pipeline(
+            [
+                fb.stage(api, name="api", concurrency=fb.Adaptive(min=2, max=16, initial=2)),
+                fb.stage(store, name="store", concurrency=2),
+            ],
+            name="p",
+        )
+        async with pipe.open(clock=clock) as runner:
+            calls = [asyncio.create_task(runner.submit(0))]
+            try:
+                await until(lambda: runner.stats().stage("store").in_flight == 1)
+                calls += [asyncio.create_task(runner.submit(x)) for x in (100, 101)]
+                await until(lambda: runner.stats().stage("api").in_flight == 2)
+                clock.now += 1.0
+                first = exposition({"p": runner}).decode()
+                clock.now += 10.0
+                second = exposition({"p": runner}).decode()
+            finally:
+                hold.set()
+            await asyncio.gather(*calls)
+            return first, second
+
+    a_text, b_text = asyncio.run(main())
+    a, b = parse(a_text), parse(b_text)
+    api = b["p"].stage("api")
+    assert (api.concurrency_limit, api.workers, api.replicas) == (2, 16, None)
+    assert api.worker_seconds == pytest.approx(2 * 11.0)
+    (view,) = compute(a, b)  # over the runner's own 10 s
+    api_view, store_view = view.stages
+    assert (api_view.limit, api_view.workers) == (2, 16)
+    assert api_view.utilization == pytest.approx(1.0)  # 2 busy of the 2 allowed
+    assert store_view.limit is None and store_view.utilization == pytest.approx(0.5)
+    assert view.bottleneck == "api"
+    console = Console(record=True, width=160)
+    console.print(render([view], "http://x/metrics"))
+    screen = console.export_text()
+    api_row = next(line for line in screen.splitlines() if "▶api" in line)
+    assert " 2/16 " in api_row
+    assert "bottleneck: api (100% busy on 2 of 16 workers (adaptive), 0 queued)" in screen

@@ -2,7 +2,9 @@
 
 It reads the Prometheus ``/metrics`` endpoint every ``--interval`` seconds and
 shows, from the difference between the last two scrapes, per pipeline and
-per stage: throughput, queue depth, in-flight items, utilization (as a bar),
+per stage: throughput, queue depth, in-flight items, workers (an adaptive
+stage's limit now of its max: ``2/16``), utilization (as a bar; an adaptive
+stage's is of the worker time its limit allowed),
 mean batch size, recent p50/p99 of the stage call, and errors. The stage whose
 workers were busiest in the last interval, the bottleneck, is highlighted.
 Under the table, per batched stage: why its batches went out in the interval
@@ -103,9 +105,10 @@ class _Stage:
             )
         return tuple(out)
 
-    def stats(self, name: str) -> StageStats:
+    def stats(self, name: str, elapsed: float) -> StageStats:
         c = self.counts.get
         batches = int(self.batch_count)
+        limit, replicas, allowed = c("concurrency_limit"), c("replicas"), c("worker_seconds")
         return StageStats(
             name=name,
             executor=self.executor,
@@ -132,6 +135,11 @@ class _Stage:
             batch_reasons=dict(self.reasons),
             batch_reason_items=dict(self.reason_items),
             batch_time_fit=(self.fit["a"], self.fit["b"]) if len(self.fit) == 2 else None,
+            concurrency_limit=int(limit) if limit is not None else None,
+            replicas=int(replicas) if replicas is not None else None,
+            backpressured=int(c("backpressured", 0)),
+            worker_seconds=allowed,
+            mean_limit=allowed / elapsed if allowed is not None and elapsed > 0 else None,
         )
 
 
@@ -159,7 +167,7 @@ class _Pipeline:
             in_flight=int(c("in_flight", 0)),
             items_per_s=c("completed", 0) / elapsed if elapsed > 0 else 0.0,
             latency=self.latency.summary(),
-            stages=tuple(st.stats(n) for n, st in self.stages.items()),
+            stages=tuple(st.stats(n, elapsed) for n, st in self.stages.items()),
             bottleneck=self.bottleneck,
         )
 
@@ -182,6 +190,11 @@ _STAGE_GAUGES = {
     "flowbatch_stage_busy_seconds_total": "busy_seconds",
     "flowbatch_stage_busy_ratio": "utilization",
     "flowbatch_stage_padding_waste_ratio": "padding_waste",
+    # concurrency=fb.Adaptive(...): the limit now, its replicas, its worker-seconds
+    "flowbatch_stage_concurrency_limit": "concurrency_limit",
+    "flowbatch_stage_replicas": "replicas",
+    "flowbatch_stage_limit_seconds_total": "worker_seconds",
+    "flowbatch_stage_backpressure_total": "backpressured",
 }
 _REPLICA_GAUGES = {
     "flowbatch_device_batch_cap": "batch_cap",
@@ -325,6 +338,10 @@ class StageView:
     reasons: tuple[tuple[str, int, float], ...] = ()
     #: The learned batch time (a, b): a batch of n takes a + b*n seconds.
     batch_time_fit: tuple[float, float] | None = None
+    #: ``concurrency=fb.Adaptive(...)``: the calls it may have in flight now
+    #: (``workers`` is its max), and whether that is its replica count.
+    limit: int | None = None
+    replicas: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,6 +399,8 @@ def compute(
                     devices=total.devices,
                     reasons=_reasons(s),
                     batch_time_fit=total.batch_time_fit,
+                    limit=total.concurrency_limit,
+                    replicas=total.replicas is not None,
                 )
             )
         views.append(
@@ -426,6 +445,11 @@ def _dur(s: float | None) -> str:
     return f"{s:.2f}s"
 
 
+def _workers(st: StageView) -> str:
+    """``4``, or an adaptive stage's limit now of its max: ``2/16``."""
+    return f"{st.workers:.0f}" if st.limit is None else f"{st.limit}/{st.workers:.0f}"
+
+
 def _rate(x: float) -> str:
     if x >= 10_000:
         return f"{x / 1000:.0f}k"
@@ -441,6 +465,13 @@ def _bar(u: float, width: int = 8) -> Text:
     t.append("░" * (width - n), style="grey37")
     t.append(f" {u * 100:3.0f}%")
     return t
+
+
+def _on(st: StageView) -> str:
+    """What a stage's utilization is of: ``4 workers``, ``2 of 16 replicas``."""
+    if st.limit is None:
+        return f"{st.workers:.0f} worker{'s' if st.workers != 1 else ''}"
+    return f"{st.limit} of {st.workers:.0f} {'replicas' if st.replicas else 'workers'} (adaptive)"
 
 
 def _gib(n: int | None) -> str:
@@ -495,6 +526,7 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
             ("items/s", "right"),
             ("queue", "right"),
             ("in fn", "right"),
+            ("workers", "right"),
             ("busy", "left"),
             ("batch", "right"),
             ("p50", "right"),
@@ -512,6 +544,7 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
                 _rate(st.items_per_s),
                 f"{st.queued:.0f}",
                 f"{st.in_flight:.0f}",
+                _workers(st),
                 _bar(st.utilization),
                 "-" if st.mean_batch is None else f"{st.mean_batch:.1f}",
                 _dur(st.p50),
@@ -533,8 +566,8 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
             Text.assemble(
                 ("bottleneck: ", "bold"),
                 (neck.name, "bold red"),
-                f" ({neck.utilization * 100:.0f}% busy on {neck.workers:.0f} "
-                f"worker{'s' if neck.workers != 1 else ''}, {neck.queued:.0f} queued)",
+                f" ({neck.utilization * 100:.0f}% busy on {_on(neck)}, "
+                f"{neck.queued:.0f} queued)",
             )
             if neck is not None
             else Text("bottleneck: - (no work in the last interval)", style="dim")
@@ -545,7 +578,8 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
                 title=f"pipeline {v.name}",
                 title_align="left",
                 padding=(0, 1),
-                subtitle="busy: workers' time in the stage fn  p50/p99: a call  wait: queue p50",
+                subtitle="workers: now/max  busy: time in the stage fn  p50/p99: a call  "
+                "wait: queue p50",
                 subtitle_align="right",
                 expand=False,
             )
