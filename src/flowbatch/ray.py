@@ -21,7 +21,10 @@ runner, as for a local stage: each actor takes one whole call at a time.
 - Replicas: ``concurrency`` actors, or, when ``max_replicas`` is given, from
   ``min_replicas`` up to ``max_replicas`` (at most ``concurrency``), grown
   while calls wait for a free actor and shrunk after an actor sat idle.
-  ``resize(n)`` sets the count by hand.
+  ``resize(n)`` sets the count by hand. ``concurrency=fb.Adaptive(min, max)``
+  lets the runner's replica rule (flowbatch.replicas) size the pool instead;
+  with ``min_replicas``/``max_replicas`` as well, opening fails: one pool,
+  one rule.
 - An actor that dies fails only the call it held (``WorkerCrashed``, retried
   as the stage's ``Retry`` says) and is replaced. An actor the cluster cannot
   place yet is counted in ``stats()`` (``pending``) and logged, not waited
@@ -410,6 +413,18 @@ class RayActors(Executor):
             raise PipelineError(
                 f"stage {stage.name!r}: pass_refs=True does not apply to a fan_out stage "
                 "(the runner must see its children)"
+            )
+        if stage.adaptive is not None and (
+            self.max_replicas is not None or self.min_replicas != 1
+        ):
+            a = stage.adaptive
+            raise PipelineError(
+                f"stage {stage.name!r}: fb.ray.actors(min_replicas={self.min_replicas}, "
+                f"max_replicas={self.max_replicas}) scales the actor pool by its own rule, "
+                f"and concurrency=fb.Adaptive(min={a.min}, max={a.max}) would scale the same "
+                "pool by the runner's; pick one: concurrency=fb.Adaptive(...) with "
+                "fb.ray.actors() (no min_replicas/max_replicas), or a fixed "
+                f"concurrency={a.max} with fb.ray.actors(max_replicas=...)"
             )
         hi = self.max_replicas if self.max_replicas is not None else stage.concurrency
         if hi > stage.concurrency:
