@@ -111,8 +111,10 @@ class Backpressure(FlowbatchError):
     again (it is not the item's fault) after the stage waited ``retry_after``
     seconds; a stage with ``concurrency=fb.Adaptive(...)`` also cuts its
     limit at once and starts no call until then (see flowbatch.adaptive).
-    The item's deadline, and the caller going away, still end it. Unbatched
-    stages only: in a batched stage it is an ordinary error.
+    The item's deadline, and the caller going away, still end it. Raised by a
+    batched stage's call, the whole batch is queued again the same way and the
+    stage starts no batch until ``retry_after`` has passed; returned in place
+    of one item's result, it is that item's ordinary error.
 
     Usage, with an HTTP client (httpx shown; any status and headers do)::
 
