@@ -9,11 +9,14 @@ over ``max``. Driven on an injected clock that the test moves by hand.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 import flowbatch as fb
 from flowbatch.metrics import StageMetrics
+from flowbatch.replicas import ReplicaScaler
+from flowbatch.stagerun import StageRun
 from polling import until
 
 
@@ -112,3 +115,38 @@ def test_a_fixed_stage_is_measured_over_its_workers_as_before() -> None:
     assert st.worker_seconds is None and st.mean_limit is None
     assert st.utilization == pytest.approx(20.0 / 40.0)
     assert st.capacity == pytest.approx(20 / 20 * 4)
+
+
+class Resizable(fb.Executor):
+    """An executor whose replica count ``resize(n)`` sets at once."""
+
+    replicas = 1
+
+    def resize(self, n: int) -> None:
+        self.replicas = n
+
+    async def start(self, stage: Any) -> None:
+        pass
+
+    async def call(self, arg: Any, timeout: float | None, carrier: Any = None) -> Any:
+        return arg
+
+    async def stop(self) -> None:
+        pass
+
+
+def test_replicas_set_by_the_scaler_are_integrated_on_the_runners_clock() -> None:
+    clock = FakeClock()
+    spec = fb.stage(
+        lambda x: x, name="e", executor=Resizable(), concurrency=fb.Adaptive(min=1, max=4)
+    )
+    sr = StageRun(spec, 8, None, clock)
+    sr.metrics.opened(clock())
+    scaler = ReplicaScaler(sr, clock)
+    clock.now += 10.0  # 1 replica for 10 s
+    asyncio.run(scaler.apply(3))
+    clock.now += 10.0  # then 3 for 10 s
+    st = sr.metrics.snapshot(clock(), 20.0, 0)
+    assert (st.concurrency_limit, st.workers) == (3, 4)
+    assert st.worker_seconds == pytest.approx(10.0 + 30.0)
+    assert st.mean_limit == pytest.approx(2.0)
