@@ -651,3 +651,62 @@ def test_reasons_over_an_interval_are_the_increases() -> None:
     recent = after.since(before).stage("m")
     assert recent.batch_reasons == {"full": 2} and recent.batch_reason_items == {"full": 8}
     assert recent.mean_batch_size_by_reason() == {"full": 4.0}
+
+
+# ------------------------------------------------------- grouping by length
+
+
+class _Queued:
+    """A queued item as pick_batch sees it: the payload in ``.value``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _queue(values: list[Any]) -> Any:
+    from collections import deque
+
+    return deque(_Queued(v) for v in values)
+
+
+def test_a_free_worker_among_several_takes_the_oldest_and_those_closest_in_length() -> None:
+    from flowbatch.batching import GROUPED_MIN, pick_batch
+
+    texts = [("x" * n) for n in (5, 40, 6, 41, 7, 42, 5, 43, 6, 44, 7, 45, 5, 46, 6, 47,
+                                 7, 48, 5, 49, 6, 50, 7, 51)]
+    q = _queue(texts)
+    picked = pick_batch(q, fb.Batch(max_size=64), limit=len(texts))  # a fair share of 24
+    # Half the share (12), the oldest first, the rest nearest its length, in arrival order.
+    assert [len(x.value) for x in picked] == [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6, 7]
+    assert [len(x.value) for x in q] == list(range(40, 52))  # the others wait, in order
+    assert GROUPED_MIN == 8
+    q = _queue(texts[:12])  # a share of 4 still takes GROUPED_MIN: the 7 nearest the oldest
+    assert [len(x.value) for x in pick_batch(q, fb.Batch(max_size=64), limit=4)] == [
+        5, 40, 6, 41, 7, 5, 6, 7]
+    assert [len(x.value) for x in q] == [42, 43, 44, 45]
+
+
+@pytest.mark.parametrize(
+    ("options", "limit", "values"),
+    [
+        (fb.Batch(max_size=64), None, ["a" * n for n in range(30, 0, -1)]),  # a lone worker
+        (fb.Batch(max_size=64, group_lengths=False), 30, ["a" * n for n in range(30, 0, -1)]),
+        (fb.Batch(max_size=64), 30, [{"n": n} for n in range(30)]),  # no length: no grouping
+        (fb.Batch(max_size=64), 30, ["a" * n for n in range(8, 0, -1)]),  # no choice to make
+    ],
+)
+def test_arrival_order_when_grouping_does_not_apply(
+    options: fb.Batch, limit: int | None, values: list[Any]
+) -> None:
+    from flowbatch.batching import pick_batch
+
+    q = _queue(values)
+    picked = pick_batch(q, options, limit=limit)
+    n = min(len(values), options.max_size, limit or options.max_size)
+    assert [x.value for x in picked] == values[:n]
+    assert [x.value for x in q] == values[n:]
+
+
+def test_group_lengths_is_checked() -> None:
+    with pytest.raises(TypeError, match="group_lengths must be True or False"):
+        fb.Batch(group_lengths="yes")  # type: ignore[arg-type]

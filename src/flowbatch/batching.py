@@ -70,6 +70,9 @@ DEFAULT_SPLIT_ON: tuple[type[BaseException], ...] = (WorkerCrashed,)
 
 # How far past the oldest item the cost-aware picker looks for similar items.
 _LOOKAHEAD_FACTOR = 4
+#: The smallest batch a worker takes to group items by length (below it the
+#: model's fixed cost per call outweighs what grouping saves).
+GROUPED_MIN = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,18 @@ class Batch:
       wait; a lone request never waits. An item that cannot finish in time
       even in a batch of one fails with ``DeadlineExceeded`` before it costs
       model time. Not with ``max_wait``; ``linger=0`` turns the holding off.
+    - ``group_lengths`` (default True): with no ``cost`` function, items that
+      have a length (``str``, ``bytes``, lists: text, token ids) are grouped
+      by it, as padding makes a model compute each batch as if every item
+      were as long as its longest. When several workers share the stage and
+      more items wait than one takes, a free worker takes the oldest item
+      and those closest to it in length, half its fair share (at least
+      :data:`GROUPED_MIN`): a smaller batch of similar lengths costs less
+      per item than a larger one of mixed lengths (measured with
+      all-MiniLM-L6-v2 on short sentences: 16 grouped out of 64 ran 1.19x
+      the items/s of 32 in arrival order, as many as 64 at once). A lone
+      worker, or one that finds no more waiting than it would take, takes
+      what waits in arrival order, as before. ``False``: always arrival order.
 
     Usage: ``fb.stage(embed, batch=fb.Batch(max_size=64, cost=len, max_cost=8192))``
     """
@@ -127,10 +142,13 @@ class Batch:
     linger: float | None = None
     split_on: tuple[type[BaseException], ...] = DEFAULT_SPLIT_ON
     latency_target: float | None = None
+    group_lengths: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_size, int) or self.max_size < 1:
             raise ValueError(f"Batch.max_size must be an int >= 1, got {self.max_size!r}")
+        if not isinstance(self.group_lengths, bool):
+            raise TypeError(f"Batch.group_lengths must be True or False, got {self.group_lengths!r}")
         if self.max_wait < 0:
             raise ValueError(f"Batch.max_wait must be >= 0, got {self.max_wait!r}")
         if self.linger is not None and not self.linger >= 0:  # also rejects nan
@@ -501,10 +519,41 @@ class _Costed(Protocol):
     cost: float
 
 
+def _length(value: Any) -> int | None:
+    """A value's length for grouping (text, bytes, token lists), or None."""
+    if isinstance(value, str | bytes | bytearray | list | tuple):
+        return len(value)
+    return None
+
+
+def _pick_by_length(queue: deque[Any], size: int) -> list[Any] | None:
+    """The oldest item and the ``size - 1`` closest to it in length among the
+    next ``size * _LOOKAHEAD_FACTOR`` (in arrival order); None, with the
+    queue untouched, when there is no choice or the items have no length.
+    Items carry their payload in ``.value``."""
+    if len(queue) <= size:
+        return None
+    first_len = _length(getattr(queue[0], "value", None))
+    if first_len is None:
+        return None
+    first = queue.popleft()
+    window = [queue.popleft() for _ in range(min(len(queue), size * _LOOKAHEAD_FACTOR))]
+    lengths = [_length(getattr(x, "value", None)) for x in window]
+    closest = sorted(
+        (i for i, n in enumerate(lengths) if n is not None),
+        key=lambda i: abs(lengths[i] - first_len),  # type: ignore[operator]
+    )[: size - 1]
+    taken = set(closest)
+    queue.extendleft(reversed([x for i, x in enumerate(window) if i not in taken]))
+    return [first, *(window[i] for i in sorted(taken))]
+
+
 def pick_batch(queue: deque[Any], options: Batch, limit: int | None = None) -> list[Any]:
     """Remove and return the next batch from ``queue`` (oldest first).
 
-    Without a cost function this is the first ``max_size`` items. With one,
+    Without a cost function this is the first ``max_size`` items, unless
+    ``group_lengths`` groups them (see :class:`Batch`; only with a ``limit``,
+    several workers sharing the stage). With one,
     the oldest item is always taken (so nothing starves); the rest are the
     queued items within a look-ahead window whose cost is closest to it, as
     long as ``len(batch) * max(cost)`` stays within ``max_cost``. Items must carry ``.cost``.
@@ -513,6 +562,10 @@ def pick_batch(queue: deque[Any], options: Batch, limit: int | None = None) -> l
     size = options.max_size if limit is None else max(1, min(limit, options.max_size))
     n = min(len(queue), size)
     if options.cost is None:
+        if limit is not None and options.group_lengths and len(queue) > GROUPED_MIN:
+            grouped = _pick_by_length(queue, max(GROUPED_MIN, -(-size // 2)))
+            if grouped is not None:
+                return grouped
         return [queue.popleft() for _ in range(n)]
     first: _Costed = queue.popleft()
     chosen = [first]
