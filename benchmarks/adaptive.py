@@ -37,7 +37,17 @@ One section per controller (``--section``; default: all of them):
   throughput of the 100% phase once they have followed, as a ratio of the
   reference (target >= 0.9).
 
-Usage: .venv/bin/python benchmarks/adaptive.py [--section io|replicas] [--base-ms 50]
+- ``serving``: the embedding model served over HTTP with no limit given
+  (no ``max_in_flight``, no batch or replica setting: the admission's
+  latency target derived from the measured service time, ``executor="auto"``)
+  at c1, c64 and an open loop at ``--overload`` (2) times the offline limit,
+  beside BentoML's adaptive batching on the same model code, in one run of
+  ``serving.py`` (``--serving-duration`` s per phase; BentoML needs the peer
+  venv of docs/http.md#benchmark, else it is skipped). Targets: c64 >= 0.95x
+  the limit, c1 p50 within 1 ms of batch-of-1, overload goodput >= 0.9x the
+  limit with the admitted p99 under the latency target.
+
+Usage: .venv/bin/python benchmarks/adaptive.py [--section io|replicas|serving] [--base-ms 50]
 """
 
 from __future__ import annotations
@@ -641,11 +651,61 @@ def add_replicas_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# =================================================================== serving
+
+
+def section_serving(args: argparse.Namespace) -> Section:
+    """serving.py's default shape, flowbatch beside BentoML, read back from its JSON."""
+    import json
+
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "serving.py"),
+           "--servers", "flowbatch,bentoml", "--overload", f"{args.overload:g}",
+           "--duration", f"{args.serving_duration:g}", "--windows", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [x for x in out.stdout.splitlines() if x.startswith('{"benchmark"')]
+    if out.returncode or not lines:
+        raise SystemExit(f"serving.py failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    fig = json.loads(lines[-1])
+    keys = [k[: -len("_c64")] for k in fig if k.endswith("_c64")]
+    rows = []
+    for k in keys:
+        c1, c64, over = fig[f"{k}_c1"], fig[f"{k}_c64"], fig[f"{k}_overload"]
+        rows.append([k, c1["rps"], c1["over_batch1_ms"], c64["rps"], c64["ratio"],
+                     over["ratio"], over["p99_ms"], over.get("latency_target_ms") or "-",
+                     ", ".join(f"{s}: {n}" for s, n in over["statuses"].items())])
+    fb1, fb64, fbo = fig["flowbatch_c1"], fig["flowbatch_c64"], fig["flowbatch_overload"]
+    target = fbo.get("latency_target_ms")
+    checks = {
+        "c64_ratio_met": fb64["ratio"] >= TARGET_RATIO,
+        "c1_met": fb1["over_batch1_ms"] <= 1.0,
+        "overload_goodput_met": fbo["ratio"] >= 0.9,
+        "overload_p99_met": target is not None and fbo["p99_ms"] <= target,
+    }
+    return Section(
+        title=f"serving all-MiniLM-L6-v2 with no limits given: c1, c64, {args.overload:g}x "
+              "overload (ratios to the offline limit)",
+        columns=["server", "c1 r/s", "c1 p50-b1 ms", "c64 r/s", "c64 x limit",
+                 "overload goodput x limit", "overload p99 ms", "latency target ms",
+                 "overload statuses"],
+        rows=rows,
+        figures={**{k: v for k, v in fig.items() if k != "runs"}, **checks},
+        notes=[f"serving: {name} {'met' if ok else 'MISSED'}" for name, ok in checks.items()]
+        + [f"serving: {' '.join(cmd[1:])}"],
+    )
+
+
+def add_serving_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving")
+    g.add_argument("--overload", type=float, default=2.0, help="the open loop's multiple of the limit")
+    g.add_argument("--serving-duration", type=float, default=15.0, help="seconds per phase")
+
+
 # ====================================================================== main
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], Section]] = {
     "io": section_io,
     "replicas": section_replicas,
+    "serving": section_serving,
 }
 
 
@@ -661,6 +721,7 @@ def main() -> None:
     p.add_argument("--section", choices=["all", *SECTIONS], default="all")
     add_io_args(p)
     add_replicas_args(p)
+    add_serving_args(p)
     args = p.parse_args()
     names = list(SECTIONS) if args.section == "all" else [args.section]
     done = [SECTIONS[n](args) for n in names]
