@@ -237,7 +237,8 @@ async def measure_default(args: argparse.Namespace, sentences: list[str]) -> dic
 
     cores = usable_cores()
     shapes = sorted({(1, cores), (cores, 1)})
-    sizes = [b for b in (int(x) for x in args.batch_sizes.split(",")) if b > 1]
+    # The stage's max_size bounds what it can batch: the yardstick's sizes too.
+    sizes = [b for b in (int(x) for x in args.batch_sizes.split(",")) if 1 < b <= args.max_batch]
     default_shape = auto_shape()
     yardsticks = {}
     for n, threads in shapes:
