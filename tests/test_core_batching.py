@@ -684,6 +684,10 @@ def test_a_free_worker_among_several_takes_the_oldest_and_those_closest_in_lengt
     assert [len(x.value) for x in pick_batch(q, fb.Batch(max_size=64), limit=4)] == [
         5, 40, 6, 41, 7, 5, 6, 7]
     assert [len(x.value) for x in q] == [42, 43, 44, 45]
+    # Two batches' worth waiting (a backlog under overload): the full share, grouped.
+    q = _queue(texts)
+    picked = pick_batch(q, fb.Batch(max_size=64), limit=12)
+    assert sorted(len(x.value) for x in picked) == [5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7]
 
 
 @pytest.mark.parametrize(
