@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import types
@@ -122,3 +123,54 @@ def test_adaptive_is_checked() -> None:
     assert fb.Adaptive(min=2, max=8).start == 2
     st = fb.stage(plain_batched, concurrency=fb.Adaptive(min=1, max=16))
     assert st.concurrency == 16 and st.adaptive == fb.Adaptive(min=1, max=16)
+
+
+class TorchThreads:
+    """Reports the torch threads each call ran with; ``own`` set in setup()."""
+
+    def __init__(self, own: int | None = None) -> None:
+        self.own = own
+
+    def setup(self) -> None:
+        import torch
+
+        if self.own is not None:
+            torch.set_num_threads(self.own)
+
+    def __call__(self, xs: list[int]) -> list[int]:
+        import torch
+
+        return [torch.get_num_threads() for _ in xs]
+
+
+def test_a_lone_caller_gets_every_core_once_calls_come_one_at_a_time() -> None:
+    pytest.importorskip("torch")
+    from flowbatch.processes import LONE_RUN
+
+    cores = usable_cores()
+    st = fb.stage(TorchThreads(), batch=fb.Batch(max_size=4), concurrency=2)
+    assert st.cpu_threads == max(1, cores // 2)
+    assert st.lone_threads == (cores if cores > st.cpu_threads else None)
+    assert fb.stage(TorchThreads(), batch=fb.Batch(), concurrency=2, cpu_threads=1).lone_threads is None
+    if st.lone_threads is None:
+        pytest.skip("one core: no other core to lend a lone call")
+
+    async def main() -> tuple[list[int], list[int]]:
+        async with fb.Pipeline([st]).open() as runner:
+            alone = [await runner.submit(i) for i in range(LONE_RUN + 3)]
+            together = await asyncio.gather(*(runner.submit(i) for i in range(16)))
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert alone[:LONE_RUN] == [st.cpu_threads] * LONE_RUN  # its share until the run is long
+    assert alone[-1] == cores
+    assert min(together) == st.cpu_threads  # overlapping calls go back to the share
+
+
+def test_a_setup_that_sets_its_own_torch_threads_keeps_them() -> None:
+    pytest.importorskip("torch")
+    from flowbatch.processes import LONE_RUN
+
+    st = fb.stage(TorchThreads(own=3), batch=fb.Batch(max_size=4), concurrency=2)
+    out = fb.Pipeline([st]).run(range(LONE_RUN + 3), progress=False)
+    assert set(out) == {3}

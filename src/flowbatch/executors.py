@@ -395,6 +395,7 @@ def make_executor(
     post: Callable[[Any], Any] | None,
     activate: Activate | None = None,
     cpu_threads: int | None = None,
+    lone_threads: int | None = None,
 ) -> Executor:
     if kind == "async":
         return AsyncExecutor(fn, workers, stage, activate)
@@ -402,4 +403,6 @@ def make_executor(
         return ThreadExecutor(fn, workers, stage, post, activate)
     from .processes import ProcessExecutor  # here: processes.py imports this module
 
-    return ProcessExecutor(fn, workers, stage, post, activate, cpu_threads=cpu_threads)
+    return ProcessExecutor(
+        fn, workers, stage, post, activate, cpu_threads=cpu_threads, lone_threads=lone_threads
+    )

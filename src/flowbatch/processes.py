@@ -208,6 +208,33 @@ def _size_torch(threads: int | None) -> None:
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads)))
 
 
+#: Calls in a row made while no other worker was busy before a call may use
+#: every core (see ``ProcessExecutor.lone_threads``).
+LONE_RUN = 8
+
+_torch_threads = [0, 0]  # this worker's torch threads: [its own share, now]
+
+
+def _retune_torch(lone: int, threads: int) -> None:
+    """Before a call: all ``threads`` when the parent says this worker runs
+    alone (``lone``), else the worker's own share. Only torch can change its
+    pool between calls; and only where torch still has the share flowbatch
+    gave it (a ``setup()`` that set its own count keeps it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    share, now = _torch_threads
+    if not share:
+        share = now = torch.get_num_threads()
+        _torch_threads[:] = [share, now]
+    if share != int(os.environ.get("OMP_NUM_THREADS", share)):
+        return
+    want = threads if lone else share
+    if want != now:
+        torch.set_num_threads(want)
+        _torch_threads[1] = want
+
+
 def _process_main(
     requests: Connection,
     answers: Connection,
@@ -216,6 +243,7 @@ def _process_main(
     activate: Activate | None,
     *,
     threads: int | None = None,
+    lone_threads: int | None = None,
 ) -> None:
     """Body of a worker process: set up once, then answer calls until told to stop.
 
@@ -248,7 +276,9 @@ def _process_main(
         if not data:
             break  # end of file (the parent is gone) or the parent's "stop"
         try:
-            arg, carrier = pickle.loads(data)
+            if lone_threads:
+                _retune_torch(data[0], lone_threads)
+            arg, carrier = pickle.loads(memoryview(data)[1:])
             with activated(activate, carrier):
                 out = _no_coroutine(fn(arg))
             if post is not None:
@@ -351,6 +381,7 @@ class ProcessExecutor(Executor):
         activate: Activate | None = None,
         *,
         cpu_threads: int | None = None,
+        lone_threads: int | None = None,
     ) -> None:
         self.stage = stage
         self.workers = workers
@@ -358,6 +389,11 @@ class ProcessExecutor(Executor):
         self.activate = activate
         #: Math-library threads per worker process (None: the libraries' own default).
         self.cpu_threads = cpu_threads
+        #: torch threads for a call while no other worker is busy (None: never
+        #: more than ``cpu_threads``): a lone request gets every core.
+        self.lone_threads = lone_threads
+        self._busy = 0
+        self._lone_run = 0
         try:
             self._payload = pickle.dumps(fn)
         except Exception as exc:
@@ -407,7 +443,7 @@ class ProcessExecutor(Executor):
         process = self._ctx.Process(
             target=_process_main,
             args=(req_r, ans_w, self._payload, self.post, self.activate),
-            kwargs={"threads": self.cpu_threads},
+            kwargs={"threads": self.cpu_threads, "lone_threads": self.lone_threads},
             name=f"flowbatch-{self.stage}",
             daemon=True,
         )
@@ -603,7 +639,14 @@ class ProcessExecutor(Executor):
         assert proc.requests is not None
         loop = asyncio.get_running_loop()
         proc.fut = fut = loop.create_future()
-        proc.requests.write(_frame(data))
+        self._busy += 1
+        # A lone call gets every core only once calls have come one at a time
+        # for a while (LONE_RUN in a row): at one request at a time the model
+        # runs on all cores; as soon as two overlap, each worker keeps its share
+        # (two workers each on all cores would oversubscribe the machine).
+        self._lone_run = self._lone_run + 1 if self._busy == 1 else 0
+        lone = b"\x01" if self._lone_run > LONE_RUN else b"\x00"
+        proc.requests.write(_frame(lone + data))
         try:
             if timeout is None:
                 return await fut
@@ -619,6 +662,7 @@ class ProcessExecutor(Executor):
                     "its worker process was killed and replaced"
                 ) from exc
         finally:
+            self._busy -= 1
             if not proc.dead:
                 self._idle.put_nowait(proc)
 

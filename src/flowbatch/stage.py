@@ -74,6 +74,10 @@ class Stage:
     #: Math-library threads (torch, BLAS, OpenMP, tokenizers) in each worker
     #: process; None outside process workers. See :func:`auto_shape`.
     cpu_threads: int | None = None
+    #: torch threads for a call made while the stage's other process workers
+    #: are idle: all usable cores when ``cpu_threads`` was chosen for the user
+    #: (a lone request need not run on a share of the machine); else None.
+    lone_threads: int | None = None
 
     @property
     def executor_name(self) -> str:
@@ -193,12 +197,15 @@ def _make_stage(
                 f"executor={executor!r} is for plain functions"
             )
         kind = "thread" if executor == "thread" else "process"
+    lone: int | None = None
     if kind == "process":
         replicas, threads = auto_shape(given if given is not None else None)
         if given is None and executor == "auto":
             workers = replicas
         if cpu_threads is not None:
             threads = cpu_threads
+        elif workers > 1 and threads < usable_cores():
+            lone = usable_cores()
     elif cpu_threads is not None:
         raise PipelineError(
             f"stage {label!r}: cpu_threads sets the math-library threads of each worker "
@@ -219,6 +226,7 @@ def _make_stage(
         devices=placed,
         adaptive=adaptive,
         cpu_threads=threads,
+        lone_threads=lone,
     )
 
 

@@ -127,6 +127,7 @@ class StageRun:
                     post=post,
                     activate=hooks.activate if hooks is not None else None,
                     cpu_threads=spec.cpu_threads,
+                    lone_threads=spec.lone_threads,
                 )
         timeout = spec.timeout
         # An async function without a timeout is awaited as is: no wrapper.
