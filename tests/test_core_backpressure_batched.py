@@ -1,5 +1,5 @@
-"""``fb.Backpressure`` raised by a batched stage: the batch is queued again
-without spending an attempt, and the stage starts no batch before it was told."""
+"""``fb.Backpressure`` raised by a stage, batched or not: the items are queued
+again without spending an attempt, and the stage starts no call before it was told."""
 
 from __future__ import annotations
 
@@ -78,5 +78,48 @@ def test_backpressure_returned_for_one_item_is_that_items_error() -> None:
             assert [o for i, o in enumerate(out) if i != 3] == [0, 1, 2, 4]
             assert isinstance(out[3], fb.ItemFailed | fb.Backpressure), out[3]
             assert runner.stats().stage("m").backpressured == 0
+
+    asyncio.run(main())
+
+
+class PushesBackOne:
+    """An unbatched stage whose first ``push`` calls raise ``Backpressure``."""
+
+    def __init__(self, push: int, retry_after: float) -> None:
+        self.push = push
+        self.retry_after = retry_after
+        self.calls: list[tuple[float, int]] = []
+
+    def __call__(self, x: int) -> int:
+        self.calls.append((time.perf_counter(), x))
+        if len(self.calls) <= self.push:
+            raise fb.Backpressure(retry_after=self.retry_after)
+        return x * 2
+
+
+@pytest.mark.parametrize(
+    "concurrency", [1, 3, fb.Adaptive(min=1, max=3, initial=2)], ids=["one", "three", "adaptive"]
+)
+def test_an_unbatched_stage_pauses_alike_and_its_item_runs_again_after(
+    concurrency: int | fb.Adaptive,
+) -> None:
+    svc = PushesBackOne(push=1, retry_after=0.05)
+    pipe = fb.Pipeline([fb.stage(svc, name="m", executor="thread", concurrency=concurrency,
+                                 retry=fb.Retry(attempts=1))])
+
+    async def main() -> None:
+        async with pipe.open() as runner:
+            out = await asyncio.gather(*(runner.submit(i) for i in range(8)))
+            assert out == [i * 2 for i in range(8)]
+            st = runner.stats().stage("m")
+            assert (st.backpressured, st.retried, st.failed) == (1, 0, 0)
+            paused_until = runner._stages[0].paused_until
+            pushed_at, first = svc.calls[0]
+            assert paused_until >= pushed_at + 0.05
+            [again] = [t for t, x in svc.calls[1:] if x == first]
+            assert again >= paused_until
+            # The only worker (and, with several, every call it starts) waits the pause out.
+            if concurrency == 1:
+                assert all(t >= paused_until for t, _ in svc.calls[1:])
 
     asyncio.run(main())

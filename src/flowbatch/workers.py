@@ -261,15 +261,13 @@ class Workers:
         time = self.loop.time
         coroutine = CoroutineType
         gate = sr.gate
-        ctl = sr.control
         if gate is not None:
             chunk = 1
         while True:
+            if sr.paused_until and (left := sr.paused_until - clock()) > 0:
+                await asyncio.sleep(left)  # after a Backpressure: the stage waits as told
             if gate is not None:
                 await gate.acquire()  # the stage's current limit (fb.Adaptive)
-                assert ctl is not None
-                if ctl.resume_at > (now := clock()):  # after a Backpressure
-                    await asyncio.sleep(ctl.resume_at - now)
             items = take(chunk)
             if not items:
                 if gate is not None:
@@ -277,7 +275,7 @@ class Workers:
                 if not await ch.wait_nonempty():
                     return
                 continue
-            for item in items:
+            for k, item in enumerate(items):
                 root = item.root
                 if root.done:
                     ledger.drop_abandoned(sr, item)
@@ -302,8 +300,9 @@ class Workers:
                         )
                         raise
                     if isinstance(exc, Backpressure):
-                        await self.backpressured(sr, item, exc)
-                        continue
+                        # This item and the rest of the chunk wait out the pause.
+                        self.pushed_back(sr, items[k:], exc)
+                        break
                     if gate is not None and isinstance(exc, TimeoutError):
                         sr.adapt(clock() - t0, clock(), dropped=True)
                     ledger.retry_or_fail(sr, item, exc)
@@ -331,9 +330,11 @@ class Workers:
             if gate is not None:
                 gate.release()
 
-    async def backpressured(self, sr: StageRun, item: Item, exc: Backpressure) -> None:
-        """A call for ``item`` raised ``Backpressure``: the stage (an adaptive
-        one cuts its limit) waits as told, then the item is queued again.
+    def pushed_back(self, sr: StageRun, items: list[Item], exc: Backpressure) -> None:
+        """A call for ``items`` raised ``Backpressure``: the stage (an adaptive
+        one cuts its limit) starts no call before the time it was told
+        (``sr.paused_until``, which both worker loops wait out) and the items
+        go back to the queue.
 
         Not a failed attempt (``item.attempt`` stays): the service was
         overloaded, not the item wrong. Its deadline and its caller still end it.
@@ -341,26 +342,16 @@ class Workers:
         now = self.clock()
         resume = sr.backpressure(exc.retry_after, now)
         log.debug(
-            "stage %r: the called service pushed back (%s); item %s waits %.3fs",
+            "stage %r: the called service pushed back (%s); %d item(s) wait %.3fs",
             sr.name,
             exc,
-            item.id,
+            len(items),
             resume - now,
-            extra=self.ledger.log_fields(sr, item),
+            extra={"pipeline": self.name, "stage": sr.name},
         )
-        if resume > now:
-            try:
-                await asyncio.sleep(resume - now)
-            except asyncio.CancelledError:
-                if _being_cancelled():
-                    self.ledger.fail(
-                        sr, item, PipelineClosed(f"pipeline {self.name!r} was stopped")
-                    )
-                else:
-                    sr.inq.put_force(item)
-                raise
-        item.t_enq = self.clock()
-        sr.inq.put_force(item)
+        for item in items:
+            item.t_enq = now
+            sr.inq.put_force(item)
 
     # --------------------------------------------------------------- batched
 
@@ -612,7 +603,7 @@ class Workers:
                     ledger.fail(sr, item, err)
                 raise
             if isinstance(exc, Backpressure):
-                self._batch_pushed_back(sr, batch, exc)
+                self.pushed_back(sr, batch, exc)
                 return
             if isinstance(exc, CallTimedOut) and exc.pending is not None:
                 await asyncio.wait([exc.pending])
@@ -636,25 +627,6 @@ class Workers:
             else:
                 m.done += 1
                 await self._moved_on(sr, item, out, t1)
-
-    def _batch_pushed_back(self, sr: StageRun, batch: list[Item], exc: Backpressure) -> None:
-        """A batch call raised ``Backpressure``: as in :meth:`backpressured`, the
-        stage (an adaptive one cuts its limit) starts no batch before the time
-        it was told (``sr.paused_until``, which :meth:`run_batched` waits out)
-        and the batch goes back to the queue without spending an attempt."""
-        now = self.clock()
-        resume = sr.backpressure(exc.retry_after, now)
-        log.debug(
-            "stage %r: the called service pushed back (%s); a batch of %d waits %.3fs",
-            sr.name,
-            exc,
-            len(batch),
-            resume - now,
-            extra={"pipeline": self.name, "stage": sr.name},
-        )
-        for item in batch:
-            item.t_enq = now
-            sr.inq.put_force(item)
 
     async def _batch_failed(
         self, sr: StageRun, slot: int, batch: list[Item], exc: BaseException
