@@ -212,7 +212,9 @@ def _size_torch(threads: int | None) -> None:
 #: every core (see ``ProcessExecutor.lone_threads``).
 LONE_RUN = 8
 
-_torch_threads = [0, 0]  # this worker's torch threads: [its own share, now]
+# This worker's torch threads: [its own share, now]; share -1: never retuned
+# (set at the first call, after setup()).
+_torch_threads = [0, 0]
 
 
 def _retune_torch(lone: int, threads: int) -> None:
@@ -226,8 +228,10 @@ def _retune_torch(lone: int, threads: int) -> None:
     share, now = _torch_threads
     if not share:
         share = now = torch.get_num_threads()
+        if share != int(os.environ.get("OMP_NUM_THREADS", share)):
+            share = -1  # setup() chose its own count: keep it
         _torch_threads[:] = [share, now]
-    if share != int(os.environ.get("OMP_NUM_THREADS", share)):
+    if share < 0:
         return
     want = threads if lone else share
     if want != now:
