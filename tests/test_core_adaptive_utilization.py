@@ -14,43 +14,19 @@ from typing import Any
 import pytest
 
 import flowbatch as fb
+from corehelpers import ManualClock, adaptive_api_then_store
 from flowbatch.metrics import StageMetrics
 from flowbatch.replicas import ReplicaScaler
 from flowbatch.stagerun import StageRun
 from polling import until
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_an_adaptive_stage_busy_at_its_limit_is_fully_used_and_the_bottleneck() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
 
     async def main() -> None:
         hold = asyncio.Event()
-
-        async def api(x: int) -> int:  # holds items from 100 on
-            if x >= 100:
-                await hold.wait()
-            return x
-
-        async def store(x: int) -> int:  # holds items below 100
-            if x < 100:
-                await hold.wait()
-            return x
-
-        pipe = fb.Pipeline(
-            [
-                fb.stage(api, name="api", concurrency=fb.Adaptive(min=2, max=16, initial=2)),
-                fb.stage(store, name="store", concurrency=2),
-            ],
-            name="p",
-        )
+        pipe = adaptive_api_then_store(hold)
         async with pipe.open(clock=clock) as runner:
             calls = [asyncio.create_task(runner.submit(0))]  # one of store's 2 workers busy
             try:
@@ -136,7 +112,7 @@ class Resizable(fb.Executor):
 
 
 def test_replicas_set_by_the_scaler_are_integrated_on_the_runners_clock() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     spec = fb.stage(
         lambda x: x, name="e", executor=Resizable(), concurrency=fb.Adaptive(min=1, max=4)
     )

@@ -15,6 +15,7 @@ from observehelpers import PYTHON, env_with_helpers, live_server, wait_for_scree
 from rich.console import Console
 
 import flowbatch as fb
+from corehelpers import ManualClock, adaptive_api_then_store
 from flowbatch.metrics import quantile
 from flowbatch.observe.top import compute, metrics_url, parse, render, top
 from flowbatch.prometheus import render as exposition
@@ -156,34 +157,11 @@ def test_why_batches_went_out_is_read_back_and_shown() -> None:
 
 
 def test_an_adaptive_stage_shows_its_limit_and_is_measured_over_it() -> None:
-    class Clock:
-        now = 1000.0
-
-        def __call__(self) -> float:
-            return self.now
-
-    clock = Clock()
+    clock = ManualClock()
 
     async def main() -> tuple[str, str]:
         hold = asyncio.Event()
-
-        async def api(x: int) -> int:  # holds items from 100 on
-            if x >= 100:
-                await hold.wait()
-            return x
-
-        async def store(x: int) -> int:  # holds items below 100
-            if x < 100:
-                await hold.wait()
-            return x
-
-        pipe = fb.Pipeline(
-            [
-                fb.stage(api, name="api", concurrency=fb.Adaptive(min=2, max=16, initial=2)),
-                fb.stage(store, name="store", concurrency=2),
-            ],
-            name="p",
-        )
+        pipe = adaptive_api_then_store(hold)
         async with pipe.open(clock=clock) as runner:
             calls = [asyncio.create_task(runner.submit(0))]
             try:
