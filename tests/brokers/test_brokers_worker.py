@@ -255,7 +255,11 @@ def test_stop_finishes_in_flight_messages_and_releases_held_retries() -> None:
 
 
 def test_a_lost_connection_is_reconnected_and_nothing_is_lost() -> None:
+    go = asyncio.Event()
+
     async def ident(xs: list[int]) -> list[int]:
+        if max(xs) >= 100:  # hold the second half until the connection is failing
+            await go.wait()
         return xs
 
     async def main() -> None:
@@ -265,7 +269,8 @@ def test_a_lost_connection_is_reconnected_and_nothing_is_lost() -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(worker.run())
             await until(lambda: len(broker._results) >= 50)
-            broker.fail_next(3)
+            broker.fail_next(3)  # more than 100 messages are still to fetch, run and ack
+            go.set()
             await broker.join()
             worker.stop()
         assert len(await broker.results()) == 200
