@@ -657,16 +657,17 @@ def test_reasons_over_an_interval_are_the_increases() -> None:
 
 
 class _Queued:
-    """A queued item as pick_batch sees it: the payload in ``.value``."""
+    """A queued item as pick_batch sees it: the payload in ``.value``, queued at ``.t_enq``."""
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, t_enq: float = 0.0) -> None:
         self.value = value
+        self.t_enq = t_enq
 
 
 def _queue(values: list[Any]) -> Any:
     from collections import deque
 
-    return deque(_Queued(v) for v in values)
+    return deque(_Queued(v, float(i)) for i, v in enumerate(values))
 
 
 def test_a_free_worker_among_several_takes_the_oldest_and_those_closest_in_length() -> None:
@@ -688,6 +689,26 @@ def test_a_free_worker_among_several_takes_the_oldest_and_those_closest_in_lengt
     q = _queue(texts)
     picked = pick_batch(q, fb.Batch(max_size=64), limit=12)
     assert sorted(len(x.value) for x in picked) == [5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7]
+
+
+def test_items_passed_over_long_enough_go_first_whatever_their_length() -> None:
+    from flowbatch.batching import pick_batch
+
+    # Queued at times 0..23: the short ones are grouped with the oldest (5)...
+    texts = [("x" * n) for n in (5, 40, 6, 41, 7, 42, 5, 43, 6, 44, 7, 45, 5, 46, 6, 47,
+                                 7, 48, 5, 49, 6, 50, 7, 51)]
+    q = _queue(texts)
+    picked = pick_batch(q, fb.Batch(max_size=64), limit=24, due=3.0)
+    # ...but those queued at or before time 3 (40 and 41 among them) are due:
+    # they go first, and the batch is filled with the lengths nearest the oldest.
+    assert [x.t_enq for x in picked][:4] == [0.0, 1.0, 2.0, 3.0]
+    assert [len(x.value) for x in picked] == [5, 40, 6, 41, 7, 5, 6, 7, 5, 6, 5, 6]
+    assert sorted(len(x.value) for x in q) == [7, 7, *range(42, 52)]
+    assert [x.t_enq for x in q] == sorted(x.t_enq for x in q)  # the rest wait, in order
+    # When more are due than the batch takes, it is arrival order.
+    q = _queue(texts)
+    picked = pick_batch(q, fb.Batch(max_size=64), limit=24, due=20.0)
+    assert [x.value for x in picked] == texts[:12]
 
 
 @pytest.mark.parametrize(

@@ -413,6 +413,55 @@ def test_the_runner_feeds_its_controller_and_resizes_the_limiter() -> None:
     asyncio.run(main())
 
 
+def test_an_auto_target_counts_a_slow_calls_time_not_the_mean() -> None:
+    t = [0.0]
+
+    def model(xs: list[str]) -> list[str]:
+        # a batch of long texts takes 9x one of short texts (1 in 5 is long)
+        t[0] += 0.09 if xs[0] == "long" else 0.01
+        return xs
+
+    pipe = fb.Pipeline([fb.stage(model, name="m", batch=fb.Batch(max_size=4))])
+
+    async def main() -> None:
+        async with pipe.open(latency_target="auto", clock=lambda: t[0]) as runner:
+            adm = runner.admission
+            assert adm is not None
+            adm.tick(t[0])
+            for i in range(40):  # one at a time: 40 batches of one
+                await runner.submit("long" if i % 5 == 0 else "short")
+            adm.tick(t[0])
+            # the mean call is 26 ms; the 90th percentile, a long batch, 90 ms
+            # (read from histogram buckets at most 25% wide)
+            assert 4 * 0.07 < adm.controller.target <= TARGET_MULTIPLE * 0.09 * 1.25
+
+    asyncio.run(main())
+
+
+def test_an_unbatched_pipeline_gets_an_auto_target_too() -> None:
+    t = [0.0]
+
+    def f(x: int) -> int:
+        t[0] += 0.04
+        return x
+
+    pipe = fb.Pipeline([fb.stage(f, name="f")])
+
+    async def main() -> None:
+        async with pipe.open(latency_target="auto", clock=lambda: t[0]) as runner:
+            adm = runner.admission
+            assert adm is not None
+            adm.tick(t[0])
+            assert runner.stats().latency_target is None  # nothing measured yet
+            for i in range(20):
+                assert await runner.submit(i) == i
+            adm.tick(t[0])
+            target = runner.stats().latency_target
+            assert target == pytest.approx(TARGET_MULTIPLE * 0.04, rel=0.25)
+
+    asyncio.run(main())
+
+
 def test_the_limit_stays_between_floor_and_ceiling() -> None:
     ctl = AdmissionController(10.0, floor=4, ceiling=16)
     ctl.update(0.0, [], 0, 0)

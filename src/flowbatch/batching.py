@@ -73,6 +73,9 @@ _LOOKAHEAD_FACTOR = 4
 #: The smallest batch a worker takes to group items by length (below it the
 #: model's fixed cost per call outweighs what grouping saves).
 GROUPED_MIN = 8
+#: Grouping by length passes an item over for at most this many of the
+#: stage's recent batch service times; then it goes in the next batch.
+GROUPED_AGE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,29 +530,47 @@ def _length(value: Any) -> int | None:
     return None
 
 
-def _pick_by_length(queue: deque[Any], size: int) -> list[Any] | None:
+def _pick_by_length(queue: deque[Any], size: int, due: float | None = None) -> list[Any] | None:
     """The oldest item and the ``size - 1`` closest to it in length among the
     next ``size * _LOOKAHEAD_FACTOR`` (in arrival order); None, with the
     queue untouched, when there is no choice or the items have no length.
-    Items carry their payload in ``.value``."""
+    Items carry their payload in ``.value``.
+
+    ``due``: a clock reading; items queued (``.t_enq``) at or before it have
+    been passed over long enough and go first, oldest first, whatever their
+    length (the rest of the batch is grouped as above). Grouping then
+    reorders the queue by at most that age: without it an item of an
+    uncommon length waits until it is the oldest, and under a sustained
+    backlog the spread of latencies (and the p99 an admission target keeps)
+    widens to several batch times.
+    """
     if len(queue) <= size:
         return None
     first_len = _length(getattr(queue[0], "value", None))
     if first_len is None:
         return None
-    first = queue.popleft()
-    window = [queue.popleft() for _ in range(min(len(queue), size * _LOOKAHEAD_FACTOR))]
-    lengths = [_length(getattr(x, "value", None)) for x in window]
-    closest = sorted(
-        (i for i, n in enumerate(lengths) if n is not None),
-        key=lambda i: abs(lengths[i] - first_len),  # type: ignore[operator]
-    )[: size - 1]
-    taken = set(closest)
+    window = [queue.popleft() for _ in range(min(len(queue), size * _LOOKAHEAD_FACTOR + 1))]
+    taken: set[int] = {0}
+    if due is not None:
+        for i, x in enumerate(window):
+            if len(taken) >= size:
+                break
+            if x.t_enq <= due:
+                taken.add(i)
+    if len(taken) < size:
+        lengths = [_length(getattr(x, "value", None)) for x in window]
+        closest = sorted(
+            (i for i, n in enumerate(lengths) if n is not None and i not in taken),
+            key=lambda i: abs(lengths[i] - first_len),  # type: ignore[operator]
+        )
+        taken.update(closest[: size - len(taken)])
     queue.extendleft(reversed([x for i, x in enumerate(window) if i not in taken]))
-    return [first, *(window[i] for i in sorted(taken))]
+    return [window[i] for i in sorted(taken)]
 
 
-def pick_batch(queue: deque[Any], options: Batch, limit: int | None = None) -> list[Any]:
+def pick_batch(
+    queue: deque[Any], options: Batch, limit: int | None = None, due: float | None = None
+) -> list[Any]:
     """Remove and return the next batch from ``queue`` (oldest first).
 
     Without a cost function this is the first ``max_size`` items, unless
@@ -559,6 +580,8 @@ def pick_batch(queue: deque[Any], options: Batch, limit: int | None = None) -> l
     queued items within a look-ahead window whose cost is closest to it, as
     long as ``len(batch) * max(cost)`` stays within ``max_cost``. Items must carry ``.cost``.
     ``limit`` caps the batch below ``max_size`` (a fair share among free workers).
+    ``due``: a clock reading; when items are grouped, those queued (``.t_enq``)
+    at or before it go first (see :func:`_pick_by_length`).
     """
     size = options.max_size if limit is None else max(1, min(limit, options.max_size))
     n = min(len(queue), size)
@@ -567,7 +590,7 @@ def pick_batch(queue: deque[Any], options: Batch, limit: int | None = None) -> l
             # A backlog of two batches or more leaves a choice at full size;
             # short of that, half the share is what leaves one.
             take = size if len(queue) >= 2 * size else -(-size // 2)
-            grouped = _pick_by_length(queue, max(GROUPED_MIN, take))
+            grouped = _pick_by_length(queue, max(GROUPED_MIN, take), due)
             if grouped is not None:
                 return grouped
         return [queue.popleft() for _ in range(n)]

@@ -28,6 +28,7 @@ from types import CoroutineType
 from typing import Any
 
 from .batching import (
+    GROUPED_AGE,
     LINGER_GAP,
     Batch,
     CostModel,
@@ -411,7 +412,10 @@ class Workers:
                                     gate.release()
                                 continue
                 share = fair_share(len(ch), holding)
-                picked = ch.take(functools.partial(pick_batch, options=options, limit=share))
+                due = self.clock() - GROUPED_AGE * sr.service_time if sr.service_time else None
+                picked = ch.take(
+                    functools.partial(pick_batch, options=options, limit=share, due=due)
+                )
             left = len(ch)
             batch: list[Item] = []
             now = time()
