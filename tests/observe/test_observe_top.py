@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import shutil
@@ -194,3 +195,84 @@ def test_an_adaptive_stage_shows_its_limit_and_is_measured_over_it() -> None:
     api_row = next(line for line in screen.splitlines() if "▶api" in line)
     assert " 2/16 " in api_row
     assert "bottleneck: api (100% busy on 2 of 16 workers (adaptive), 0 queued)" in screen
+
+
+def _screen(view: Any) -> str:
+    console = Console(record=True, width=200)
+    console.print(render([view], "http://x/metrics"))
+    return console.export_text()
+
+
+def test_the_admission_limit_and_refusals_are_read_back_and_shown() -> None:
+    hold = asyncio.Event()
+
+    async def held(x: int) -> int:
+        await hold.wait()
+        return x
+
+    pipe = fb.Pipeline([fb.stage(held, name="m")], name="p")
+
+    async def main() -> str:
+        async with pipe.open(max_in_flight=2) as runner:
+            calls = [runner.submit_nowait(i) for i in range(2)]
+            try:
+                with pytest.raises(fb.Overloaded):
+                    runner.submit_nowait(2)
+                text = exposition({"p": runner}).decode()
+            finally:
+                hold.set()
+            await asyncio.gather(*calls)
+            return text
+
+    cur = parse(asyncio.run(main()))
+    p = cur["p"]
+    assert (p.in_flight, p.in_flight_limit, p.rejected, p.latency_target) == (2, 2, 1, None)
+    (view,) = compute({}, cur, 1.0)
+    assert (view.in_flight_limit, view.rejected, view.rejected_per_s) == (2, 1, 1.0)
+    assert view.latency_target is None
+    screen = _screen(view)
+    assert "in flight 2/2 (" in screen
+    assert "refused 1 +1.0/s" in screen
+    assert "target" not in screen and "None" not in screen
+
+
+def test_a_latency_target_and_its_limit_are_read_back_and_shown() -> None:
+    pipe = fb.Pipeline([fb.stage(fast, name="m")], name="p")
+
+    async def main() -> tuple[str, float | None]:
+        async with pipe.open(latency_target=0.5) as runner:
+            await runner.submit(1)
+            return exposition({"p": runner}).decode(), runner.stats().in_flight_limit
+
+    text, limit = asyncio.run(main())
+    assert limit is not None
+    p = parse(text)["p"]
+    assert p.latency_target == pytest.approx(0.5) and p.in_flight_limit == int(limit)
+    (view,) = compute({}, parse(text), 1.0)
+    assert view.latency_target == pytest.approx(0.5) and view.in_flight_limit == int(limit)
+    screen = _screen(view)
+    assert f"in flight 0/{int(limit)} (" in screen
+    assert "(target p99 500ms)" in screen and "refused 0" in screen
+
+
+def test_no_admission_limit_shows_no_limit_target_or_refusals() -> None:
+    pipe = fb.Pipeline([fb.stage(fast, name="m")], name="p")
+
+    async def main() -> str:
+        async with pipe.open() as runner:
+            await runner.submit(1)
+            return exposition({"p": runner}).decode()
+
+    text = asyncio.run(main())
+    assert "flowbatch_pipeline_in_flight_limit{" not in text
+    p = parse(text)["p"]
+    assert (p.in_flight_limit, p.latency_target, p.rejected) == (None, None, 0)
+    (view,) = compute({}, parse(text), 1.0)
+    assert view.in_flight_limit is None and view.latency_target is None
+    screen = _screen(view)
+    assert "in flight 0 (" in screen
+    for word in ("target", "refused", "None"):
+        assert word not in screen
+    # runner.stats() gives an unbounded limiter as inf (/metrics leaves it out): no limit either.
+    (unbounded,) = compute({}, {"p": dataclasses.replace(p, in_flight_limit=math.inf)}, 1.0)
+    assert unbounded.in_flight_limit is None and "in flight 0 (" in _screen(unbounded)

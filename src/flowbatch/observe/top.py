@@ -5,7 +5,10 @@ shows, from the difference between the last two scrapes, per pipeline and
 per stage: throughput, queue depth, in-flight items, workers (an adaptive
 stage's limit now of its max: ``2/16``), utilization (as a bar; an adaptive
 stage's is of the worker time its limit allowed),
-mean batch size, recent p50/p99 of the stage call, and errors. The stage whose
+mean batch size, recent p50/p99 of the stage call, and errors; on the
+pipeline's line, the items in flight against the admission limit (``212/256``)
+where there is one, the latency target it keeps (``target p99 853ms``) and
+items refused with ``Overloaded``. The stage whose
 workers were busiest in the last interval, the bottleneck, is highlighted.
 Under the table, per batched stage: why its batches went out in the interval
 (full, worker_free, max_wait, linger, deadline, drain) with the mean size of
@@ -155,6 +158,7 @@ class _Pipeline:
     def stats(self, name: str) -> PipelineStats:
         c = self.counts.get
         elapsed = c("elapsed", 0.0)
+        limit = c("in_flight_limit")
         return PipelineStats(
             name=name,
             elapsed=elapsed,
@@ -169,6 +173,8 @@ class _Pipeline:
             latency=self.latency.summary(),
             stages=tuple(st.stats(n, elapsed) for n, st in self.stages.items()),
             bottleneck=self.bottleneck,
+            in_flight_limit=int(limit) if limit is not None else None,
+            latency_target=c("latency_target"),
         )
 
 
@@ -179,6 +185,9 @@ _PIPELINE_GAUGES = {
     "flowbatch_pipeline_rejected_total": "rejected",
     "flowbatch_pipeline_in_flight": "in_flight",
     "flowbatch_pipeline_uptime_seconds": "elapsed",
+    # the admission limit (max_in_flight, or latency_target's); absent without one
+    "flowbatch_pipeline_in_flight_limit": "in_flight_limit",
+    "flowbatch_pipeline_latency_target_seconds": "latency_target",
 }
 _STAGE_GAUGES = {
     "flowbatch_stage_retries_total": "retried",
@@ -361,6 +370,14 @@ class PipelineView:
     #: (the since-start one when nothing finished in the interval)
     backlog_per_replica: float = 0.0
     drain_seconds: float | None = None
+    #: admission: the in-flight limit now (``max_in_flight``, or where
+    #: ``latency_target``'s controller set it) and that target, in seconds
+    #: (None: no limit / no target); items refused with ``Overloaded``, in all
+    #: and per second over the interval
+    in_flight_limit: int | None = None
+    latency_target: float | None = None
+    rejected: float = 0.0
+    rejected_per_s: float = 0.0
 
 
 def _nothing(name: str) -> PipelineStats:
@@ -416,9 +433,19 @@ def compute(
                 bottleneck=w.bottleneck,
                 backlog_per_replica=w.backlog_per_replica,
                 drain_seconds=w.drain_seconds if w.capacity is not None else p.drain_seconds,
+                in_flight_limit=_limit(p.in_flight_limit),
+                latency_target=p.latency_target,
+                rejected=p.rejected,
+                rejected_per_s=w.rejected / secs,
             )
         )
     return views
+
+
+def _limit(total: float | None) -> int | None:
+    """An in-flight limit to show; None without one (or an unbounded one, which
+    ``runner.stats()`` gives as ``inf`` and ``/metrics`` leaves out)."""
+    return int(total) if total is not None and math.isfinite(total) else None
 
 
 def _reasons(s: StageStats) -> tuple[tuple[str, int, float], ...]:
@@ -448,6 +475,24 @@ def _dur(s: float | None) -> str:
 def _workers(st: StageView) -> str:
     """``4``, or an adaptive stage's limit now of its max: ``2/16``."""
     return f"{st.workers:.0f}" if st.limit is None else f"{st.limit}/{st.workers:.0f}"
+
+
+def _in_flight(v: PipelineView) -> str:
+    """``48``, or against the admission limit now: ``212/256``."""
+    if v.in_flight_limit is None:
+        return f"{v.in_flight:.0f}"
+    return f"{v.in_flight:.0f}/{v.in_flight_limit}"
+
+
+def _refused(v: PipelineView) -> Text:
+    """``  refused 12 +3/s``: items turned away with ``Overloaded`` (503), in all
+    and the rate now; shown where there is a limit or something was refused."""
+    if v.in_flight_limit is None and not v.rejected:
+        return Text("")
+    line = f"  refused {v.rejected:.0f}"
+    if v.rejected_per_s:
+        line += f" +{_rate(v.rejected_per_s)}/s"
+    return Text(line, style="yellow" if v.rejected else "")
 
 
 def _rate(x: float) -> str:
@@ -555,9 +600,12 @@ def render(views: Iterable[PipelineView], url: str = "", note: str = "") -> Rend
             )
         head = Text.assemble(
             (f"{_rate(v.items_per_s)} items/s", "bold"),
-            f"  in flight {v.in_flight:.0f} ({v.backlog_per_replica:.1f}/replica, "
-            f"drains in {_dur(v.drain_seconds)})  latency p50 {_dur(v.p50)} p99 {_dur(v.p99)}  ",
+            f"  in flight {_in_flight(v)} ({v.backlog_per_replica:.1f}/replica, "
+            f"drains in {_dur(v.drain_seconds)})  latency p50 {_dur(v.p50)} p99 {_dur(v.p99)}",
+            "" if v.latency_target is None else f" (target p99 {_dur(v.latency_target)})",
+            "  ",
             (f"failed {v.failed:.0f}", "red" if v.failed else ""),
+            _refused(v),
         )
         placed = [line for st in v.stages for line in _device_lines(st)]
         placed += [line for st in v.stages if (line := _batch_line(st)) is not None]
