@@ -72,6 +72,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -714,6 +715,26 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / tick
 
 
+def client_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (wrk)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_counted(proc: subprocess.Popen[bytes], phase: Any) -> dict[str, Any]:
+    """Run ``phase()``; add to its figures the cores the server (all its
+    processes) and the load client used meanwhile (``cpu_cores``): on a
+    machine this small the client and the server's front end take their
+    share from the model, and this says how much."""
+    t0, s0, c0 = perf_counter(), group_cpu_seconds(proc.pid), client_cpu_seconds()
+    r: dict[str, Any] = phase()
+    dt = perf_counter() - t0
+    r["cpu_cores"] = {"server": (group_cpu_seconds(proc.pid) - s0) / dt,
+                      "client": (client_cpu_seconds() - c0) / dt}
+    return r
+
+
 def wait_idle(proc: subprocess.Popen[bytes], limit: float = 30.0) -> None:
     """Wait until the server's processes use under 30% of a core: no longer working
     off a backlog after the load stopped (a model at work uses a whole core;
@@ -797,8 +818,11 @@ def bench_server(server: Server, python: str, texts: list[str], args: argparse.N
 
     def say(phase: str) -> None:
         r = out[phase]
+        cpu = r.get("cpu_cores")
+        where = (f"; cores used: server {cpu['server']:.2f}, client {cpu['client']:.2f}"
+                 if cpu else "")
         print(f"  {server.label} {phase}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.1f} ms "
-              f"p99 {r['p99_ms']:.1f} ms {r['statuses']}", file=sys.stderr, flush=True)
+              f"p99 {r['p99_ms']:.1f} ms {r['statuses']}{where}", file=sys.stderr, flush=True)
 
     def around(marks: list[dict[str, float]], w: int, config: str) -> float:
         """The model's figure around window ``w``: the mean of the marks before and after."""
@@ -827,7 +851,7 @@ def bench_server(server: Server, python: str, texts: list[str], args: argparse.N
         say("c1")
         if args.paired:
             out["c1_paired"] = asyncio.run(paired_c1(port, requests, model, args.paired))
-        out["c16"] = closed(16, args.duration, args.warmup)
+        out["c16"] = cpu_counted(proc, lambda: closed(16, args.duration, args.warmup))
         say("c16")
         parts, limits = windowed(64, model.limits)
         out["c64"] = merged(parts)
@@ -858,8 +882,8 @@ def bench_server(server: Server, python: str, texts: list[str], args: argparse.N
             print(f"  {server.label}: c1 paired: p50 {paired['p50_ms']:.2f} ms vs "
                   f"{paired['batch1_ms']:.2f} ms alone ({paired['over_ms']:+.2f})",
                   file=sys.stderr, flush=True)
-        out["overload"] = asyncio.run(
-            open_loop(port, requests, args.overload * out["limit"], args.duration))
+        out["overload"] = cpu_counted(proc, lambda: asyncio.run(
+            open_loop(port, requests, args.overload * out["limit"], args.duration)))
         if server.kind == "flowbatch":
             # The admission's latency target (ServeConfig(latency_target=...), by
             # default derived from the measured service time): the admitted p99's bar.
@@ -987,6 +1011,7 @@ def summarize_runs(args: argparse.Namespace, servers: list[Server], runs: list[d
     def med(get: Any) -> float:
         return float(statistics.median([get(r) for r in runs]))
 
+    cores_here = len(os.sched_getaffinity(0))
     rows = []
     figures: dict[str, Any] = {"shape": args.shape, "overload_x": args.overload, "runs": runs,
                                "skipped": skipped, "failed": failed}
@@ -1019,6 +1044,11 @@ def summarize_runs(args: argparse.Namespace, servers: list[Server], runs: list[d
             figures[f"{k}_{phase}"] = {"rps": round(rps, 1), "p50_ms": round(p50, 2),
                                        "p99_ms": round(p99, 2), "ratio": round(ratio, 3),
                                        "statuses": mix}
+            if all("cpu_cores" in r["servers"][k][phase] for r in runs):
+                figures[f"{k}_{phase}"]["cpu_cores"] = {
+                    who: round(med(lambda r, k=k, ph=phase, w=who:
+                                   r["servers"][k][ph]["cpu_cores"][w]), 2)
+                    for who in ("server", "client")}
         targets = [r["servers"][k]["overload"].get("latency_target_ms") for r in runs]
         if any(t is not None for t in targets):
             figures[f"{k}_overload"]["latency_target_ms"] = statistics.median(
@@ -1073,6 +1103,11 @@ def summarize_runs(args: argparse.Namespace, servers: list[Server], runs: list[d
                      + ", ".join(f"{c} {v}" for c, v in m["limits_sps"].items())
                      + " sentences/s; batch of 1 "
                      + ", ".join(f"{c} {v}" for c, v in m["batch1_ms"].items()) + " ms")
+        cores = {ph: figures[f"{s.key}_{ph}"].get("cpu_cores") for ph in ("c16", "overload")}
+        if all(cores.values()):
+            notes.append(f"{s.label}: cores used (of {cores_here}): "
+                         + "; ".join(f"{ph} server {c['server']:.2f}, load client "
+                                     f"{c['client']:.2f}" for ph, c in cores.items() if c))
     if any(s.key == "flowbatch" for s in servers):
         notes.extend(target_notes(args.shape, figures, servers))
     notes.extend(f"skipped: {s}" for s in skipped)
