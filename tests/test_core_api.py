@@ -29,6 +29,7 @@ EXPECTED = {
     "PipelineClosed",
     "PipelineError",
     "PipelineStats",
+    "ReplicaRule",
     "Retry",
     "Runner",
     "Stage",

@@ -17,7 +17,7 @@ import pytest
 import flowbatch as fb
 from flowbatch.processes import ProcessExecutor
 from flowbatch.prometheus import render
-from flowbatch.replicas import ReplicaController, ReplicaRule, can_resize
+from flowbatch.replicas import DEFAULT_REPLICA_RULE, ReplicaController, ReplicaRule, can_resize
 from polling import until
 
 # ------------------------------------------------------------ the controller
@@ -434,6 +434,82 @@ def test_the_runner_drives_any_executor_that_can_resize(caplog: Any) -> None:
             assert runner.stats().stage("e").replicas == 1
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("rule", "after_1s"),
+    [
+        (ReplicaRule(up_after=0.5, tick=0.01), [1, 2]),  # its own, shorter up_after
+        (ReplicaRule(tick=0.01), [1]),  # the default up_after (2 s); a short tick
+        (None, [1]),  # no rule given: DEFAULT_REPLICA_RULE
+    ],
+)
+def test_a_stage_s_own_replica_rule_sets_when_a_replica_is_added(
+    rule: ReplicaRule | None, after_1s: list[int]
+) -> None:
+    clock = FakeClock()
+    ex = Elastic(cap=3)
+    pipe = fb.Pipeline([
+        fb.stage(worker_pid, name="e", executor=ex,
+                 concurrency=fb.Adaptive(min=1, max=3, replicas=rule))
+    ])
+
+    async def main() -> None:
+        async with pipe.open(clock=clock) as runner:
+            sr = runner._stages[0]
+            scaler = sr.scaler
+            assert scaler is not None
+            assert scaler.controller.rule is (rule if rule is not None else DEFAULT_REPLICA_RULE)
+            await until(lambda: ex.sizes == [1], what="the executor set to Adaptive.start")
+            futs = [runner.submit_nowait(i) for i in range(10)]
+            await until(lambda: ex.running == 1 and len(sr.inq) > 0, what="a call and a backlog")
+            t0 = clock.now
+
+            async def observed_at(t: float) -> None:
+                clock.now = t  # the scaler's next tick observes this time
+                await until(lambda: scaler._t == t, what=f"a tick at +{t - t0:.1f} s")
+
+            await observed_at(t0 + 0.1)  # saturated with a backlog from here
+            await observed_at(t0 + 1.0)
+            assert ex.sizes == after_1s
+            await observed_at(t0 + 2.2)  # past the default up_after too
+            assert ex.sizes == [1, 2]
+            assert runner.stats().stage("e").replicas == 2
+            assert ex.release is not None
+            ex.release.set()
+            assert await asyncio.gather(*futs) == list(range(10))
+
+    asyncio.run(main())
+
+
+def test_a_replica_rule_is_refused_where_it_cannot_apply() -> None:
+    with pytest.raises(TypeError, match=r"Adaptive.replicas must be a flowbatch.ReplicaRule"):
+        fb.Adaptive(min=1, max=4, replicas={"up_after": 1.0})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"down_util \(0.9\) must be below up_util \(0.85\)"):
+        fb.ReplicaRule(down_util=0.9)
+    with pytest.raises(ValueError, match="ReplicaRule.up_after must be a number >= 0"):
+        fb.ReplicaRule(up_after=-1.0)
+    rule = fb.ReplicaRule(up_after=1.0, down_after=30.0)
+    # An unbatched stage on threads or async follows latency: no replicas to scale.
+    with pytest.raises(fb.PipelineError, match="'t'.*thread workers has no replicas to scale"):
+        fb.stage(worker_pid, name="t", executor="thread",
+                 concurrency=fb.Adaptive(min=1, max=4, replicas=rule))
+
+    async def call(x: int) -> int:
+        return x
+
+    with pytest.raises(fb.PipelineError, match="async workers has no replicas to scale"):
+        fb.stage(call, concurrency=fb.Adaptive(min=1, max=4, replicas=rule))
+    # Where the replicas follow the load, the rule is taken.
+    for s in (
+        fb.stage(worker_pid, executor="process", concurrency=fb.Adaptive(1, 4, replicas=rule)),
+        fb.stage(Blocking(), executor="thread", batch=fb.Batch(max_size=2),
+                 concurrency=fb.Adaptive(1, 4, replicas=rule)),
+        fb.stage(worker_pid, executor=Elastic(cap=4), concurrency=fb.Adaptive(1, 4, replicas=rule)),
+    ):
+        assert s.adaptive is not None and s.adaptive.replicas is rule
+    # Without a rule, an unbatched thread stage keeps its latency-driven limit.
+    assert fb.stage(worker_pid, executor="thread", concurrency=fb.Adaptive(1, 4)).adaptive
 
 
 def test_a_batched_thread_stage_lets_another_worker_in_under_a_backlog() -> None:

@@ -34,6 +34,7 @@ from .executors import Executor
 from .limits import CapacityLimiter, LimiterStats
 from .metrics import PipelineStats, StageStats, Summary
 from .pipeline import Pipeline
+from .replicas import ReplicaRule
 from .retry import Retry
 from .runner import Runner
 from .stage import Stage, stage
@@ -83,6 +84,7 @@ __all__ = [
     "PipelineClosed",
     "PipelineError",
     "PipelineStats",
+    "ReplicaRule",
     "Retry",
     "Runner",
     "Stage",

@@ -79,6 +79,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .replicas import ReplicaRule
+
 __all__ = ["Adaptive", "GradientLimit"]
 
 
@@ -89,11 +91,20 @@ class Adaptive:
     - ``min``: the fewest calls in flight (workers, replicas) ever allowed.
     - ``max``: the most; the stage's workers are sized for it.
     - ``initial``: where the limit starts (default: ``min``).
+    - ``replicas``: a :class:`~flowbatch.ReplicaRule`, when the replica count
+      changes on a stage whose replicas follow the load (a batched stage, or
+      one whose executor can resize; see flowbatch.replicas). Default None:
+      ``DEFAULT_REPLICA_RULE``. An unbatched stage on threads, async or
+      devices= follows latency instead and refuses it; on an
+      ``fb.Executor`` of your own that cannot resize, it has no effect.
+
+    Usage: ``Adaptive(min=1, max=4, replicas=ReplicaRule(up_after=1.0))``.
     """
 
     min: int = 1
     max: int = 256
     initial: int | None = None
+    replicas: ReplicaRule | None = None
 
     def __post_init__(self) -> None:
         for name in ("min", "max"):
@@ -110,6 +121,11 @@ class Adaptive:
             raise ValueError(
                 f"Adaptive.initial must be an int between min ({self.min}) and max "
                 f"({self.max}), got {self.initial!r}"
+            )
+        if self.replicas is not None and not isinstance(self.replicas, ReplicaRule):
+            raise TypeError(
+                "Adaptive.replicas must be a flowbatch.ReplicaRule (e.g. "
+                f"fb.ReplicaRule(up_after=1.0)) or None, got {self.replicas!r}"
             )
 
     @property

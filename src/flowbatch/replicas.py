@@ -13,7 +13,9 @@ Two parts:
   limiter that holds the worker slots to the replicas running). The runner
   owns one task per scaled stage (:func:`start_scalers`).
 
-The rule (:class:`ReplicaRule`):
+The rule (:class:`ReplicaRule`, exported as ``fb.ReplicaRule``; a stage sets
+its own with ``fb.Adaptive(min, max, replicas=fb.ReplicaRule(...))``, else
+:data:`DEFAULT_REPLICA_RULE`):
 
 - **Up** while the stage is the bottleneck with a backlog: every tick for
   ``up_after`` seconds saw its replicas busy at least ``up_util`` of the
@@ -260,11 +262,13 @@ class ReplicaScaler:
         self,
         sr: StageRun,
         clock: Callable[[], float],
-        rule: ReplicaRule = DEFAULT_REPLICA_RULE,
+        rule: ReplicaRule | None = None,
     ) -> None:
         adaptive = sr.spec.adaptive
         if adaptive is None or sr.gate is None:
             raise ValueError(f"stage {sr.name!r} has no concurrency=fb.Adaptive(...) to follow")
+        if rule is None:  # the stage's fb.Adaptive(replicas=...), else the default
+            rule = adaptive.replicas if adaptive.replicas is not None else DEFAULT_REPLICA_RULE
         self.sr = sr
         #: False: the executor keeps all ``max`` workers; only the gate follows.
         self.resizes = can_resize(sr.executor)
@@ -358,12 +362,15 @@ def start_scalers(
     tg: asyncio.TaskGroup,
     stages: list[StageRun],
     clock: Callable[[], float],
-    rule: ReplicaRule = DEFAULT_REPLICA_RULE,
+    rule: ReplicaRule | None = None,
 ) -> list[asyncio.Task[None]]:
     """One :class:`ReplicaScaler` task in ``tg`` per adaptive stage that is
     batched or whose executor can resize (set as ``sr.scaler``); the caller
     cancels the tasks when it stops. (An unbatched stage on an executor that
-    cannot resize has its limit set from latency instead: adaptive.py.)"""
+    cannot resize has its limit set from latency instead: adaptive.py; a
+    ``replicas=`` rule there has no effect.) ``rule``: for every stage; None
+    (the runner's): each stage's ``fb.Adaptive(replicas=...)``, else
+    :data:`DEFAULT_REPLICA_RULE`."""
     tasks: list[asyncio.Task[None]] = []
     for sr in stages:
         if sr.gate is None or sr.spec.adaptive is None:

@@ -214,6 +214,28 @@ def _make_stage(
         )
     else:
         threads = None
+    if (
+        adaptive is not None
+        and adaptive.replicas is not None
+        and batch is None
+        and isinstance(kind, str)
+        and (kind != "process" or placed is not None)
+    ):
+        # Replicas follow the load only on a batched stage or an executor that
+        # can resize (replicas.start_scalers); the built-in async, thread and
+        # device executors cannot, so this stage's limit follows latency
+        # (adaptive.GradientLimit) and a rule would be ignored. (An fb.Executor
+        # of the user's is known to resize or not only once it runs.)
+        where = "devices=" if placed is not None else f"{kind} workers"
+        fix = "batch the stage" if placed is not None else (
+            "batch the stage or run it with executor='process'"
+        )
+        raise PipelineError(
+            f"stage {label!r}: fb.Adaptive(replicas=...) sets when replicas are added "
+            f"or removed, but an unbatched stage on {where} has no replicas to scale: "
+            "its limit follows the calls' latency instead (docs/adaptive.md); "
+            f"drop replicas=, or {fix}"
+        )
     return Stage(
         fn=fn,
         name=label,
