@@ -4,6 +4,7 @@ executor's resize, and a runner whose process stage grows and shrinks."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import threading
@@ -487,8 +488,9 @@ def test_a_replica_rule_is_refused_where_it_cannot_apply() -> None:
         fb.Adaptive(min=1, max=4, replicas={"up_after": 1.0})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"down_util \(0.9\) must be below up_util \(0.85\)"):
         fb.ReplicaRule(down_util=0.9)
-    with pytest.raises(ValueError, match="ReplicaRule.up_after must be a number >= 0"):
-        fb.ReplicaRule(up_after=-1.0)
+    for bad in (-1.0, math.nan, math.inf):  # nan or inf: a rule that would never act
+        with pytest.raises(ValueError, match="ReplicaRule.up_after must be a finite number >= 0"):
+            fb.ReplicaRule(up_after=bad)
     rule = fb.ReplicaRule(up_after=1.0, down_after=30.0)
     # An unbatched stage on threads or async follows latency: no replicas to scale.
     with pytest.raises(fb.PipelineError, match="'t'.*thread workers has no replicas to scale"):

@@ -103,8 +103,11 @@ class ReplicaRule:
             )
         for name in ("up_after", "down_after", "cooldown", "tick"):
             v = getattr(self, name)
-            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"ReplicaRule.{name} must be a number >= 0, got {v!r}")
+            # also rejects nan and inf (a rule that would never act)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < math.inf:
+                raise ValueError(
+                    f"ReplicaRule.{name} must be a finite number >= 0 (seconds), got {v!r}"
+                )
         if self.tick <= 0:
             raise ValueError(f"ReplicaRule.tick must be > 0, got {self.tick!r}")
 
