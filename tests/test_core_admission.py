@@ -258,6 +258,46 @@ def test_a_map_waiting_in_the_limiters_line_counts_no_rejection() -> None:
     assert (limiter_rejected, rejected) == (0, 0)
 
 
+def test_a_map_takes_free_places_a_chunk_at_a_time_not_item_by_item() -> None:
+    # Below the limit, a map's chunks (FEED_CHUNK items) each take their
+    # places in one acquisition, as without a limiter: not one trip through
+    # the limiter's line per item.
+    from flowbatch.runner import FEED_CHUNK
+
+    pipe = fb.Pipeline([fb.stage(_double_later, concurrency=4)])
+
+    async def main() -> tuple[list[int], int]:
+        async with pipe.open(max_in_flight=1000) as runner:
+            out = [y async for y in runner.map(range(4 * FEED_CHUNK), window=1000)]
+            assert runner.limiter is not None
+            return out, runner.limiter.admitted
+
+    out, acquisitions = asyncio.run(main())
+    assert out == [x * 2 for x in range(4 * FEED_CHUNK)]
+    assert acquisitions == 4
+
+
+def test_a_free_place_is_not_taken_ahead_of_a_caller_waiting_in_line() -> None:
+    gate = Gate()
+    pipe = fb.Pipeline([fb.stage(gate.wait, name="slow", concurrency=8)])
+
+    async def main() -> None:
+        async with pipe.open(max_in_flight=4) as runner:
+            lim = runner.limiter
+            assert lim is not None
+            held = [runner.submit_nowait(i) for i in range(4)]  # every place held
+            waiting = asyncio.ensure_future(lim.acquire(2))  # a caller in line
+            await until(lambda: lim.waiting == 1)
+            assert not lim.take_free(1)  # a free place or not, the line comes first
+            assert lim.rejected == 0  # and a miss is no refusal
+            gate.open()
+            await asyncio.gather(*held)
+            await waiting
+            lim.release(2)
+
+    asyncio.run(main())
+
+
 async def _double_later(x: int) -> int:
     await asyncio.sleep(0)
     return x * 2

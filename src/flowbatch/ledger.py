@@ -125,16 +125,18 @@ class Ledger:
         it here, counted as submitted and failed), then takes a place in the
         in-flight limiter (when there is one), puts it in the first queue
         and counts it as inside the engine. Returns False, holding nothing,
-        when that cannot be done now: a caller that waits (``wait``; it
-        queues in the limiter's line, first come first served) goes on with
-        :meth:`admit_when_room`, one that does not raises ``Overloaded``.
+        when that cannot be done now: a caller that waits (``wait``) goes on
+        with :meth:`admit_when_room` (the limiter's line, first come first
+        served: it takes a free place here only when nobody waits in line,
+        and its miss counts no rejection), one that does not raises
+        ``Overloaded``.
         """
         first = self.first
         assert first is not None
         if first.cost is not None and not self.priced(first, root):
             return True
         limiter = self.limiter
-        if limiter is not None and (wait or not limiter.try_acquire()):
+        if limiter is not None and not (limiter.take_free() if wait else limiter.try_acquire()):
             return False
         if not first.inq.put_nowait(root):
             if limiter is not None:
@@ -186,15 +188,15 @@ class Ledger:
         the limiter). Then each is priced as by :meth:`admit_nowait` (one its
         cost function fails on is admitted failed and gives its place back)
         and the rest are queued in one :meth:`Channel.put_many` and counted.
-        ``wait`` as for :meth:`admit_nowait`: a caller that will wait (``map``)
-        queues in the limiter's line, so with a limiter this returns False at
-        once, counting no rejection.
+        ``wait`` as for :meth:`admit_nowait`: a caller that will wait
+        (``map``) takes the places only when they are free and nobody waits
+        in line, and a miss counts no rejection.
         """
         first = self.first
         assert first is not None
         n = len(roots)
         limiter = self.limiter
-        if limiter is not None and (wait or not limiter.try_acquire(n)):
+        if limiter is not None and not (limiter.take_free(n) if wait else limiter.try_acquire(n)):
             return False
         ch = first.inq
         if ch.maxsize - len(ch) < n:

@@ -129,6 +129,17 @@ class CapacityLimiter:
         self.rejected += 1
         return False
 
+    def take_free(self, n: int = 1) -> bool:
+        """Take ``n`` places if they are free now and nobody waits in line;
+        False otherwise, counting no rejection: for a caller that will wait
+        in line (:meth:`acquire`) when this fails, so that the places free
+        now cost it no trip through the line."""
+        if not self._waiters and self.borrowed + n <= self._total:
+            self.borrowed += n
+            self.admitted += 1
+            return True
+        return False
+
     def acquire_nowait(self, n: int = 1) -> None:
         """Take ``n`` places now or raise :class:`~flowbatch.Overloaded`
         (``ValueError``: ``n`` below 1 or above the total, which never fits)."""
