@@ -711,6 +711,25 @@ def test_items_passed_over_long_enough_go_first_whatever_their_length() -> None:
     assert [x.value for x in picked] == texts[:12]
 
 
+def test_with_a_cost_function_items_passed_over_long_enough_go_first_within_max_cost() -> None:
+    from flowbatch.batching import pick_batch
+
+    costs = [1, 8, 1, 8, 1, 8, 1, 8, 1, 8]
+    q = _queue(["x"] * len(costs))
+    for item, c in zip(q, costs, strict=True):
+        item.cost = float(c)
+    options = fb.Batch(max_size=4, cost=len, max_cost=32)
+    picked = pick_batch(q, options, due=1.0)  # queued at 0..9: the first two are due
+    # The oldest (1), the due 8, then the closest in cost to the oldest while
+    # the padded cost (4 x 8 = 32) fits.
+    assert [(x.t_enq, x.cost) for x in picked] == [(0.0, 1.0), (1.0, 8.0), (2.0, 1.0), (4.0, 1.0)]
+    assert [x.t_enq for x in q] == [3.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    q = _queue(["x"] * len(costs))  # none due: the costs nearest the oldest only
+    for item, c in zip(q, costs, strict=True):
+        item.cost = float(c)
+    assert [x.cost for x in pick_batch(q, options, due=-1.0)] == [1.0, 1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     ("options", "limit", "values"),
     [

@@ -580,8 +580,9 @@ def pick_batch(
     queued items within a look-ahead window whose cost is closest to it, as
     long as ``len(batch) * max(cost)`` stays within ``max_cost``. Items must carry ``.cost``.
     ``limit`` caps the batch below ``max_size`` (a fair share among free workers).
-    ``due``: a clock reading; when items are grouped, those queued (``.t_enq``)
-    at or before it go first (see :func:`_pick_by_length`).
+    ``due``: a clock reading; when items are grouped (by length or by cost),
+    those queued (``.t_enq``) at or before it go first, oldest first, within
+    ``max_cost`` (see :func:`_pick_by_length`).
     """
     size = options.max_size if limit is None else max(1, min(limit, options.max_size))
     n = min(len(queue), size)
@@ -601,6 +602,11 @@ def pick_batch(
         return chosen
     window = [queue.popleft() for _ in range(min(len(queue), size * _LOOKAHEAD_FACTOR))]
     by_closeness = sorted(range(len(window)), key=lambda i: abs(window[i].cost - first.cost))
+    if due is not None:
+        # Items passed over long enough go first, oldest first (as when grouping by length).
+        by_closeness = [i for i in range(len(window)) if window[i].t_enq <= due] + [
+            i for i in by_closeness if window[i].t_enq > due
+        ]
     taken: set[int] = set()
     widest = first.cost
     for i in by_closeness:
