@@ -441,8 +441,8 @@ class Admission:
         Calls differ in time: batches of long inputs (grouped by length) run
         longer than the mean, and an admitted item may meet the slow ones.
         Read from the stages' service-time histograms, so that the hot path
-        pays nothing for it; a batched
-        stage's calls are its batches, an unbatched one's its items.
+        pays nothing for it; a batched stage's calls are its batches, an
+        unbatched one's its items.
         """
         for sr in self._stages:
             sr.metrics.service.fold()
@@ -455,8 +455,9 @@ class Admission:
         for sr, start, end in zip(self._stages, snaps[0][1], counts, strict=True):
             calls = np.cumsum(end - start) if len(snaps) > 1 else np.cumsum(end)
             if calls[-1]:
-                uppers = sr.metrics.service.uppers
-                total += quantile(tuple(zip(uppers.tolist(), calls.tolist(), strict=True)), SLOW_QUANTILE)
+                uppers = sr.metrics.service.uppers.tolist()
+                buckets = tuple(zip(uppers, calls.tolist(), strict=True))
+                total += quantile(buckets, SLOW_QUANTILE)
         return total
 
     def retry_after(self) -> int | None:
