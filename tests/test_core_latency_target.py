@@ -283,6 +283,48 @@ def test_an_unreachable_target_keeps_the_floor_not_less() -> None:
     assert goodput(svc, 5.0, 20.0) >= 0.9 * svc.capacity
 
 
+def test_a_target_the_floor_cannot_meet_is_marked_and_a_met_one_is_not() -> None:
+    svc = Service(a=0.3)  # a full batch takes 0.43 s; the target is 0.2 s
+    ctl = AdmissionController(0.2, floor=256, ceiling=100_000)
+    simulate(ctl, svc, until=20.0, rate=2 * svc.capacity)
+    assert ctl.limit == ctl.floor
+    assert ctl.unmet_since is not None and ctl.unmet_since < 5.0  # out of reach since early on
+    met = AdmissionController(10.0, floor=256, ceiling=100_000)
+    simulate(met, Service(a=0.3), until=20.0, rate=2 * svc.capacity)
+    assert met.unmet_since is None
+
+
+def test_the_runner_warns_once_a_target_stays_out_of_reach_at_the_floor(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from flowbatch.admission import UNMET_WARN_AFTER
+
+    t = [0.0]
+
+    def model(xs: list[Any]) -> list[Any]:
+        t[0] += 0.05  # each batch takes 50 ms of the fake clock; the target is 10 ms
+        return xs
+
+    pipe = fb.Pipeline([fb.stage(model, name="m", batch=fb.Batch(max_size=4))], name="slow")
+
+    async def main() -> None:
+        async with pipe.open(latency_target=0.01, clock=lambda: t[0]) as runner:
+            adm = runner.admission
+            assert adm is not None
+            adm.tick(t[0])
+            while t[0] < 2 * UNMET_WARN_AFTER:
+                for i in range(20):  # one second of answers, each 5x the target
+                    await runner.submit(i)
+                adm.tick(t[0])
+            assert adm.controller.unmet_since is not None
+
+    with caplog.at_level("WARNING", logger="flowbatch"):
+        asyncio.run(main())
+    warned = [r.getMessage() for r in caplog.records if "is not met even at the floor" in r.getMessage()]
+    assert len(warned) == 1  # once, not every tick
+    assert "pipeline 'slow'" in warned[0] and "floor of 8 items" in warned[0]
+
+
 def test_retry_after_is_the_time_to_drain_what_is_in_flight() -> None:
     ctl = AdmissionController(1.0, floor=4, ceiling=1000)
     assert ctl.retry_after(100) is None  # nothing measured yet

@@ -23,7 +23,9 @@ The controller (why this one):
   tests/test_core_latency_target.py: 0.63x at one batch per worker). A
   closed loop of that many clients is always admitted. A target that no
   limit above the floor can meet (two batches take longer than the target)
-  is missed, not enforced by starving the model.
+  is missed, not enforced by starving the model; the runner logs a warning
+  once it has been out of reach at the floor for :data:`UNMET_WARN_AFTER`
+  seconds (``AdmissionController.unmet_since``).
 - **Throughput** ``X``: items answered per second over the same window as
   the latency, ``max(WINDOW, target)`` seconds (answers come in bursts of a
   batch; nothing changes until the window spans :data:`WINDOW` seconds).
@@ -94,6 +96,7 @@ Usage::
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -103,6 +106,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .metrics import Histogram, quantile
+
+log = logging.getLogger("flowbatch")
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -162,6 +167,10 @@ IN_USE = 0.8
 SLOW_QUANTILE = 0.9
 #: ...over the last this many seconds.
 SLOW_SPAN = 10.0
+#: A target out of reach at the floor for this many seconds is logged (a warning)...
+UNMET_WARN_AFTER = 10.0
+#: ...at most this often.
+UNMET_WARN_EVERY = 60.0
 
 
 def check_target(target: object, name: str = "latency_target") -> LatencyTarget | None:
@@ -223,6 +232,7 @@ class AdmissionController:
         "p99",
         "target",
         "throughput",
+        "unmet_since",
     )
 
     def __init__(self, target: LatencyTarget, floor: int, ceiling: int) -> None:
@@ -246,6 +256,10 @@ class AdmissionController:
         #: the p99 of the current window (0.0 until there are enough samples)
         self.p99 = 0.0
         self.increases = 0
+        #: since when (the clock) the limit has been at its floor with the
+        #: p99 above the target's margin: a target the floor cannot meet
+        #: (None while it is met, or the limit is above the floor)
+        self.unmet_since: float | None = None
         self.decreases = 0
         self._last: float | None = None
         self._answered = 0
@@ -256,6 +270,11 @@ class AdmissionController:
         # (update time, answers since the previous update): the throughput window
         self._counts: deque[tuple[float, int]] = deque()
         self._t_decrease = -math.inf
+
+    @property
+    def auto(self) -> bool:
+        """Whether the target is derived from the service time (``"auto"``)."""
+        return self._auto
 
     def __repr__(self) -> str:
         return (
@@ -347,6 +366,11 @@ class AdmissionController:
                 limit = grown
                 self.increases += 1
         self.limit = min(max(limit, self.floor), self.ceiling)
+        if p99 > HIGH * target and self.limit == self.floor:
+            if self.unmet_since is None:
+                self.unmet_since = now
+        else:
+            self.unmet_since = None
         return self.limit
 
     def retry_after(self, in_flight: int) -> int | None:
@@ -385,13 +409,19 @@ class Admission:
         "_rejected",
         "_snaps",
         "_stages",
+        "_warned",
         "controller",
         "limiter",
+        "name",
     )
 
-    def __init__(self, controller: AdmissionController, limiter: CapacityLimiter) -> None:
+    def __init__(
+        self, controller: AdmissionController, limiter: CapacityLimiter, name: str = "pipeline"
+    ) -> None:
         self.controller = controller
         self.limiter = limiter
+        self.name = name
+        self._warned = -math.inf  # when the last "target not met" warning was logged
         self._ledger: Ledger | None = None
         self._stages: Sequence[StageRun] = ()
         self._answered = 0
@@ -432,6 +462,28 @@ class Admission:
         self._rejected = limiter.rejected
         if limiter.total not in (limit, math.inf):  # inf: the runner is closing
             limiter.total = limit
+        self._warn_if_unmet(now)
+
+    def _warn_if_unmet(self, now: float) -> None:
+        """Log a warning once the target has been out of reach at the floor
+        for :data:`UNMET_WARN_AFTER` seconds (again at most every
+        :data:`UNMET_WARN_EVERY` seconds): the controller cannot meet it, and
+        nothing else says so."""
+        ctl = self.controller
+        since = ctl.unmet_since
+        if since is None or now - since < UNMET_WARN_AFTER:
+            return
+        if now - self._warned < UNMET_WARN_EVERY:
+            return
+        self._warned = now
+        log.warning(
+            "pipeline %r: the latency target of %.3gs%s is not met even at the floor of "
+            "%d items in flight (p99 %.3gs for %.0fs): a full batch per worker running "
+            "and one waiting take longer than that. Raise the target, lower "
+            "Batch.max_size or add replicas.",
+            self.name, ctl.target, " (derived)" if ctl.auto else "", ctl.floor, ctl.p99,
+            now - since, extra={"pipeline": self.name},
+        )
 
     def slow_service_time(self, now: float) -> float:
         """The pipeline's service time as a slow item meets it: the sum over

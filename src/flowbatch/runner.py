@@ -132,7 +132,7 @@ class Runner:
             floor = floor_limit(specs)
             self.limiter = CapacityLimiter(floor)
             ctl = AdmissionController(target, floor, max(floor, queue_size))
-            self.admission = Admission(ctl, self.limiter)
+            self.admission = Admission(ctl, self.limiter, self.name)
         self._ledger.limiter = self.limiter
         self._rejected = 0
         self._workers: Workers | None = None
