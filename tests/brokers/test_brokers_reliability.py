@@ -189,9 +189,18 @@ def test_two_workers_share_a_queue_and_complete_each_message_once(
             async with asyncio.TaskGroup() as tg:
                 for w in workers:
                     tg.create_task(w.run())
-                await until(lambda: _at_least(client, n), 120, "all results")
-                for w in workers:
-                    w.stop()
+                try:
+                    # Generous: a Kafka group (tansu) can take a session
+                    # timeout (30 s here) or two to settle when the second
+                    # member joins under the full suite's load.
+                    await until(lambda: _at_least(client, n), 300, "all results")
+                except AssertionError as exc:
+                    got = await stored(client)
+                    stats = [w.statistics() for w in workers]
+                    raise AssertionError(f"{exc}: {got} of {n} stored; workers: {stats}") from None
+                finally:
+                    for w in workers:
+                        w.stop()
             results = await client.results()
         assert sorted(results) == sorted(ids)
         done = [w.statistics().succeeded for w in workers]
