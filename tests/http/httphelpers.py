@@ -15,13 +15,16 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from polling import wait_until
+
+if TYPE_CHECKING:
+    import httpx
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -73,6 +76,37 @@ class ThreadServer:
 def serve_in_thread(app: Any) -> Iterator[ThreadServer]:
     with ThreadServer(app) as server:
         yield server
+
+
+async def closed_loop_statuses(
+    url: str,
+    path: str,
+    body: Callable[[int, int], Any],
+    check: Callable[[int, int, httpx.Response], None],
+    *,
+    clients: int = 64,
+    requests: int = 3,
+    timeout: float = 60,
+) -> list[int]:
+    """A closed loop: ``clients`` clients, each POSTing ``requests`` times to
+    ``url + path``, the next request once the last is answered; every status.
+    ``body(k, i)`` is the JSON of client ``k``'s ``i``-th request and
+    ``check(k, i, response)`` asserts on each 200."""
+    import httpx
+
+    async def client(c: httpx.AsyncClient, k: int) -> list[int]:
+        codes = []
+        for i in range(requests):
+            r = await c.post(path, json=body(k, i))
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                check(k, i, r)
+        return codes
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as c:
+        codes = await asyncio.gather(*(client(c, k) for k in range(clients)))
+    return [code for cs in codes for code in cs]
 
 
 _RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 from http_pipelines import COUNT, HOLD, make_batched, make_echo, make_hold
-from httphelpers import serve_in_thread
+from httphelpers import closed_loop_statuses, serve_in_thread
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
@@ -495,19 +495,14 @@ def test_the_default_admits_a_closed_loop_the_model_keeps_up_with() -> None:
     )
     app = create_app(pipe)
 
-    async def client(c: httpx.AsyncClient, k: int) -> list[int]:
-        codes = []
-        for i in range(8):
-            r = await c.post("/v1/pipelines/embed", json={"input": k * 100 + i})
-            codes.append(r.status_code)
-            assert r.status_code != 200 or r.json() == {"output": 2 * (k * 100 + i)}
-        return codes
+    def check(k: int, i: int, r: httpx.Response) -> None:
+        assert r.json() == {"output": 2 * (k * 100 + i)}
 
     async def main(url: str) -> None:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-            codes = await asyncio.gather(*(client(c, k) for k in range(64)))
-        assert [code for cs in codes for code in cs] == [200] * 64 * 8
+        codes = await closed_loop_statuses(
+            url, "/v1/pipelines/embed", lambda k, i: {"input": k * 100 + i}, check, requests=8
+        )
+        assert codes == [200] * 64 * 8
         runner = app.service.endpoints["embed"].runner
         assert runner is not None and runner.stats().rejected == 0
 

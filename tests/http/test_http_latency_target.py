@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from httphelpers import serve_in_thread
+from httphelpers import closed_loop_statuses, serve_in_thread
 
 import flowbatch as fb
 from flowbatch.http import ServeConfig, create_app
@@ -56,19 +56,15 @@ def test_the_embedding_model_served_by_default_admits_64_clients() -> None:
                      batch=fb.Batch(max_size=64))
     app = create_app(fb.Pipeline([embed], name="embed"))
 
-    async def client(c: httpx.AsyncClient, k: int) -> list[int]:
-        codes = []
-        for i in range(3):
-            r = await c.post("/v1/pipelines/embed", json={"input": f"sentence {k} number {i}"})
-            codes.append(r.status_code)
-            assert r.status_code != 200 or len(r.json()["output"]) == 384
-        return codes
+    def check(k: int, i: int, r: httpx.Response) -> None:
+        assert len(r.json()["output"]) == 384
 
     async def main(url: str) -> None:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
-            codes = await asyncio.gather(*(client(c, k) for k in range(64)))
-        assert [code for cs in codes for code in cs] == [200] * 64 * 3
+        codes = await closed_loop_statuses(
+            url, "/v1/pipelines/embed", lambda k, i: {"input": f"sentence {k} number {i}"},
+            check, requests=3, timeout=120,
+        )
+        assert codes == [200] * 64 * 3
         runner = app.service.endpoints["embed"].runner
         assert runner is not None and runner.admission is not None
         s = runner.stats()
