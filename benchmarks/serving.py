@@ -698,10 +698,9 @@ class Model:
             reps.close()
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU seconds used so far by the processes of process group ``pgid``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def proc_stats() -> list[tuple[int, int, int, int]]:
+    """``(pid, ppid, pgrp, CPU ticks used)`` of every live process, from ``/proc``."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -710,35 +709,31 @@ def group_cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # the 5th field (pgrp), counted after the name
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+        # counted after the name: ppid (4th field), pgrp (5th), utime and stime
+        out.append((int(entry), int(fields[1]), int(fields[2]),
+                    int(fields[11]) + int(fields[12])))
+    return out
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds used so far by the processes of process group ``pgid``."""
+    used = sum(ticks for _, _, pgrp, ticks in proc_stats() if pgrp == pgid)
+    return used / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds used so far by process ``pid`` and its live descendants
     (a server's workers, whatever process group or session they made)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    used: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(entry)] = int(fields[1])  # ppid, the 4th field
-        used[int(entry)] = int(fields[11]) + int(fields[12])  # utime, stime
+    stats = proc_stats()
+    parent = {p: pp for p, pp, _, _ in stats}
     total = 0
-    for p, ticks in used.items():
+    for p, _, _, ticks in stats:
         q = p
         while q not in (pid, 0, 1) and q in parent:
             q = parent[q]
         if q == pid:
             total += ticks
-    return total / tick
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def client_cpu_seconds() -> float:
