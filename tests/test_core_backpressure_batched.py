@@ -27,6 +27,17 @@ class PushesBack:
         return [x * 2 for x in xs]
 
 
+async def _eight_answered_after_one_pause(runner: fb.Runner) -> tuple[fb.StageStats, float]:
+    """Submit 0..7 through stage "m", which pushes back once for 0.05 s:
+    every item answered, none retried or failed; the stage's stats and the
+    end of its pause."""
+    out = await asyncio.gather(*(runner.submit(i) for i in range(8)))
+    assert out == [i * 2 for i in range(8)]
+    st = runner.stats().stage("m")
+    assert (st.backpressured, st.retried, st.failed) == (1, 0, 0)
+    return st, runner._stages[0].paused_until
+
+
 @pytest.mark.parametrize(
     "concurrency", [1, 3, fb.Adaptive(min=1, max=3, initial=2)], ids=["one", "three", "adaptive"]
 )
@@ -41,11 +52,7 @@ def test_a_pushed_back_batch_is_queued_again_and_the_stage_waits_as_told(
 
     async def main() -> None:
         async with pipe.open() as runner:
-            out = await asyncio.gather(*(runner.submit(i) for i in range(8)))
-            assert out == [i * 2 for i in range(8)]
-            st = runner.stats().stage("m")
-            assert (st.backpressured, st.retried, st.failed) == (1, 0, 0)
-            paused_until = runner._stages[0].paused_until
+            st, paused_until = await _eight_answered_after_one_pause(runner)
             pushed_at, first = svc.calls[0]
             assert paused_until >= pushed_at + 0.05
             # The pushed-back items ran again once, after the pause (other
@@ -109,11 +116,7 @@ def test_an_unbatched_stage_pauses_alike_and_its_item_runs_again_after(
 
     async def main() -> None:
         async with pipe.open() as runner:
-            out = await asyncio.gather(*(runner.submit(i) for i in range(8)))
-            assert out == [i * 2 for i in range(8)]
-            st = runner.stats().stage("m")
-            assert (st.backpressured, st.retried, st.failed) == (1, 0, 0)
-            paused_until = runner._stages[0].paused_until
+            _, paused_until = await _eight_answered_after_one_pause(runner)
             pushed_at, first = svc.calls[0]
             assert paused_until >= pushed_at + 0.05
             [again] = [t for t, x in svc.calls[1:] if x == first]
