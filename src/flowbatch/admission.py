@@ -33,7 +33,10 @@ The controller (why this one):
   target)`` seconds (at least the last :data:`MIN_SAMPLES`; at most
   :data:`MAX_SAMPLES_PER_UPDATE` per update, evenly spaced), counting only
   items admitted after the last decrease, so that one overload is not
-  punished twice for the same slow answers.
+  punished twice for the same slow answers. It is read through
+  :func:`flowbatch.metrics.quantile` from a histogram of those samples, the
+  one quantile method that ``stats()``, ``/metrics`` and ``flowbatch top``
+  use, so the p99 the controller acts on is the one they show.
 - **Decrease** (p99 above ``HIGH * target``: a margin, since what is
   measured is a limit's effect one latency ago): jump to Little's law,
   ``limit = BACKOFF * min(limit, X * target)``: ``X * target`` items in
@@ -344,8 +347,10 @@ class AdmissionController:
         if len(recent) < MIN_SAMPLES:
             self.p99 = 0.0
             return self.limit
-        recent.sort()
-        p99 = self.p99 = recent[min(len(recent) - 1, math.ceil(QUANTILE * len(recent)) - 1)]
+        window = Histogram()
+        window.buf.extend(recent)
+        window.fold()
+        p99 = self.p99 = window.quantile(QUANTILE)  # the one quantile method (metrics.py)
         limit = self.limit
         if p99 > HIGH * target:
             little = self.throughput * target
