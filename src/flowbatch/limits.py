@@ -122,9 +122,7 @@ class CapacityLimiter:
 
     def try_acquire(self, n: int = 1) -> bool:
         """Take ``n`` places now and return True, or count a rejection and return False."""
-        if not self._waiters and self.borrowed + n <= self._total:
-            self.borrowed += n
-            self.admitted += 1
+        if self.take_free(n):
             return True
         self.rejected += 1
         return False

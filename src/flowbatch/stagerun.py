@@ -96,8 +96,8 @@ class StageRun:
         #: What resizes the stage's replicas (replicas.py), for an adaptive stage
         #: whose executor can resize; set by the runner when it opens.
         self.scaler: ReplicaScaler | None = None
-        #: After a ``Backpressure``: a batched stage starts no batch before this
-        #: time (the runner's clock; 0.0: never paused).
+        #: After a ``Backpressure``: the stage (batched or not) starts no call
+        #: before this time (the runner's clock; 0.0: never paused).
         self.paused_until = 0.0
         self.executor: Executor
         # A device stage's learned memory caps lower its next batch (devices.py).
