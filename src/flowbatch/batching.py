@@ -534,6 +534,16 @@ def _length(value: Any) -> int | None:
     return None
 
 
+def _due_first(window: list[Any], order: list[int], due: float | None, start: int = 0) -> list[int]:
+    """``order`` (indices into ``window`` from ``start``) with the items queued
+    (``.t_enq``) at or before ``due`` moved first, oldest first: those passed
+    over long enough go in whatever grouping prefers (None: ``order``)."""
+    if due is None:
+        return order
+    first = [i for i in range(start, len(window)) if window[i].t_enq <= due]
+    return first + [i for i in order if window[i].t_enq > due]
+
+
 def _pick_by_length(queue: deque[Any], size: int, due: float | None = None) -> list[Any] | None:
     """The oldest item and the ``size - 1`` closest to it in length among the
     next ``size * _LOOKAHEAD_FACTOR`` (in arrival order); None, with the
@@ -554,20 +564,12 @@ def _pick_by_length(queue: deque[Any], size: int, due: float | None = None) -> l
     if first_len is None:
         return None
     window = [queue.popleft() for _ in range(min(len(queue), size * _LOOKAHEAD_FACTOR + 1))]
-    taken: set[int] = {0}
-    if due is not None:
-        for i, x in enumerate(window):
-            if len(taken) >= size:
-                break
-            if x.t_enq <= due:
-                taken.add(i)
-    if len(taken) < size:
-        lengths = [_length(getattr(x, "value", None)) for x in window]
-        closest = sorted(
-            (i for i, n in enumerate(lengths) if n is not None and i not in taken),
-            key=lambda i: abs(lengths[i] - first_len),  # type: ignore[operator]
-        )
-        taken.update(closest[: size - len(taken)])
+    lengths = [_length(getattr(x, "value", None)) for x in window]
+    closest = sorted(
+        (i for i in range(1, len(window)) if lengths[i] is not None),
+        key=lambda i: abs(lengths[i] - first_len),  # type: ignore[operator]
+    )
+    taken = {0, *_due_first(window, closest, due, start=1)[: size - 1]}
     queue.extendleft(reversed([x for i, x in enumerate(window) if i not in taken]))
     return [window[i] for i in sorted(taken)]
 
@@ -606,11 +608,7 @@ def pick_batch(
         return chosen
     window = [queue.popleft() for _ in range(min(len(queue), size * _LOOKAHEAD_FACTOR))]
     by_closeness = sorted(range(len(window)), key=lambda i: abs(window[i].cost - first.cost))
-    if due is not None:
-        # Items passed over long enough go first, oldest first (as when grouping by length).
-        by_closeness = [i for i in range(len(window)) if window[i].t_enq <= due] + [
-            i for i in by_closeness if window[i].t_enq > due
-        ]
+    by_closeness = _due_first(window, by_closeness, due)
     taken: set[int] = set()
     widest = first.cost
     for i in by_closeness:
